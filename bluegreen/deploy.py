@@ -1,0 +1,451 @@
+"""The deploy: the seed's six steps, each with its undo, so the failure table reads off the code.
+
+| step | does                         | on failure                                   |
+| 1    | pull IMAGE:TAG               | stop; the old container is untouched         |
+| 2    | start the idle colour        | remove it; the old container is untouched    |
+| 3    | health-check it              | remove it; the old keeps serving             |
+| 4    | point nginx at it            | put the upstream back; remove it             |
+| 5    | stop the old container       | exit 4: new serves, old still runs           |
+| 6    | record the active colour     | exit 4: new serves, state file is stale      |
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TextIO
+
+from bluegreen import docker as dk
+from bluegreen import health, state
+from bluegreen.config import ProjectConfig, Settings, image_ref
+from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention
+from bluegreen.nginx import Nginx, Upstream, parse_upstream, render_upstream
+from bluegreen.runner import Runner, display
+
+STEP_NAMES = ("pull", "start", "health", "switch", "retire", "record")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a deploy will do, decided from the config and the host's current state."""
+
+    cfg: ProjectConfig
+    tag: str
+    ref: str
+    current: str | None  # colour nginx routes to now (None on a first deploy)
+    target: str
+    upstream_name: str
+    upstream_path: Path
+    active_path: Path
+    docker_cmd: tuple[str, ...]
+    nginx_cmd: tuple[str, ...]
+
+    @property
+    def target_name(self) -> str:
+        return dk.container_name(self.cfg.project, self.target)
+
+    @property
+    def current_name(self) -> str | None:
+        return dk.container_name(self.cfg.project, self.current) if self.current else None
+
+    @property
+    def target_port(self) -> int:
+        return self.cfg.port(self.target)
+
+    def run_argv(self, env_file: str | None) -> list[str]:
+        return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file)
+
+    def upstream_text(self) -> str:
+        return render_upstream(
+            name=self.upstream_name, port=self.target_port, project=self.cfg.project, colour=self.target, tag=self.tag
+        )
+
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.target_port}{self.cfg.health_path}"
+
+    def describe(self) -> list[str]:
+        """Human-readable steps with the exact commands, for --dry-run."""
+        cfg, d, n = self.cfg, self.docker_cmd, self.nginx_cmd
+        retire = f"{display(dk.stop_argv(d, self.current_name, cfg.stop_timeout))}" if self.current_name else "(nothing was serving)"
+        env_note = " (app environment goes in a private temp file, never in argv)" if cfg.container_env() else ""
+        return [
+            f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}",
+            f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
+            f"              {display(self.run_argv('<temp env file>' if cfg.container_env() else None))}{env_note}",
+            f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",
+            f"[4/6] switch  write {self.upstream_path}:",
+            *("                " + line for line in self.upstream_text().splitlines()),
+            f"              {display([*n, '-t'])}  then  {display([*n, '-s', 'reload'])}",
+            f"[5/6] retire  {retire}",
+            f"[6/6] record  write {self.active_path}: {self.target}",
+        ]
+
+
+def plan_deploy(settings: Settings, cfg: ProjectConfig, tag: str, *, active: str | None, upstream: Upstream | None) -> tuple[Plan, list[str]]:
+    """Decide the target colour from what nginx routes to (the truth for traffic) and the .active file."""
+    warnings: list[str] = []
+    routed = cfg.colour_of_port(upstream.port) if upstream else None
+    if upstream and routed is None:
+        warnings.append(
+            f"{settings.upstream_file(cfg.project)} points at port {upstream.port}, which is neither BLUE_PORT "
+            f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}); deploying as if nothing were active."
+        )
+    if routed and active and routed != active:
+        warnings.append(
+            f"{cfg.project}.active says {active} but nginx routes to {routed}; trusting nginx, so {routed} keeps "
+            f"serving until the switch."
+        )
+    current = routed or (active if not upstream else None)
+    target = "green" if current == "blue" else "blue"
+    plan = Plan(
+        cfg=cfg,
+        tag=tag,
+        ref=image_ref(cfg.image, tag),
+        current=current,
+        target=target,
+        upstream_name=upstream.name if upstream else cfg.project,
+        upstream_path=settings.upstream_file(cfg.project),
+        active_path=settings.active_file(cfg.project),
+        docker_cmd=settings.docker_cmd,
+        nginx_cmd=settings.nginx_cmd,
+    )
+    return plan, warnings
+
+
+def read_plan(settings: Settings, cfg: ProjectConfig, tag: str) -> tuple[Plan, list[str]]:
+    """plan_deploy from the files on disk."""
+    upstream = parse_upstream(state.read_text(settings.upstream_file(cfg.project)))
+    return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream)
+
+
+class Progress:
+    """One line per step on stderr, with its elapsed time; keeps the durations."""
+
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.clock = clock
+        self.durations: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    @contextmanager
+    def step(self, number: int, name: str, detail: str) -> Iterator[list[str]]:
+        """Yields a list the step may append a result note to."""
+        start = self.clock()
+        notes: list[str] = []
+        try:
+            yield notes
+        except BaseException:
+            self.durations[name] = self.clock() - start
+            self.say(f"[{number}/6] {name:<7} {detail}: FAILED after {self.durations[name]:.2f}s")
+            raise
+        self.durations[name] = self.clock() - start
+        extra = f" ({'; '.join(notes)})" if notes else ""
+        self.say(f"[{number}/6] {name:<7} {detail}{extra}: {self.durations[name]:.2f}s")
+
+
+class Transaction:
+    """Undo actions registered as steps succeed; on any failure (Ctrl-C too) they run in reverse."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.undos: list[tuple[str, Callable[[], None]]] = []
+        self.committed = False
+
+    def on_failure(self, description: str, undo: Callable[[], None]) -> None:
+        self.undos.append((description, undo))
+
+    def commit(self) -> None:
+        self.committed = True
+        self.undos.clear()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None or self.committed:
+            return
+        failures: list[str] = []
+        for description, undo in reversed(self.undos):
+            try:
+                undo()
+                self.progress.say(f"      undo: {description}")
+            except BaseException as undo_exc:  # keep undoing the rest, then report
+                failures.append(f"{description}: {_short(undo_exc)}")
+        self.undos.clear()
+        if failures:
+            raise NeedsAttention(
+                f"{_short(exc)}\nThen putting things back failed too: {'; '.join(failures)}. The service needs a "
+                f"look: check `nginx -t`, the upstream file and `docker ps` for this project."
+            ) from exc
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, BluegreenError):
+        return exc.message
+    if isinstance(exc, Interrupted):
+        return f"interrupted by {exc.signame}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def port_in_use(port: int) -> bool:
+    """True if something listens on 127.0.0.1:port (a bind test, as docker itself would fail)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.close()
+
+
+@dataclass
+class Deployer:
+    """Runs a Plan against the host through one Runner."""
+
+    settings: Settings
+    runner: Runner
+    progress: Progress
+    probe: Callable[..., health.Probe] = health.http_probe
+    port_busy: Callable[[int], bool] = port_in_use
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def __post_init__(self) -> None:
+        self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
+        self.nginx = Nginx(self.runner, self.settings.nginx_cmd)
+
+    def serving_note(self, plan: Plan, old: dk.Container | None) -> str:
+        """Which version serves now, for every failure message."""
+        if plan.current is None:
+            return "Nothing was serving before this deploy, and nothing new serves now."
+        port = plan.cfg.port(plan.current)
+        if old is not None and old.running:
+            tag = old.labels.get(dk.LABEL_TAG, "?")
+            return f"The previous version ({tag}, container {old.name}, 127.0.0.1:{port}) still serves."
+        return (
+            f"nginx still routes to {plan.current_name} on 127.0.0.1:{port}, but that container is not running, "
+            f"so the service is down as it was before this deploy."
+        )
+
+    def run(self, plan: Plan) -> str:
+        """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
+        cfg = plan.cfg
+        start = self.clock()
+        old = self.docker.inspect(plan.current_name) if plan.current_name else None
+        serving = self.serving_note(plan, old)
+
+        try:
+            self._pull(plan, serving)
+            with Transaction(self.progress) as tx:
+                self._start(plan, tx, serving)
+                self._health(plan, serving)
+                self._switch(plan, tx, serving)
+                tx.commit()
+        except Interrupted as exc:
+            raise DeployFailed(
+                f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete; whatever it "
+                f"had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
+            ) from exc
+
+        new_desc = f"{cfg.project} {plan.tag} now serves from {plan.target_name} on 127.0.0.1:{plan.target_port}"
+        try:
+            self._retire(plan, old, new_desc)
+            self._record(plan, new_desc)
+        except Interrupted as exc:
+            raise NeedsAttention(
+                f"{new_desc}, but the deploy was interrupted by {exc.signame} while retiring the old container. "
+                f"Check `docker ps` and stop {plan.current_name} if it still runs; then check {plan.active_path} "
+                f"says {plan.target}."
+            ) from exc
+        was = f" (was {old.labels.get(dk.LABEL_TAG, '?')} in {old.name})" if old is not None and old.running else ""
+        return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
+
+    def _pull(self, plan: Plan, serving: str) -> None:
+        with self.progress.step(1, "pull", plan.ref):
+            try:
+                self.docker.pull(plan.ref)
+            except CommandError as exc:
+                raise DeployFailed(
+                    f"Could not pull {plan.ref}: {exc.output_tail(4)}\n{serving} Check that the tag exists "
+                    f"in the registry and that this host is logged in to it "
+                    f"(`docker login {_registry(plan.cfg.image)}`), then deploy again."
+                ) from exc
+
+    def _start(self, plan: Plan, tx: Transaction, serving: str) -> None:
+        cfg = plan.cfg
+        with self.progress.step(2, "start", f"{plan.target_name} on 127.0.0.1:{plan.target_port}") as notes:
+            leftover = self.docker.inspect(plan.target_name)
+            if leftover is not None:
+                self.docker.remove(plan.target_name)
+                notes.append(f"removed leftover {leftover.status} container")
+            if self.port_busy(plan.target_port):
+                holder = self._port_holder(plan.target_port)
+                raise DeployFailed(
+                    f"Port 127.0.0.1:{plan.target_port} ({plan.target.upper()}_PORT) is already taken by "
+                    f"{holder}, not by a bluegreen container of {cfg.project}. Nothing was started. {serving} "
+                    f"Free the port (see `ss -ltnp 'sport = :{plan.target_port}'`) or change "
+                    f"{plan.target.upper()}_PORT in {cfg.source}, then deploy again."
+                )
+            tx.on_failure(f"removed {plan.target_name}", lambda: self.docker.remove(plan.target_name))
+            try:
+                with _env_file(cfg.container_env()) as env_path:
+                    self.docker.run(plan.run_argv(env_path))
+            except CommandError as exc:
+                raise DeployFailed(
+                    f"Could not start {plan.target_name} from {plan.ref}: {exc.output_tail(4)}\n{serving} "
+                    f"Check DOCKER_ARGS in {cfg.source} and `docker info`, then deploy again."
+                ) from exc
+
+    def _port_holder(self, port: int) -> str:
+        result = self.runner.run(
+            [*self.settings.docker_cmd, "ps", "--filter", f"publish={port}", "--format", "{{.Names}}"],
+            check=False, mutates=False, timeout=30,
+        )
+        names = result.stdout.split() if result.ok else []
+        return f"container {', '.join(names)}" if names else "another process"
+
+    def _health(self, plan: Plan, serving: str) -> None:
+        cfg = plan.cfg
+        url = plan.health_url()
+        with self.progress.step(3, "health", f"GET {url}") as notes:
+
+            def alive() -> str | None:
+                found = self.docker.inspect(plan.target_name)
+                if found is None:
+                    return "the container disappeared"
+                if found.running:
+                    return None
+                return f"the container stopped ({found.status}, exit code {found.exit_code})"
+
+            result = health.wait_healthy(
+                lambda t: self.probe(url, timeout=t, host=cfg.health_host),
+                expect=cfg.health_expect,
+                timeout=cfg.health_timeout,
+                interval=cfg.health_interval,
+                initial_delay=cfg.health_initial_delay,
+                request_timeout=cfg.health_request_timeout,
+                alive=alive,
+                clock=self.clock,
+                sleep=self.sleep,
+            )
+            if result.healthy:
+                notes.append(f"HTTP {cfg.health_expect} after {result.attempts} tries")
+                return
+            logs = self.docker.logs(plan.target_name, tail=20)
+            last = result.last.detail if result.last else "no request completed"
+            if result.died:
+                what = f"{plan.target_name} ({plan.ref}) exited while starting: {result.died}."
+                advice = "Fix the crash shown in its log, then deploy again."
+            else:
+                what = (
+                    f"{plan.target_name} ({plan.ref}) did not answer HTTP {cfg.health_expect} on {url} within "
+                    f"HEALTH_TIMEOUT={cfg.health_timeout:g}s (last answer: {last})."
+                )
+                advice = (
+                    f"If the app is just slow to boot, raise HEALTH_TIMEOUT in {cfg.source}; otherwise check "
+                    f"HEALTH_PATH and the app's dependencies (database, config), then deploy again."
+                )
+            raise DeployFailed(
+                f"{what} It was removed. {serving} {advice}\nLast log lines of {plan.target_name}:\n{_indent(logs)}"
+            )
+
+    def _switch(self, plan: Plan, tx: Transaction, serving: str) -> None:
+        path = plan.upstream_path
+        with self.progress.step(4, "switch", f"nginx -> 127.0.0.1:{plan.target_port}"):
+            try:
+                previous = state.read_text(path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                state.atomic_write(path, plan.upstream_text())
+            except OSError as exc:
+                raise DeployFailed(
+                    f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
+                    f"container was removed. {serving} Make the deploy root writable for this user, then deploy again."
+                ) from exc
+            reloaded = [False]
+
+            def restore() -> None:
+                if previous is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    state.atomic_write(path, previous)
+                if reloaded[0]:
+                    self.nginx.test()
+                    self.nginx.reload()
+
+            tx.on_failure(f"put back {path.name}", restore)
+            try:
+                self.nginx.test()
+            except CommandError as exc:
+                raise DeployFailed(
+                    f"nginx rejected the configuration (`nginx -t`), so traffic was not switched:\n"
+                    f"{_indent(Nginx.error_text(exc))}\nThe upstream file was put back and the new container "
+                    f"removed. {serving} Fix the nginx error above (it may be in another file), check with "
+                    f"`nginx -t`, then deploy again."
+                ) from exc
+            try:
+                reloaded[0] = True
+                self.nginx.reload()
+            except CommandError as exc:
+                raise DeployFailed(
+                    f"`nginx -s reload` failed: {Nginx.error_text(exc)}\nThe upstream file was put back. {serving} "
+                    f"Check that nginx is running (`systemctl status nginx`), then deploy again."
+                ) from exc
+
+    def _retire(self, plan: Plan, old: dk.Container | None, new_desc: str) -> None:
+        if old is None or not old.running:
+            with self.progress.step(5, "retire", "nothing to stop"):
+                return
+        with self.progress.step(5, "retire", f"stop {old.name} (up to {plan.cfg.stop_timeout}s)"):
+            try:
+                self.docker.stop(old.name, plan.cfg.stop_timeout)
+            except CommandError as exc:
+                raise NeedsAttention(
+                    f"{new_desc}, but stopping the old container {old.name} failed: {exc.output_tail(4)}\n"
+                    f"Stop it by hand with `docker stop {old.name}`; no traffic goes to it."
+                ) from exc
+
+    def _record(self, plan: Plan, new_desc: str) -> None:
+        with self.progress.step(6, "record", f"{plan.active_path.name} = {plan.target}"):
+            try:
+                state.write_active(plan.active_path, plan.target)
+            except OSError as exc:
+                raise NeedsAttention(
+                    f"{new_desc}, but recording it in {plan.active_path} failed ({exc}). Write `{plan.target}` "
+                    f"into that file (the upstream file already points at {plan.target})."
+                ) from exc
+
+
+@contextmanager
+def _env_file(env: Sequence[tuple[str, str]]) -> Iterator[str | None]:
+    """A private (0600) temp file holding the app environment, deleted as soon as docker has read it."""
+    if not env:
+        yield None
+        return
+    fd, path = tempfile.mkstemp(prefix="bluegreen-", suffix=".env")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(dk.env_file_text(env))
+        yield path
+    finally:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _registry(image: str) -> str:
+    first = image.split("/", 1)[0]
+    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())

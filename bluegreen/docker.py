@@ -1,0 +1,149 @@
+"""docker argv builders (pure) and the few docker operations a deploy needs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from bluegreen.config import ProjectConfig
+from bluegreen.errors import CommandError
+from bluegreen.runner import Runner
+
+LABEL_PROJECT = "bluegreen.project"
+LABEL_COLOUR = "bluegreen.color"
+LABEL_TAG = "bluegreen.tag"
+
+
+def container_name(project: str, colour: str) -> str:
+    return f"{project}-{colour}"
+
+
+def pull_argv(docker: Sequence[str], ref: str) -> list[str]:
+    return [*docker, "pull", ref]
+
+
+def run_argv(
+    docker: Sequence[str],
+    cfg: ProjectConfig,
+    *,
+    colour: str,
+    tag: str,
+    ref: str,
+    env_file: str | None,
+) -> list[str]:
+    """`docker run` for one colour; app environment only ever travels in `env_file`."""
+    argv = [
+        *docker, "run", "--detach",
+        "--name", container_name(cfg.project, colour),
+        # Published on loopback only: nginx is the one way in.
+        "--publish", f"127.0.0.1:{cfg.port(colour)}:{cfg.app_port}",
+        "--restart", "unless-stopped",
+        "--label", f"{LABEL_PROJECT}={cfg.project}",
+        "--label", f"{LABEL_COLOUR}={colour}",
+        "--label", f"{LABEL_TAG}={tag}",
+    ]
+    if cfg.log_dir:
+        argv += ["--volume", f"{cfg.log_dir}:{cfg.log_dir}"]
+    if env_file:
+        argv += ["--env-file", env_file]
+    argv += list(cfg.docker_args)
+    argv.append(ref)
+    return argv
+
+
+def env_file_text(env: Sequence[tuple[str, str]]) -> str:
+    """docker's --env-file format: KEY=VALUE per line, taken literally (no quotes, no expansion)."""
+    return "".join(f"{k}={v}\n" for k, v in env)
+
+
+def rm_argv(docker: Sequence[str], name: str) -> list[str]:
+    return [*docker, "rm", "--force", name]
+
+
+def stop_argv(docker: Sequence[str], name: str, timeout: int) -> list[str]:
+    return [*docker, "stop", "--time", str(timeout), name]
+
+
+def inspect_argv(docker: Sequence[str], names: Sequence[str]) -> list[str]:
+    return [*docker, "container", "inspect", *names]
+
+
+def logs_argv(docker: Sequence[str], name: str, tail: int) -> list[str]:
+    return [*docker, "logs", "--tail", str(tail), name]
+
+
+@dataclass(frozen=True)
+class Container:
+    """What `docker container inspect` says about one container."""
+
+    name: str
+    id: str
+    status: str  # created, running, restarting, exited, ...
+    exit_code: int
+    image: str
+    labels: dict = field(default_factory=dict)
+    started_at: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("running", "restarting")
+
+
+def parse_inspect(text: str) -> list[Container]:
+    """Containers from `docker container inspect` JSON output."""
+    out = []
+    for item in json.loads(text or "[]"):
+        state = item.get("State") or {}
+        config = item.get("Config") or {}
+        out.append(
+            Container(
+                name=(item.get("Name") or "").lstrip("/"),
+                id=item.get("Id", ""),
+                status=state.get("Status", ""),
+                exit_code=int(state.get("ExitCode") or 0),
+                image=config.get("Image", ""),
+                labels=dict(config.get("Labels") or {}),
+                started_at=state.get("StartedAt", ""),
+            )
+        )
+    return out
+
+
+class Docker:
+    """docker operations through a Runner."""
+
+    def __init__(self, runner: Runner, cmd: Sequence[str]) -> None:
+        self.runner = runner
+        self.cmd = tuple(cmd)
+
+    def pull(self, ref: str) -> None:
+        self.runner.run(pull_argv(self.cmd, ref), timeout=1800)
+
+    def inspect(self, name: str) -> Container | None:
+        """The named container, or None if it does not exist."""
+        result = self.runner.run(inspect_argv(self.cmd, [name]), check=False, mutates=False, timeout=60)
+        if result.ok:
+            found = parse_inspect(result.stdout)
+            return found[0] if found else None
+        if "no such" in (result.stderr + result.stdout).lower():
+            return None
+        raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+
+    def run(self, argv: Sequence[str]) -> str:
+        """Start a container; returns its id."""
+        return self.runner.run(argv, timeout=300).stdout.strip()
+
+    def remove(self, name: str) -> None:
+        result = self.runner.run(rm_argv(self.cmd, name), check=False, timeout=120)
+        if not result.ok and "no such container" not in (result.stderr + result.stdout).lower():
+            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+
+    def stop(self, name: str, timeout: int) -> None:
+        self.runner.run(stop_argv(self.cmd, name, timeout), timeout=timeout + 60)
+
+    def logs(self, name: str, tail: int = 20) -> str:
+        """Last lines the container wrote (stdout and stderr), or a note why there are none."""
+        result = self.runner.run(logs_argv(self.cmd, name, tail), check=False, mutates=False, timeout=30)
+        text = (result.stdout + result.stderr).strip()
+        return text or "(the container wrote nothing)"

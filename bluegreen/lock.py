@@ -1,0 +1,81 @@
+"""One deploy per project at a time: an fcntl lock the kernel drops when the holder dies."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from bluegreen.errors import LockedError
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    user: str
+    host: str
+    tag: str
+    since: str  # ISO 8601, UTC
+
+    def describe(self) -> str:
+        return f"pid {self.pid} (user {self.user} on {self.host}, deploying tag {self.tag}, since {self.since})"
+
+
+def read_holder(path: Path) -> Holder | None:
+    """Who wrote the lock file last; None if empty or unreadable (e.g. mid-write)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8") or "null")
+        return Holder(int(data["pid"]), str(data["user"]), str(data["host"]), str(data["tag"]), str(data["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@contextmanager
+def project_lock(
+    path: Path,
+    holder: Holder,
+    *,
+    wait: float = 0.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[None]:
+    """Hold an exclusive flock on `path`; wait up to `wait` seconds for it, else raise LockedError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = clock() + max(0.0, wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if clock() >= deadline:
+                    raise LockedError(_locked_message(path, wait)) from None
+                sleep(min(0.2, max(0.01, deadline - clock())))
+        # The file's content is informational only: the flock is the lock. Written after
+        # acquiring so a reader sees the current holder (or nothing while we write).
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(asdict(holder)).encode() + b"\n", 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def _locked_message(path: Path, wait: float) -> str:
+    holder = read_holder(path)
+    who = holder.describe() if holder else "another process (it has not said who yet)"
+    waited = f" after waiting {wait:g}s" if wait > 0 else ""
+    return (
+        f"Another deploy of this project is running{waited}: {who}. Nothing was changed; the version "
+        f"that was serving still serves. Wait for it to finish, or retry with --wait SECONDS to queue "
+        f"behind it. The lock is released automatically when that process exits, even if it is killed."
+    )

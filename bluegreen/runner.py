@@ -1,0 +1,124 @@
+"""The one place that runs external programs: argv lists only, never a shell."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+from bluegreen.errors import CommandError, ExecutableNotFound
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def display(argv: Sequence[str]) -> str:
+    """Shell-quoted form of argv, for messages and --dry-run output."""
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+class Runner:
+    """Runs a command; `mutates=False` marks read-only queries that a dry run may still make."""
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        mutates: bool = True,
+    ) -> Result:
+        raise NotImplementedError
+
+
+class SubprocessRunner(Runner):
+    """Runs commands for real, capturing text output."""
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self.env = dict(env) if env is not None else None
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        mutates: bool = True,
+    ) -> Result:
+        argv = [str(a) for a in argv]
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                timeout=timeout,
+                env=self.env,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise ExecutableNotFound(
+                f"Executable `{argv[0]}` not found on PATH. Install it, or point bluegreen at it "
+                f"(BLUEGREEN_DOCKER / BLUEGREEN_NGINX). Nothing was changed."
+            ) from None
+        except PermissionError:
+            raise ExecutableNotFound(f"Executable `{argv[0]}` exists but may not be run by this user.") from None
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(argv, -1, _text(exc.stdout), f"timed out after {timeout:g}s\n{_text(exc.stderr)}") from None
+        result = Result(tuple(argv), proc.returncode, _text(proc.stdout), _text(proc.stderr))
+        if check and not result.ok:
+            raise CommandError(argv, result.returncode, result.stdout, result.stderr)
+        return result
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, bytes):
+        return data.decode("utf-8", errors="replace")
+    return data
+
+
+Responder = Callable[[Sequence[str]], "Result | None"]
+
+
+@dataclass
+class RecordingRunner(Runner):
+    """Records every argv; answers from `responder` (tests) or with success (dry runs).
+
+    With `passthrough` set, read-only commands (`mutates=False`) really run, so a dry run
+    plans from the host's true state while changing nothing.
+    """
+
+    responder: Responder | None = None
+    passthrough: Runner | None = None
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float | None = None,
+        mutates: bool = True,
+    ) -> Result:
+        argv = tuple(str(a) for a in argv)
+        if self.passthrough is not None and not mutates:
+            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False)
+        self.calls.append(argv)
+        result = self.responder(argv) if self.responder else None
+        if result is None:
+            result = Result(argv, 0, "", "")
+        if check and not result.ok:
+            raise CommandError(list(argv), result.returncode, result.stdout, result.stderr)
+        return result

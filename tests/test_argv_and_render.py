@@ -1,0 +1,115 @@
+"""Pure tests: docker argv, the upstream file, planning and the dry-run plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bluegreen import docker as dk
+from bluegreen.config import load_settings, parse_env, project_from_entries
+from bluegreen.deploy import plan_deploy
+from bluegreen.nginx import Upstream, parse_upstream, render_upstream
+
+
+def make_cfg(extra: str = ""):
+    text = "IMAGE=ghcr.io/acme/user-api\nDB_PASSWORD=s3cret\nSPRING_PROFILES=prod\n" + extra
+    return project_from_entries("user-api", "user-api.env", parse_env(text, "user-api.env"))
+
+
+SETTINGS = load_settings("/opt/deploy", {}, euid=0)
+
+
+def test_run_argv_is_exact_and_carries_no_secret():
+    cfg = make_cfg("DOCKER_ARGS=--memory 1g\n")
+    argv = dk.run_argv(("docker",), cfg, colour="green", tag="abc1234", ref="ghcr.io/acme/user-api:abc1234", env_file="/tmp/e.env")
+    assert argv == [
+        "docker", "run", "--detach",
+        "--name", "user-api-green",
+        "--publish", "127.0.0.1:8082:8080",
+        "--restart", "unless-stopped",
+        "--label", "bluegreen.project=user-api",
+        "--label", "bluegreen.color=green",
+        "--label", "bluegreen.tag=abc1234",
+        "--volume", "/app/logs:/app/logs",
+        "--env-file", "/tmp/e.env",
+        "--memory", "1g",
+        "ghcr.io/acme/user-api:abc1234",
+    ]
+    assert not any("s3cret" in a or "prod" in a for a in argv)
+
+
+def test_run_argv_without_log_dir_or_env():
+    cfg = project_from_entries("p", "p.env", parse_env("IMAGE=acme/p\nLOG_DIR=\n", "p.env"))
+    argv = dk.run_argv(("sudo", "docker"), cfg, colour="blue", tag="v1", ref="acme/p:v1", env_file=None)
+    assert argv[:3] == ["sudo", "docker", "run"] and "--volume" not in argv and "--env-file" not in argv
+    assert "127.0.0.1:8081:8080" in argv and argv[-1] == "acme/p:v1"
+
+
+def test_env_file_text_is_docker_env_file_format():
+    assert dk.env_file_text([("A", "x y"), ("B", "p#ss=1")]) == "A=x y\nB=p#ss=1\n"
+
+
+def test_other_docker_argv():
+    assert dk.pull_argv(("docker",), "a/b:v1") == ["docker", "pull", "a/b:v1"]
+    assert dk.stop_argv(("docker",), "p-blue", 30) == ["docker", "stop", "--time", "30", "p-blue"]
+    assert dk.rm_argv(("docker",), "p-blue") == ["docker", "rm", "--force", "p-blue"]
+    assert dk.logs_argv(("docker",), "p-blue", 20) == ["docker", "logs", "--tail", "20", "p-blue"]
+
+
+def test_parse_inspect():
+    text = '[{"Id": "abc", "Name": "/p-blue", "State": {"Status": "exited", "ExitCode": 3, "StartedAt": "t"},' \
+           ' "Config": {"Image": "a/b:v1", "Labels": {"bluegreen.tag": "v1"}}}]'
+    (c,) = dk.parse_inspect(text)
+    assert (c.name, c.status, c.exit_code, c.running, c.labels["bluegreen.tag"]) == ("p-blue", "exited", 3, False, "v1")
+
+
+def test_upstream_render_and_parse_round_trip():
+    text = render_upstream(name="user-api", port=8082, project="user-api", colour="green", tag="v2")
+    assert "upstream user-api {\n    server 127.0.0.1:8082;\n}\n" in text
+    assert parse_upstream(text) == Upstream("user-api", 8082)
+
+
+def test_parse_seed_style_hand_written_upstream():
+    seed = "upstream user_api_backend {\n    server 127.0.0.1:8081;\n    keepalive 16;\n}\n"
+    assert parse_upstream(seed) == Upstream("user_api_backend", 8081)
+    assert parse_upstream("") is None and parse_upstream("# nothing\n") is None and parse_upstream(None) is None
+
+
+def test_plan_first_deploy_is_blue():
+    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v1", active=None, upstream=None)
+    assert (plan.current, plan.target, plan.target_name, plan.target_port) == (None, "blue", "user-api-blue", 8081)
+    assert plan.upstream_name == "user-api" and plan.ref == "ghcr.io/acme/user-api:v1" and warnings == []
+
+
+def test_plan_alternates_and_keeps_hand_written_upstream_name():
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("backend", 8081))
+    assert (plan.current, plan.target, plan.upstream_name) == ("blue", "green", "backend")
+    assert "upstream backend {" in plan.upstream_text() and "127.0.0.1:8082" in plan.upstream_text()
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v3", active="green", upstream=Upstream("user-api", 8082))
+    assert (plan.current, plan.target) == ("green", "blue")
+
+
+def test_plan_trusts_nginx_over_a_stale_active_file():
+    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="green", upstream=Upstream("user-api", 8081))
+    assert (plan.current, plan.target) == ("blue", "green")
+    assert "trusting nginx" in warnings[0]
+
+
+def test_plan_digest_reference():
+    digest = "sha256:" + "ab" * 32
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), digest, active=None, upstream=None)
+    assert plan.ref == f"ghcr.io/acme/user-api@{digest}"
+
+
+def test_plan_upstream_on_unknown_port_warns():
+    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 9999))
+    assert plan.current is None and plan.target == "blue" and "neither BLUE_PORT" in warnings[0]
+
+
+def test_dry_run_description_lists_exact_commands_without_secrets():
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 8081))
+    text = "\n".join(plan.describe())
+    assert "docker pull ghcr.io/acme/user-api:v2" in text
+    assert "docker stop --time 30 user-api-blue" in text
+    assert "nginx -t" in text and "nginx -s reload" in text
+    assert str(Path("/opt/deploy/projects/user-api.active")) in text
+    assert "s3cret" not in text

@@ -1,0 +1,191 @@
+"""Deciding-code tests of the deploy's failure table, with a recording runner standing in for docker/nginx.
+
+The real-stack tests (test_stack_deploy.py) prove the same rows against real docker and nginx;
+these pin the exact order of commands and the undo of every step, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from bluegreen.config import load_project, load_settings
+from bluegreen.deploy import Deployer, Progress, read_plan
+from bluegreen.errors import DeployFailed, Interrupted, NeedsAttention
+from bluegreen.health import Probe
+from bluegreen.runner import RecordingRunner, Result
+
+
+class FakeHost:
+    """Answers docker/nginx argv like a tiny host: containers by name, nginx -t pass/fail."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, dict] = {}
+        self.fail: dict[str, str] = {}  # verb -> stderr
+        self.env_files: list[str] = []
+
+    def __call__(self, argv):
+        verb = argv[1] if argv[0] == "docker" else " ".join(argv[1:])
+        if verb in self.fail:
+            return Result(tuple(argv), 1, "", self.fail[verb])
+        if argv[:3] == ("docker", "container", "inspect"):
+            c = self.containers.get(argv[3])
+            if c is None:
+                return Result(tuple(argv), 1, "", f"Error: No such container: {argv[3]}")
+            return Result(tuple(argv), 0, json.dumps([c]), "")
+        if verb == "run":
+            name = argv[argv.index("--name") + 1]
+            tag = [a for a in argv if a.startswith("bluegreen.tag=")][0].split("=", 1)[1]
+            if "--env-file" in argv:
+                with open(argv[argv.index("--env-file") + 1]) as fh:
+                    self.env_files.append(fh.read())
+            self.add(name, tag)
+        if verb == "rm":
+            self.containers.pop(argv[-1], None)
+        if verb == "stop":
+            self.containers[argv[-1]]["State"]["Status"] = "exited"
+        return None
+
+    def add(self, name, tag, status="running"):
+        self.containers[name] = {"Id": name, "Name": "/" + name, "State": {"Status": status, "ExitCode": 0},
+                                 "Config": {"Image": "x", "Labels": {"bluegreen.tag": tag}}}
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "api.env").write_text("IMAGE=reg.local/acme/api\nHEALTH_TIMEOUT=5\nDB_PASSWORD=s3cret\n")
+    settings = load_settings(str(tmp_path), {}, euid=0)
+    cfg = load_project(settings, "api")
+    host = FakeHost()
+    runner = RecordingRunner(responder=host)
+    err = io.StringIO()
+    probes = []
+
+    def probe(url, timeout, host=""):
+        probes.append(url)
+        return Probe(200, "HTTP 200") if env.healthy else Probe(503, "HTTP 503")
+
+    class Env:
+        pass
+
+    env = Env()
+    env.__dict__.update(settings=settings, cfg=cfg, host=host, runner=runner, err=err, probes=probes, healthy=True, root=tmp_path)
+    now = [0.0]
+
+    def sleep(s):
+        now[0] += s
+
+    def deploy(tag):
+        plan, _ = read_plan(settings, cfg, tag)
+        d = Deployer(settings=settings, runner=runner, progress=Progress(err), probe=probe,
+                     port_busy=lambda p: False, clock=lambda: now[0], sleep=sleep)
+        return d.run(plan)
+
+    env.deploy = deploy
+    return env
+
+
+def verbs(runner):
+    """The commands run, without the read-only `docker container inspect` queries."""
+    out = [" ".join(c[1:3]) if c[0] == "docker" else " ".join(c[1:]) for c in runner.calls]
+    return [v for v in out if v != "container inspect"]
+
+
+def test_first_deploy_runs_the_six_steps_in_order(env):
+    summary = env.deploy("v1")
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v1", "run --detach", "-t", "-s reload"]
+    assert "api v1 now serves from api-blue on 127.0.0.1:8081" in summary
+    assert (env.root / "projects" / "api.active").read_text() == "blue\n"
+    assert "server 127.0.0.1:8081;" in (env.root / "nginx" / "conf.d" / "api-upstream.conf").read_text()
+    assert env.host.env_files == ["DB_PASSWORD=s3cret\n"]
+    assert not any("s3cret" in a for call in env.runner.calls for a in call)
+    lines = env.err.getvalue().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
+
+
+def test_second_deploy_goes_green_and_stops_blue_last(env):
+    env.deploy("v1")
+    env.runner.calls.clear()
+    summary = env.deploy("v2")
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-t", "-s reload", "stop --time"]
+    assert env.runner.calls[-1][-1] == "api-blue"
+    assert "from api-green" in summary and "(was v1 in api-blue)" in summary
+    assert (env.root / "projects" / "api.active").read_text() == "green\n"
+
+
+def test_pull_failure_changes_nothing(env):
+    env.deploy("v1")
+    upstream_before = (env.root / "nginx" / "conf.d" / "api-upstream.conf").read_text()
+    env.host.fail["pull"] = "manifest unknown"
+    env.runner.calls.clear()
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("nope")
+    assert verbs(env.runner) == ["pull reg.local/acme/api:nope"]
+    assert "manifest unknown" in exc.value.message and "(v1, container api-blue, 127.0.0.1:8081) still serves" in exc.value.message
+    assert (env.root / "nginx" / "conf.d" / "api-upstream.conf").read_text() == upstream_before
+
+
+def test_unhealthy_new_container_is_removed_and_nginx_untouched(env):
+    env.deploy("v1")
+    env.healthy = False
+    env.runner.calls.clear()
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "logs --tail", "rm --force"]
+    assert "did not answer HTTP 200" in exc.value.message and "last answer: HTTP 503" in exc.value.message
+    assert "api-green" not in env.host.containers and env.host.containers["api-blue"]["State"]["Status"] == "running"
+    assert (env.root / "projects" / "api.active").read_text() == "blue\n"
+
+
+def test_nginx_test_failure_restores_the_upstream_file(env):
+    env.deploy("v1")
+    path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
+    before = path.read_text()
+    env.host.fail["-t"] = 'nginx: [emerg] unknown directive "oops" in /etc/nginx/conf.d/x.conf:1\nnginx: configuration file test failed'
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert 'unknown directive "oops"' in exc.value.message and "test failed" not in exc.value.message
+    assert path.read_text() == before
+    assert "api-green" not in env.host.containers
+    assert "reload" not in verbs(env.runner)[-2:]
+
+
+def test_nginx_test_failure_on_first_deploy_removes_the_new_upstream_file(env):
+    env.host.fail["-t"] = "nginx: [emerg] broken"
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v1")
+    assert "Nothing was serving before" in exc.value.message
+    assert not (env.root / "nginx" / "conf.d" / "api-upstream.conf").exists()
+
+
+def test_failed_undo_escalates_to_needs_attention(env):
+    env.deploy("v1")
+    env.healthy = False
+    env.host.fail["rm"] = "daemon not responding"
+    with pytest.raises(NeedsAttention) as exc:
+        env.deploy("v2")
+    assert exc.value.exit_code == 4 and "putting things back failed too" in exc.value.message
+
+
+def test_interrupt_during_health_check_undoes(env, monkeypatch):
+    env.deploy("v1")
+
+    def interrupted(*a, **k):
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr("bluegreen.health.wait_healthy", interrupted)
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert "interrupted by SIGTERM" in exc.value.message and "api-green" not in env.host.containers
+
+
+def test_stop_failure_after_switch_needs_attention(env):
+    env.deploy("v1")
+    env.host.fail["stop"] = "permission denied"
+    with pytest.raises(NeedsAttention) as exc:
+        env.deploy("v2")
+    msg = exc.value.message
+    assert msg.startswith("api v2 now serves from api-green") and "docker stop api-blue" in msg

@@ -1,0 +1,180 @@
+"""Pure tests: the health poller (fake clock), the lock, atomic state files."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from bluegreen import state
+from bluegreen.errors import LockedError
+from bluegreen.health import Probe, http_probe, wait_healthy
+from bluegreen.lock import Holder, project_lock, read_holder
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_healthy_after_a_few_polls():
+    clock = FakeClock()
+    answers = iter([Probe(None, "connection refused"), Probe(503, "HTTP 503"), Probe(200, "HTTP 200")])
+    result = wait_healthy(lambda t: next(answers), expect=200, timeout=10, interval=0.25, clock=clock, sleep=clock.sleep)
+    assert result.healthy and result.attempts == 3 and result.elapsed == pytest.approx(0.5)
+
+
+def test_times_out_at_the_deadline_and_keeps_last_answer():
+    clock = FakeClock()
+    timeouts = []
+
+    def probe(t):
+        timeouts.append(t)
+        clock.now += 0.1  # each request takes 100 ms
+        return Probe(500, "HTTP 500")
+
+    result = wait_healthy(probe, expect=200, timeout=5, interval=1, request_timeout=2, clock=clock, sleep=clock.sleep)
+    assert not result.healthy and result.last.detail == "HTTP 500"
+    assert result.elapsed == pytest.approx(5.0, abs=0.11)
+    assert result.attempts == 5 and max(timeouts) <= 2
+
+
+def test_container_death_ends_the_wait_at_once():
+    clock = FakeClock()
+    states = iter([None, "the container stopped (exited, exit code 3)"])
+    result = wait_healthy(
+        lambda t: Probe(None, "connection refused"), expect=200, timeout=120, interval=0.5,
+        alive=lambda: next(states), alive_every=1.0, clock=clock, sleep=clock.sleep,
+    )
+    assert not result.healthy and "exit code 3" in result.died and result.elapsed <= 1.5
+
+
+def test_initial_delay_and_custom_expected_status():
+    clock = FakeClock()
+    result = wait_healthy(lambda t: Probe(204, "HTTP 204"), expect=204, timeout=10, interval=1, initial_delay=3,
+                          clock=clock, sleep=clock.sleep)
+    assert result.healthy and clock.sleeps[0] == 3
+
+
+def test_http_probe_against_a_real_local_server():
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            code = {"/ok": 200, "/bad": 503, "/moved": 302}[self.path]
+            self.send_response(code)
+            if code == 302:
+                self.send_header("Location", "/login")
+            self.send_header("X-Host-Seen", self.headers.get("Host", ""))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        ok = http_probe(f"http://127.0.0.1:{port}/ok", timeout=2, host="api.example.com")
+        assert ok.status == 200 and ok.headers["X-Host-Seen"] == "api.example.com"
+        assert http_probe(f"http://127.0.0.1:{port}/bad", timeout=2).status == 503
+        assert http_probe(f"http://127.0.0.1:{port}/moved", timeout=2).status == 302  # not followed
+    finally:
+        server.shutdown()
+        server.server_close()
+    refused = http_probe(f"http://127.0.0.1:{port}/ok", timeout=1)
+    assert refused.status is None and "refused" in refused.detail
+
+
+def test_http_probe_ignores_proxy_variables(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # would refuse every request
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert http_probe(f"http://127.0.0.1:{server.server_address[1]}/", timeout=2).status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+HOLDER = Holder(pid=os.getpid(), user="ci", host="h1", tag="v2", since="2026-11-26T00:00:00+00:00")
+
+
+def test_lock_names_the_holder_and_is_released(tmp_path):
+    path = tmp_path / "p.lock"
+    with project_lock(path, HOLDER):
+        assert read_holder(path) == HOLDER
+        with pytest.raises(LockedError) as exc:
+            with project_lock(path, HOLDER):
+                pass
+        assert f"pid {os.getpid()}" in exc.value.message and "user ci" in exc.value.message and "tag v2" in exc.value.message
+        assert exc.value.exit_code == 3
+    with project_lock(path, HOLDER):  # free again
+        pass
+
+
+def test_lock_wait_gives_up_after_the_bound(tmp_path):
+    path = tmp_path / "p.lock"
+    clock = FakeClock()
+    with project_lock(path, HOLDER):
+        with pytest.raises(LockedError) as exc:
+            with project_lock(path, HOLDER, wait=2, clock=clock, sleep=clock.sleep):
+                pass
+    assert "after waiting 2s" in exc.value.message and sum(clock.sleeps) == pytest.approx(2)
+
+
+def test_lock_held_by_a_killed_process_is_free(tmp_path):
+    path = tmp_path / "p.lock"
+    code = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError):
+            with project_lock(path, HOLDER):
+                pass
+        child.kill()
+        child.wait()
+        with project_lock(path, HOLDER):
+            pass
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "x.active"
+    state.write_active(path, "blue")
+    state.write_active(path, "green")
+    assert state.read_active(path) == "green"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.active"]
+    assert state.read_active(tmp_path / "missing") is None
+    (tmp_path / "junk.active").write_text("purple\n")
+    assert state.read_active(tmp_path / "junk.active") is None
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.conf"
+    path.write_text("old\n")
+
+    def boom(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        state.atomic_write(path, "new\n")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["x.conf"]
