@@ -320,11 +320,7 @@ class Deployer:
 
             def alive() -> str | None:
                 found = self.docker.inspect(plan.target_name)
-                if found is None:
-                    return "the container disappeared"
-                if found.running:
-                    return None
-                return f"the container stopped ({found.status}, exit code {found.exit_code})"
+                return "the container disappeared" if found is None else found.crash_note()
 
             result = health.wait_healthy(
                 lambda t: self.probe(url, timeout=t, host=cfg.health_host),

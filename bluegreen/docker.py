@@ -84,10 +84,23 @@ class Container:
     image: str
     labels: dict = field(default_factory=dict)
     started_at: str = ""
+    restart_count: int = 0
 
     @property
     def running(self) -> bool:
         return self.status in ("running", "restarting")
+
+    def crash_note(self) -> str | None:
+        """How the container ended, or None while it runs as first started.
+
+        With `--restart unless-stopped` a crashing app is never `exited`: docker restarts it,
+        so a restart (or a pending one) counts as a crash too.
+        """
+        if self.status == "running" and self.restart_count == 0:
+            return None
+        if self.status in ("running", "restarting"):
+            return f"the container exited with code {self.exit_code} and docker restarted it {self.restart_count} time(s)"
+        return f"the container stopped ({self.status}, exit code {self.exit_code})"
 
 
 def parse_inspect(text: str) -> list[Container]:
@@ -105,6 +118,7 @@ def parse_inspect(text: str) -> list[Container]:
                 image=config.get("Image", ""),
                 labels=dict(config.get("Labels") or {}),
                 started_at=state.get("StartedAt", ""),
+                restart_count=int(item.get("RestartCount") or 0),
             )
         )
     return out

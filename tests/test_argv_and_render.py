@@ -113,3 +113,15 @@ def test_dry_run_description_lists_exact_commands_without_secrets():
     assert "nginx -t" in text and "nginx -s reload" in text
     assert str(Path("/opt/deploy/projects/user-api.active")) in text
     assert "s3cret" not in text
+
+
+def test_crash_note_treats_a_docker_restart_as_a_crash():
+    def c(status, restarts, code=0):
+        return dk.Container(name="p", id="i", status=status, exit_code=code, image="x", restart_count=restarts)
+
+    assert c("running", 0).crash_note() is None
+    assert "restarted it 2 time(s)" in c("running", 2, 3).crash_note()
+    assert "exited with code 3" in c("restarting", 1, 3).crash_note()
+    assert c("exited", 0, 3).crash_note() == "the container stopped (exited, exit code 3)"
+    (parsed,) = dk.parse_inspect('[{"Name": "/p", "RestartCount": 4, "State": {"Status": "restarting", "ExitCode": 3}}]')
+    assert parsed.restart_count == 4 and parsed.crash_note() is not None
