@@ -44,6 +44,10 @@ RESERVED_KEYS = (
     "STOP_TIMEOUT",
     "LOG_DIR",
     "DOCKER_ARGS",
+    "DRAIN_TIMEOUT",
+    "VERIFY_TIMEOUT",
+    "NGINX_URL",
+    "SERVER_NAME",
 )
 # App keys that look like a reserved key but are legitimate application settings.
 _NOT_MISSPELLINGS = {"SPRING_PROFILES_ACTIVE"}
@@ -83,6 +87,7 @@ class Settings:
     root: Path
     docker_cmd: tuple[str, ...]
     nginx_cmd: tuple[str, ...]
+    nginx_pid_file: str = ""  # "" = read the `pid` directive from `nginx -T`
 
     def env_file(self, project: str) -> Path:
         return self.root / "projects" / f"{project}.env"
@@ -122,6 +127,7 @@ def load_settings(root: str | None, environ: Mapping[str, str], *, euid: int | N
         root=root_path,
         docker_cmd=_command_prefix(environ, "BLUEGREEN_DOCKER", ["docker"]),
         nginx_cmd=_command_prefix(environ, "BLUEGREEN_NGINX", nginx_default),
+        nginx_pid_file=environ.get("BLUEGREEN_NGINX_PID_FILE", "").strip(),
     )
 
 
@@ -195,6 +201,10 @@ class ProjectConfig:
     stop_timeout: int = 30
     log_dir: str = "/app/logs"
     docker_args: tuple[str, ...] = ()
+    drain_timeout: float = 60.0
+    verify_timeout: float = 5.0
+    nginx_url: str = "http://127.0.0.1:80"
+    server_name: str = ""
     app_env: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -319,6 +329,13 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
                 f"environment and lifetime) and may not be set here."
             )
 
+    nginx_url = text("NGINX_URL", "http://127.0.0.1:80").rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", nginx_url):
+        raise ConfigError(f"{source}: NGINX_URL: must be like http://127.0.0.1:80 (scheme, host, port; no path), got {nginx_url!r}.")
+    server_name = text("SERVER_NAME", "")
+    if server_name and not re.fullmatch(r"[A-Za-z0-9.-]+(?::[0-9]+)?", server_name):
+        raise ConfigError(f"{source}: SERVER_NAME: must be a host name, got {server_name!r}.")
+
     return ProjectConfig(
         project=project,
         source=source,
@@ -337,6 +354,10 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
         stop_timeout=integer("STOP_TIMEOUT", 30, low=0, high=86400, what="a whole number of seconds"),
         log_dir=log_dir,
         docker_args=docker_args,
+        drain_timeout=number("DRAIN_TIMEOUT", 60.0, allow_zero=True),
+        verify_timeout=number("VERIFY_TIMEOUT", 5.0),
+        nginx_url=nginx_url,
+        server_name=server_name,
         app_env=tuple(app_env.items()),
         warnings=tuple(warnings),
     )

@@ -24,7 +24,8 @@ from bluegreen import docker as dk
 from bluegreen import health, state
 from bluegreen.config import ProjectConfig, Settings, image_ref
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention
-from bluegreen.nginx import Nginx, Upstream, parse_upstream, render_upstream
+from bluegreen import nginx as ngx
+from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display
 
 STEP_NAMES = ("pull", "start", "health", "switch", "retire", "record")
@@ -40,6 +41,7 @@ class Plan:
     current: str | None  # colour nginx routes to now (None on a first deploy)
     target: str
     upstream_name: str
+    token: str  # the probe token in the upstream file's map (kept across deploys)
     upstream_path: Path
     active_path: Path
     docker_cmd: tuple[str, ...]
@@ -62,11 +64,15 @@ class Plan:
 
     def upstream_text(self) -> str:
         return render_upstream(
-            name=self.upstream_name, port=self.target_port, project=self.cfg.project, colour=self.target, tag=self.tag
+            name=self.upstream_name, port=self.target_port, project=self.cfg.project, colour=self.target,
+            tag=self.tag, token=self.token,
         )
 
     def health_url(self) -> str:
         return f"http://127.0.0.1:{self.target_port}{self.cfg.health_path}"
+
+    def verify_url(self) -> str:
+        return f"{self.cfg.nginx_url}{self.cfg.health_path}"
 
     def describe(self) -> list[str]:
         """Human-readable steps with the exact commands, for --dry-run."""
@@ -80,17 +86,27 @@ class Plan:
             f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",
             f"[4/6] switch  write {self.upstream_path}:",
             *("                " + line for line in self.upstream_text().splitlines()),
-            f"              {display([*n, '-t'])}  then  {display([*n, '-s', 'reload'])}",
+            f"              {display([*n, '-T'])}  then  {display([*n, '-s', 'reload'])}",
+            f"              wait for the nginx workers that predate the reload to exit (at most {cfg.drain_timeout:g}s)",
+            f"              GET {self.verify_url()} must be routed to 127.0.0.1:{self.target_port}",
             f"[5/6] retire  {retire}",
             f"[6/6] record  write {self.active_path}: {self.target}",
         ]
 
 
-def plan_deploy(settings: Settings, cfg: ProjectConfig, tag: str, *, active: str | None, upstream: Upstream | None) -> tuple[Plan, list[str]]:
+def plan_deploy(
+    settings: Settings,
+    cfg: ProjectConfig,
+    tag: str,
+    *,
+    active: str | None,
+    upstream: Upstream | None,
+    token_factory: Callable[[], str] = new_token,
+) -> tuple[Plan, list[str]]:
     """Decide the target colour from what nginx routes to (the truth for traffic) and the .active file."""
     warnings: list[str] = []
     routed = cfg.colour_of_port(upstream.port) if upstream else None
-    if upstream and routed is None:
+    if upstream and upstream.port and routed is None:
         warnings.append(
             f"{settings.upstream_file(cfg.project)} points at port {upstream.port}, which is neither BLUE_PORT "
             f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}); deploying as if nothing were active."
@@ -109,6 +125,7 @@ def plan_deploy(settings: Settings, cfg: ProjectConfig, tag: str, *, active: str
         current=current,
         target=target,
         upstream_name=upstream.name if upstream else cfg.project,
+        token=upstream.token if upstream and upstream.token else token_factory(),
         upstream_path=settings.upstream_file(cfg.project),
         active_path=settings.active_file(cfg.project),
         docker_cmd=settings.docker_cmd,
@@ -355,6 +372,7 @@ class Deployer:
             )
 
     def _switch(self, plan: Plan, tx: Transaction, serving: str) -> None:
+        """Step 4: write the upstream, `nginx -T`, reload, drain the old workers, prove the new route."""
         path = plan.upstream_path
         with self.progress.step(4, "switch", f"nginx -> 127.0.0.1:{plan.target_port}"):
             try:
@@ -374,12 +392,15 @@ class Deployer:
                 else:
                     state.atomic_write(path, previous)
                 if reloaded[0]:
-                    self.nginx.test()
+                    # Route back to the old container, then let the workers that routed to the
+                    # new one finish before the new container is removed.
+                    master, workers = self._master_and_workers(self.nginx.test_and_dump())
                     self.nginx.reload()
+                    self._wait_for_workers(master, workers, plan.cfg.drain_timeout)
 
             tx.on_failure(f"put back {path.name}", restore)
             try:
-                self.nginx.test()
+                dump = self.nginx.test_and_dump()
             except CommandError as exc:
                 raise DeployFailed(
                     f"nginx rejected the configuration (`nginx -t`), so traffic was not switched:\n"
@@ -387,6 +408,7 @@ class Deployer:
                     f"removed. {serving} Fix the nginx error above (it may be in another file), check with "
                     f"`nginx -t`, then deploy again."
                 ) from exc
+            master, old_workers = self._master_and_workers(dump)
             try:
                 reloaded[0] = True
                 self.nginx.reload()
@@ -395,6 +417,105 @@ class Deployer:
                     f"`nginx -s reload` failed: {Nginx.error_text(exc)}\nThe upstream file was put back. {serving} "
                     f"Check that nginx is running (`systemctl status nginx`), then deploy again."
                 ) from exc
+        drained = self._drain(plan, master, old_workers)
+        self._verify(plan, serving, drained)
+
+    def _master_and_workers(self, dump: str) -> tuple[int | None, set[int]]:
+        """The nginx master pid (from its pid file) and its current worker pids."""
+        pid_file = self.settings.nginx_pid_file or ngx.pid_file_from_dump(dump, self.settings.nginx_cmd)
+        master = ngx.read_pid(pid_file)
+        if master is None or not Path(f"/proc/{master}").exists():
+            self.progress.say(
+                f"warning: cannot read the nginx master pid from {pid_file}, so bluegreen cannot tell when old "
+                f"workers have finished; set BLUEGREEN_NGINX_PID_FILE to the right file."
+            )
+            return None, set()
+        return master, ngx.children(master)
+
+    def _wait_for_workers(self, master: int | None, workers: set[int], timeout: float) -> tuple[bool, float]:
+        """Wait until every one of `workers` has exited; returns (all exited, seconds waited)."""
+        start = self.clock()
+        if master is None:
+            # Without the pid we cannot observe the workers: give nginx's 100 ms handover a
+            # generous margin instead (the warning above says how to do better).
+            self.sleep(min(1.0, timeout))
+            return False, self.clock() - start
+        deadline = start + timeout
+        left = ngx.alive(workers, master)
+        while left and self.clock() < deadline:
+            self.sleep(0.02)
+            left = ngx.alive(left, master)
+        return not left, self.clock() - start
+
+    def _drain(self, plan: Plan, master: int | None, old_workers: set[int]) -> bool:
+        """Wait for the workers that predate the reload; True when all of them are known to be gone."""
+        timeout = plan.cfg.drain_timeout
+        detail = f"{len(old_workers)} nginx worker(s) from before the reload"
+        with self.progress.step(4, "drain", detail) as notes:
+            drained, _ = self._wait_for_workers(master, old_workers, timeout)
+            if master is None:
+                notes.append("waited a fixed 1s: master pid unknown")
+            elif drained:
+                notes.append("all exited")
+            else:
+                left = ngx.alive(old_workers, master)
+                notes.append(f"{len(left)} still alive after DRAIN_TIMEOUT={timeout:g}s")
+                self.progress.say(
+                    f"warning: {len(left)} old nginx worker(s) (pid {', '.join(map(str, sorted(left)))}) still hold "
+                    f"connections after DRAIN_TIMEOUT={timeout:g}s, usually websockets or long polls; those "
+                    f"connections will be cut when the old container stops. Set `worker_shutdown_timeout` in "
+                    f"nginx.conf (e.g. 30s) to bound them, or raise DRAIN_TIMEOUT in {plan.cfg.source}."
+                )
+            return drained and master is not None
+
+    def _verify(self, plan: Plan, serving: str, drained: bool) -> None:
+        """Prove that a request through nginx now reaches the new container, else fail (and undo).
+
+        Once every old worker is gone each answer is final, so a few tries settle it; otherwise an
+        old worker may still answer, and we retry until VERIFY_TIMEOUT.
+        """
+        cfg = plan.cfg
+        url = plan.verify_url()
+        want = f"127.0.0.1:{plan.target_port}"
+        with self.progress.step(4, "verify", f"GET {url} via nginx") as notes:
+            deadline = self.clock() + cfg.verify_timeout
+            tries_left = 3 if drained else -1
+            while True:
+                tries_left -= 1
+                probe = self.probe(
+                    url, timeout=min(cfg.health_request_timeout, cfg.verify_timeout),
+                    host=cfg.server_name, headers={ngx.PROBE_HEADER: plan.token},
+                )
+                route = _header(probe, ngx.ROUTE_HEADER)
+                if route == want:
+                    notes.append(f"routed to {want}")
+                    return
+                if not route and probe.status == cfg.health_expect:
+                    notes.append("HTTP status only")
+                    self.progress.say(
+                        f"note: nginx answered {url} with HTTP {probe.status}, but the server block does not report "
+                        f"where it routed, so bluegreen could not prove the new container serves. Add "
+                        f"`{ngx.add_header_line(cfg.project)}` to the server block to enable the proof."
+                    )
+                    return
+                if self.clock() >= deadline or tries_left == 0:
+                    break
+                self.sleep(cfg.health_interval)
+            seen = f"routed to {route}" if route else f"answered {probe.detail}"
+            problem = (
+                f"After the switch, a probe through nginx ({url}, Host: {cfg.server_name or 'default'}) was "
+                f"{seen} instead of reaching {plan.target_name} on {want}."
+            )
+            advice = (
+                f"Check that the server block for {cfg.project} proxies to `http://{plan.upstream_name}` and that "
+                f"NGINX_URL / SERVER_NAME in {cfg.source} reach it."
+            )
+            if plan.current is None:
+                # First deploy: there is nothing to go back to, so keep the new container.
+                notes.append("not proven")
+                self.progress.say(f"warning: {problem} Nothing served before, so the deploy stands. {advice}")
+                return
+            raise DeployFailed(f"{problem} The previous upstream was put back and the new container removed. {serving} {advice}")
 
     def _retire(self, plan: Plan, old: dk.Container | None, new_desc: str) -> None:
         if old is None or not old.running:
@@ -436,6 +557,13 @@ def _env_file(env: Sequence[tuple[str, str]]) -> Iterator[str | None]:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _header(probe: health.Probe, name: str) -> str:
+    for key, value in (probe.headers or {}).items():
+        if key.lower() == name.lower():
+            return value.strip()
+    return ""
 
 
 def _registry(image: str) -> str:

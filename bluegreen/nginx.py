@@ -2,47 +2,141 @@
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 from bluegreen.errors import CommandError
 from bluegreen.runner import Runner
 
 _UPSTREAM_RE = re.compile(r"^\s*upstream\s+([^\s{]+)\s*\{", re.MULTILINE)
-_SERVER_RE = re.compile(r"^\s*server\s+(?:[^\s;:]+):([0-9]+)\b", re.MULTILINE)
+_SERVER_RE = re.compile(r"^\s*server\s+(?:[^\s;:]+):([0-9]+)\b([^;]*);", re.MULTILINE)
+_TOKEN_RE = re.compile(r'^\s*"([0-9a-f]{32})"\s+\$upstream_addr;', re.MULTILINE)
+_PID_RE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.MULTILINE)
+
+PROBE_HEADER = "X-Bluegreen-Probe"  # request header carrying the project's probe token
+ROUTE_HEADER = "X-Bluegreen-Upstream"  # response header the server block adds for probes only
+DEFAULT_PID_FILE = "/run/nginx.pid"
 
 
 @dataclass(frozen=True)
 class Upstream:
     name: str
-    port: int
+    port: int  # 0: a placeholder (`server ... down;`) that routes nowhere yet
+    token: str = ""  # the probe token of a managed file; "" for hand-written ones
 
 
-def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str) -> str:
-    """The whole upstream file for one project, pointing at one local port."""
+def route_variable(project: str) -> str:
+    """The nginx variable a server block sends as ROUTE_HEADER (maps are global: one per project)."""
+    return "$bluegreen_route_" + re.sub(r"[^A-Za-z0-9_]", "_", project)
+
+
+def add_header_line(project: str) -> str:
+    """The line a server block needs so that bluegreen can prove where nginx routes."""
+    return f"add_header {ROUTE_HEADER} {route_variable(project)} always;"
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str, token: str, down: bool = False) -> str:
+    """The whole upstream file for one project, pointing at one local port.
+
+    The map answers the route (the upstream address nginx used) only to requests carrying the
+    project's token, so ordinary clients never see internal addresses. The token is kept across
+    deploys so that old and new workers both answer a probe, and the answer says which one it was.
+    With `down`, a placeholder for a project not deployed yet: valid for `nginx -t`, routes nowhere.
+    """
     return (
         "# Managed by bluegreen: rewritten on every deploy; edits here are lost.\n"
         f"# project={project} colour={colour} tag={tag}\n"
         f"upstream {name} {{\n"
-        f"    server 127.0.0.1:{port};\n"
+        f"    server 127.0.0.1:{port}{' down' if down else ''};\n"
+        "}\n"
+        f"# For bluegreen's post-switch probe; the server block adds: {add_header_line(project)}\n"
+        f"map $http_{PROBE_HEADER.lower().replace('-', '_')} {route_variable(project)} {{\n"
+        f'    "{token}" $upstream_addr;\n'
+        '    default "";\n'
         "}\n"
     )
 
 
 def parse_upstream(text: str | None) -> Upstream | None:
-    """Upstream name and port from a managed (or seed-style hand-written) upstream file."""
+    """Upstream name, port and probe token from a managed (or seed-style hand-written) upstream file."""
     if not text:
         return None
     name = _UPSTREAM_RE.search(text)
     server = _SERVER_RE.search(text)
     if not name or not server:
         return None
-    return Upstream(name.group(1), int(server.group(1)))
+    token = _TOKEN_RE.search(text)
+    port = 0 if re.search(r"\bdown\b", server.group(2)) else int(server.group(1))
+    return Upstream(name.group(1), port, token.group(1) if token else "")
+
+
+def pid_file_from_dump(dump: str, nginx_cmd: Sequence[str]) -> str:
+    """The master's pid file as `nginx -T` shows it (relative paths are under the -p prefix)."""
+    match = _PID_RE.search(dump)
+    if not match:
+        return DEFAULT_PID_FILE
+    path = match.group(1).strip("\"'")
+    if os.path.isabs(path):
+        return path
+    prefix = "/usr/share/nginx"  # Debian's and Amazon Linux's compiled-in prefix
+    cmd = list(nginx_cmd)
+    if "-p" in cmd and cmd.index("-p") + 1 < len(cmd):
+        prefix = cmd[cmd.index("-p") + 1]
+    return os.path.join(prefix, path)
+
+
+def read_pid(path: str | Path) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def children(pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """Pids whose parent is `pid` (the nginx workers of a master), from /proc."""
+    found = set()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ')'.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.add(int(entry.name))
+    return found
+
+
+def alive(pids: set[int], parent: int, proc: Path = Path("/proc")) -> set[int]:
+    """Which of `pids` still exist as children of `parent` (a reused pid is not ours)."""
+    left = set()
+    for pid in pids:
+        try:
+            fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(parent):
+            left.add(pid)
+    return left
 
 
 def test_argv(nginx: Sequence[str]) -> list[str]:
     return [*nginx, "-t"]
+
+
+def dump_argv(nginx: Sequence[str]) -> list[str]:
+    return [*nginx, "-T"]
 
 
 def reload_argv(nginx: Sequence[str]) -> list[str]:
@@ -59,6 +153,10 @@ class Nginx:
     def test(self) -> None:
         """`nginx -t`; raises CommandError carrying nginx's own message."""
         self.runner.run(test_argv(self.cmd), timeout=60)
+
+    def test_and_dump(self) -> str:
+        """`nginx -T`: tests like -t and returns the whole configuration it loaded."""
+        return self.runner.run(dump_argv(self.cmd), timeout=60).stdout
 
     def reload(self) -> None:
         self.runner.run(reload_argv(self.cmd), timeout=60)

@@ -288,6 +288,7 @@ class Project:
             "APP_PORT": "8080",
             "HEALTH_TIMEOUT": "20",
             "LOG_DIR": "",
+            "NGINX_URL": "http://127.0.0.1:%d" % self.nginx_port,
         }
 
     def write_env(self, **keys) -> str:
@@ -311,12 +312,17 @@ class Project:
         return self.env_file
 
     # -- nginx -------------------------------------------------------------
-    def serve(self, extra: str = "") -> None:
+    def serve(self, extra: str = "", probe: bool = True) -> None:
         """Add nginx server ``NAME`` on nginx_port -> upstream ``NAME``.
 
+        With ``probe`` the block carries bluegreen's route header line (as
+        `bluegreen init` writes it); without, it is a hand-written block.
         Call only after the first deploy wrote the upstream file, otherwise
         nginx -t fails ("host not found in upstream").
         """
+        if probe:
+            extra = "add_header X-Bluegreen-Upstream $bluegreen_route_%s always;\n%s" % (
+                re.sub(r"[^A-Za-z0-9_]", "_", self.name), extra)
         self.stack.nginx.add_server(self.name, self.nginx_port, self.name,
                                     extra=extra)
 

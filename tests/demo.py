@@ -21,6 +21,9 @@ sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402
 
+sys.path.insert(0, str(HERE.parent))
+from bluegreen.nginx import add_header_line, new_token, render_upstream  # noqa: E402
+
 PYZ = HERE.parent / "dist" / "bluegreen.pyz"
 PROJECT = "demo"
 
@@ -79,9 +82,16 @@ def main() -> int:
             f"IMAGE={repo}\nBLUE_PORT={blue}\nGREEN_PORT={green}\nAPP_PORT=8080\nHEALTH_TIMEOUT=30\n"
             f"STOP_TIMEOUT=5\nLOG_DIR=\nDB_PASSWORD=demo-secret\n"
         )
+        # What a server's one-time set-up leaves behind: a placeholder upstream (routes nowhere
+        # yet) and the project's server block, with the line that lets bluegreen prove its routing.
+        (root / "nginx" / "conf.d" / f"{PROJECT}-upstream.conf").write_text(
+            render_upstream(name=PROJECT, port=blue, project=PROJECT, colour="-", tag="-", token=new_token(), down=True)
+        )
+        nginx.add_server(PROJECT, listen, PROJECT, extra=add_header_line(PROJECT))
+        with (root / "projects" / f"{PROJECT}.env").open("a") as fh:
+            fh.write(f"NGINX_URL=http://127.0.0.1:{listen}\n")
         env = dict(os.environ, BLUEGREEN_ROOT=str(root), BLUEGREEN_NGINX=shlex.join(nginx.cmd))
         deploy(env, "v1")
-        nginx.add_server(PROJECT, listen, PROJECT)
         url = f"http://127.0.0.1:{listen}/version"
         print(f"\ndemo: nginx serves {url}; a client now requests it back to back", flush=True)
         client = Client(url)

@@ -7,7 +7,16 @@ from pathlib import Path
 from bluegreen import docker as dk
 from bluegreen.config import load_settings, parse_env, project_from_entries
 from bluegreen.deploy import plan_deploy
-from bluegreen.nginx import Upstream, parse_upstream, render_upstream
+from bluegreen.nginx import (
+    Upstream,
+    add_header_line,
+    alive,
+    children,
+    parse_upstream,
+    pid_file_from_dump,
+    render_upstream,
+    route_variable,
+)
 
 
 def make_cfg(extra: str = ""):
@@ -62,27 +71,64 @@ def test_parse_inspect():
     assert (c.name, c.status, c.exit_code, c.running, c.labels["bluegreen.tag"]) == ("p-blue", "exited", 3, False, "v1")
 
 
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
 def test_upstream_render_and_parse_round_trip():
-    text = render_upstream(name="user-api", port=8082, project="user-api", colour="green", tag="v2")
+    text = render_upstream(name="user-api", port=8082, project="user-api", colour="green", tag="v2", token=TOKEN)
     assert "upstream user-api {\n    server 127.0.0.1:8082;\n}\n" in text
-    assert parse_upstream(text) == Upstream("user-api", 8082)
+    assert (
+        "map $http_x_bluegreen_probe $bluegreen_route_user_api {\n"
+        f'    "{TOKEN}" $upstream_addr;\n'
+        '    default "";\n}\n'
+    ) in text
+    assert parse_upstream(text) == Upstream("user-api", 8082, TOKEN)
+
+
+def test_route_variable_is_a_valid_nginx_name_per_project():
+    assert route_variable("svc.v2-api") == "$bluegreen_route_svc_v2_api"
+    assert add_header_line("user-api") == "add_header X-Bluegreen-Upstream $bluegreen_route_user_api always;"
+
+
+def test_pid_file_from_nginx_dump():
+    assert pid_file_from_dump("# configuration file /etc/nginx/nginx.conf:\nuser www-data;\npid /run/nginx.pid;\n", ["nginx"]) == "/run/nginx.pid"
+    assert pid_file_from_dump("events {}\n", ["nginx"]) == "/run/nginx.pid"
+    assert pid_file_from_dump("pid logs/nginx.pid;\n", ["nginx", "-p", "/srv/ng", "-c", "x"]) == "/srv/ng/logs/nginx.pid"
+    assert pid_file_from_dump("  pid   '/tmp/a.pid' ;\n", ["nginx"]) == "/tmp/a.pid"
+
+
+def test_children_and_alive_read_proc(tmp_path):
+    def proc(pid, ppid, comm="nginx"):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} 1 1 0 -1\n")
+
+    proc(10, 1)
+    proc(11, 10, "nginx: worker process")  # spaces and ')' in comm are handled
+    proc(12, 10, "weird ) name")
+    proc(13, 99)
+    (tmp_path / "self").mkdir()
+    assert children(10, tmp_path) == {11, 12}
+    assert alive({11, 12, 14}, 10, tmp_path) == {11, 12}
+    proc(14, 1)  # pid reused by an unrelated process
+    assert alive({14}, 10, tmp_path) == set()
 
 
 def test_parse_seed_style_hand_written_upstream():
     seed = "upstream user_api_backend {\n    server 127.0.0.1:8081;\n    keepalive 16;\n}\n"
-    assert parse_upstream(seed) == Upstream("user_api_backend", 8081)
+    assert parse_upstream(seed) == Upstream("user_api_backend", 8081, "")
     assert parse_upstream("") is None and parse_upstream("# nothing\n") is None and parse_upstream(None) is None
 
 
 def test_plan_first_deploy_is_blue():
-    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v1", active=None, upstream=None)
+    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v1", active=None, upstream=None, token_factory=lambda: TOKEN)
+    assert plan.token == TOKEN
     assert (plan.current, plan.target, plan.target_name, plan.target_port) == (None, "blue", "user-api-blue", 8081)
     assert plan.upstream_name == "user-api" and plan.ref == "ghcr.io/acme/user-api:v1" and warnings == []
 
 
 def test_plan_alternates_and_keeps_hand_written_upstream_name():
-    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("backend", 8081))
-    assert (plan.current, plan.target, plan.upstream_name) == ("blue", "green", "backend")
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("backend", 8081, "f" * 32))
+    assert (plan.current, plan.target, plan.upstream_name, plan.token) == ("blue", "green", "backend", "f" * 32)
     assert "upstream backend {" in plan.upstream_text() and "127.0.0.1:8082" in plan.upstream_text()
     plan, _ = plan_deploy(SETTINGS, make_cfg(), "v3", active="green", upstream=Upstream("user-api", 8082))
     assert (plan.current, plan.target) == ("green", "blue")
@@ -110,7 +156,7 @@ def test_dry_run_description_lists_exact_commands_without_secrets():
     text = "\n".join(plan.describe())
     assert "docker pull ghcr.io/acme/user-api:v2" in text
     assert "docker stop --time 30 user-api-blue" in text
-    assert "nginx -t" in text and "nginx -s reload" in text
+    assert "nginx -T" in text and "nginx -s reload" in text and "routed to 127.0.0.1:8082" in text
     assert str(Path("/opt/deploy/projects/user-api.active")) in text
     assert "s3cret" not in text
 
@@ -125,3 +171,11 @@ def test_crash_note_treats_a_docker_restart_as_a_crash():
     assert c("exited", 0, 3).crash_note() == "the container stopped (exited, exit code 3)"
     (parsed,) = dk.parse_inspect('[{"Name": "/p", "RestartCount": 4, "State": {"Status": "restarting", "ExitCode": 3}}]')
     assert parsed.restart_count == 4 and parsed.crash_note() is not None
+
+
+def test_placeholder_upstream_routes_nowhere_and_keeps_its_token():
+    text = render_upstream(name="api", port=8081, project="api", colour="-", tag="-", token=TOKEN, down=True)
+    assert "server 127.0.0.1:8081 down;" in text
+    assert parse_upstream(text) == Upstream("api", 0, TOKEN)
+    plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v1", active=None, upstream=parse_upstream(text))
+    assert (plan.current, plan.target, plan.token, warnings) == (None, "blue", TOKEN, [])

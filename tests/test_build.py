@@ -91,7 +91,7 @@ def test_pyz_runs_as_a_user_whose_home_is_not_writable():
         result = subprocess.run([*base, "--version"], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.startswith("bluegreen "), result.stderr
         dry = subprocess.run([*base, "api", "--dry-run", "--root", str(root)], capture_output=True, text=True)
-        assert dry.returncode == 0 and "sudo -n nginx -t" in dry.stdout, dry.stderr
+        assert dry.returncode == 0 and "sudo -n nginx -T" in dry.stdout, dry.stderr
         assert list(home.iterdir()) == []
     finally:
         shutil.rmtree(work)

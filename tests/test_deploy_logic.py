@@ -15,6 +15,7 @@ from bluegreen.config import load_project, load_settings
 from bluegreen.deploy import Deployer, Progress, read_plan
 from bluegreen.errors import DeployFailed, Interrupted, NeedsAttention
 from bluegreen.health import Probe
+from bluegreen.nginx import parse_upstream
 from bluegreen.runner import RecordingRunner, Result
 
 
@@ -57,22 +58,28 @@ class FakeHost:
 def env(tmp_path):
     (tmp_path / "projects").mkdir()
     (tmp_path / "projects" / "api.env").write_text("IMAGE=reg.local/acme/api\nHEALTH_TIMEOUT=5\nDB_PASSWORD=s3cret\n")
-    settings = load_settings(str(tmp_path), {}, euid=0)
+    # No nginx master here: the drain falls back to its fixed wait, on the fake clock.
+    settings = load_settings(str(tmp_path), {"BLUEGREEN_NGINX_PID_FILE": str(tmp_path / "none.pid")}, euid=0)
     cfg = load_project(settings, "api")
     host = FakeHost()
     runner = RecordingRunner(responder=host)
     err = io.StringIO()
     probes = []
 
-    def probe(url, timeout, host=""):
+    def probe(url, timeout, host="", headers=None):
         probes.append(url)
+        if headers:  # the post-switch probe through "nginx": route to what the upstream file says
+            upstream = parse_upstream((tmp_path / "nginx" / "conf.d" / "api-upstream.conf").read_text())
+            port = env.route_to or upstream.port
+            return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": f"127.0.0.1:{port}"})
         return Probe(200, "HTTP 200") if env.healthy else Probe(503, "HTTP 503")
 
     class Env:
         pass
 
     env = Env()
-    env.__dict__.update(settings=settings, cfg=cfg, host=host, runner=runner, err=err, probes=probes, healthy=True, root=tmp_path)
+    env.__dict__.update(settings=settings, cfg=cfg, host=host, runner=runner, err=err, probes=probes, healthy=True,
+                        root=tmp_path, route_to=None)
     now = [0.0]
 
     def sleep(s):
@@ -96,21 +103,22 @@ def verbs(runner):
 
 def test_first_deploy_runs_the_six_steps_in_order(env):
     summary = env.deploy("v1")
-    assert verbs(env.runner) == ["pull reg.local/acme/api:v1", "run --detach", "-t", "-s reload"]
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v1", "run --detach", "-T", "-s reload"]
     assert "api v1 now serves from api-blue on 127.0.0.1:8081" in summary
     assert (env.root / "projects" / "api.active").read_text() == "blue\n"
     assert "server 127.0.0.1:8081;" in (env.root / "nginx" / "conf.d" / "api-upstream.conf").read_text()
     assert env.host.env_files == ["DB_PASSWORD=s3cret\n"]
     assert not any("s3cret" in a for call in env.runner.calls for a in call)
-    lines = env.err.getvalue().splitlines()
-    assert [ln.split()[0] for ln in lines] == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"]
+    steps = [ln.split()[:2] for ln in env.err.getvalue().splitlines() if ln.startswith("[")]
+    assert steps == [["[1/6]", "pull"], ["[2/6]", "start"], ["[3/6]", "health"], ["[4/6]", "switch"],
+                     ["[4/6]", "drain"], ["[4/6]", "verify"], ["[5/6]", "retire"], ["[6/6]", "record"]]
 
 
 def test_second_deploy_goes_green_and_stops_blue_last(env):
     env.deploy("v1")
     env.runner.calls.clear()
     summary = env.deploy("v2")
-    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-t", "-s reload", "stop --time"]
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "stop --time"]
     assert env.runner.calls[-1][-1] == "api-blue"
     assert "from api-green" in summary and "(was v1 in api-blue)" in summary
     assert (env.root / "projects" / "api.active").read_text() == "green\n"
@@ -144,7 +152,7 @@ def test_nginx_test_failure_restores_the_upstream_file(env):
     env.deploy("v1")
     path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
     before = path.read_text()
-    env.host.fail["-t"] = 'nginx: [emerg] unknown directive "oops" in /etc/nginx/conf.d/x.conf:1\nnginx: configuration file test failed'
+    env.host.fail["-T"] = 'nginx: [emerg] unknown directive "oops" in /etc/nginx/conf.d/x.conf:1\nnginx: configuration file test failed'
     with pytest.raises(DeployFailed) as exc:
         env.deploy("v2")
     assert 'unknown directive "oops"' in exc.value.message and "test failed" not in exc.value.message
@@ -154,7 +162,7 @@ def test_nginx_test_failure_restores_the_upstream_file(env):
 
 
 def test_nginx_test_failure_on_first_deploy_removes_the_new_upstream_file(env):
-    env.host.fail["-t"] = "nginx: [emerg] broken"
+    env.host.fail["-T"] = "nginx: [emerg] broken"
     with pytest.raises(DeployFailed) as exc:
         env.deploy("v1")
     assert "Nothing was serving before" in exc.value.message
@@ -189,3 +197,55 @@ def test_stop_failure_after_switch_needs_attention(env):
         env.deploy("v2")
     msg = exc.value.message
     assert msg.startswith("api v2 now serves from api-green") and "docker stop api-blue" in msg
+
+
+def test_route_elsewhere_after_the_switch_reverts(env):
+    env.deploy("v1")
+    path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
+    before = path.read_text()
+    env.route_to = 8081  # nginx keeps sending traffic to blue whatever the upstream says
+    env.runner.calls.clear()
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert "was routed to 127.0.0.1:8081 instead of reaching api-green" in exc.value.message
+    assert "(v1, container api-blue, 127.0.0.1:8081) still serves" in exc.value.message
+    assert path.read_text() == before
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "-T", "-s reload", "rm --force"]
+    assert "api-green" not in env.host.containers
+
+
+def test_first_deploy_keeps_an_unproven_route_with_a_warning(env):
+    env.route_to = 9999
+    summary = env.deploy("v1")
+    assert "now serves from api-blue" in summary
+    assert "Nothing served before, so the deploy stands" in env.err.getvalue()
+
+
+def test_drain_waits_for_real_child_processes(env):
+    import os
+    import subprocess
+    import time
+
+    from bluegreen.deploy import Deployer, Progress
+    from bluegreen.nginx import children
+
+    kids = [subprocess.Popen(["sleep", "0.4"]) for _ in range(2)]
+    try:
+        workers = children(os.getpid()) & {k.pid for k in kids}
+        assert len(workers) == 2
+        d = Deployer(settings=env.settings, runner=env.runner, progress=Progress(env.err))
+        start = time.monotonic()
+        # Reap in the background so the exited children do not linger as zombies of ours.
+        import threading
+        for k in kids:
+            threading.Thread(target=k.wait, daemon=True).start()
+        drained, waited = d._wait_for_workers(os.getpid(), workers, timeout=5)
+        assert drained and 0.3 < time.monotonic() - start < 3
+        kids2 = [subprocess.Popen(["sleep", "5"])]
+        drained, waited = d._wait_for_workers(os.getpid(), {kids2[0].pid}, timeout=0.3)
+        assert not drained and waited == pytest.approx(0.3, abs=0.2)
+        kids += kids2
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()

@@ -1,0 +1,95 @@
+"""Real-stack tests of what happens to traffic around the switch: drain and post-switch verification."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+from test_stack_deploy import deploy_ok, serving
+
+
+def test_old_container_outlives_every_old_nginx_worker(project):
+    """A request in flight on an old worker when nginx reloads must still be answered by the old container.
+
+    If bluegreen stopped the old container as soon as `nginx -s reload` returned, this request
+    (held 3 s by the app) would be cut and nginx would answer 502.
+    """
+    project.write_env(STOP_TIMEOUT="10")
+    deploy_ok(project, "v1")
+    project.serve()
+    result: dict = {}
+
+    def slow_request() -> None:
+        result["answer"] = project.get("/cgi-bin/slow?3", timeout=30)
+        result["done_at"] = time.monotonic()
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    time.sleep(0.5)  # the request is now held by an old worker, routed to blue
+    proc = deploy_ok(project, "v2")
+    retired_at = time.monotonic()
+    client.join(timeout=30)
+    assert result["answer"] == (200, "slow v1")
+    assert result["done_at"] <= retired_at
+    drain = re.search(r"\[4/6\] drain .*all exited\): ([0-9.]+)s", proc.stderr)
+    assert drain, proc.stderr
+    assert float(drain.group(1)) >= 2.0, "the drain did not wait for the worker holding the slow request"
+    assert serving(project) == "v2"
+
+
+def test_post_switch_verification_reverts_when_nginx_routes_elsewhere(project):
+    project.write_env(VERIFY_TIMEOUT="1")
+    deploy_ok(project, "v1")
+    # A server block that ignores the managed upstream: it always proxies to the blue port.
+    route = "$bluegreen_route_" + re.sub(r"[^A-Za-z0-9_]", "_", project.name)
+    site = Path(project.stack.nginx.site_path(project.name))
+    site.write_text(
+        "server {\n    listen 127.0.0.1:%d;\n    add_header X-Bluegreen-Upstream %s always;\n"
+        "    location / { proxy_pass http://127.0.0.1:%d; }\n}\n" % (project.nginx_port, route, project.blue_port)
+    )
+    project.stack.nginx.reload()
+    upstream = Path(project.upstream_file).read_bytes()
+    proc = project.run(project.name, "v2", check=1)
+    assert f"was routed to 127.0.0.1:{project.blue_port} instead of reaching {project.name}-green" in proc.stderr
+    assert "The previous upstream was put back" in proc.stderr and "still serves" in proc.stderr
+    assert Path(project.upstream_file).read_bytes() == upstream
+    assert project.containers() == [f"{project.name}-blue"]
+    assert serving(project) == "v1"
+    # Ordinary clients never see the internal address.
+    status, _ = project.get("/version")
+    headers = stacklib_headers(project.url("/version"))
+    assert status == 200 and "X-Bluegreen-Upstream" not in headers
+
+
+def stacklib_headers(url: str) -> dict:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as resp:
+        return dict(resp.headers.items())
+
+
+def test_hand_written_server_block_without_the_probe_header_still_deploys(project):
+    project.write_env()
+    deploy_ok(project, "v1")
+    project.serve(probe=False)
+    proc = deploy_ok(project, "v2")
+    assert "could not prove the new container serves" in proc.stderr
+    assert "add_header X-Bluegreen-Upstream" in proc.stderr
+    assert serving(project) == "v2"
+
+
+def test_probe_route_is_proven_with_the_managed_header(project):
+    project.write_env()
+    deploy_ok(project, "v1")
+    project.serve()
+    proc = deploy_ok(project, "v2")
+    assert f"(routed to 127.0.0.1:{project.green_port})" in proc.stderr
+    assert "could not prove" not in proc.stderr
+    # The token is kept across deploys, so old and new workers both answer probes.
+    first_token = re.search(r'"([0-9a-f]{32})" \$upstream_addr', Path(project.upstream_file).read_text()).group(1)
+    deploy_ok(project, "v3")
+    assert first_token in Path(project.upstream_file).read_text()
+    assert serving(project) == "v3"
