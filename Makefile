@@ -18,5 +18,10 @@ test: deps
 demo: deps build
 	$(PYTHON) tests/demo.py
 
+# A benchmark, not a test: K consecutive deploys under load, bluegreen against the seed-style baseline.
+K ?= 20
+bench: deps build
+	$(PYTHON) tests/bench/bench.py --deploys $(K)
+
 clean:
 	rm -rf dist .pytest_cache
