@@ -257,7 +257,14 @@ class Deployer:
         """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
         cfg = plan.cfg
         start = self.clock()
-        old = self.docker.inspect(plan.current_name) if plan.current_name else None
+        try:
+            old = self.docker.inspect(plan.current_name) if plan.current_name else None
+        except CommandError as exc:
+            raise DeployFailed(
+                f"Cannot ask docker about {plan.current_name}: {exc.output_tail(3)}\nNothing was changed: nginx "
+                f"still routes to {plan.current_name} as before. Check that dockerd runs and this user may use it "
+                f"(`docker info`), then deploy again."
+            ) from exc
         serving = self.serving_note(plan, old)
 
         try:
@@ -271,6 +278,11 @@ class Deployer:
             raise DeployFailed(
                 f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete; whatever it "
                 f"had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
+            ) from exc
+        except CommandError as exc:  # a docker/nginx call no step had a better message for
+            raise DeployFailed(
+                f"{exc.message}\nEverything this deploy had changed was put back. {serving} Check `docker info` "
+                f"and `nginx -t`, then deploy again."
             ) from exc
 
         new_desc = f"{cfg.project} {plan.tag} now serves from {plan.target_name} on 127.0.0.1:{plan.target_port}"
@@ -410,8 +422,8 @@ class Deployer:
                 ) from exc
             master, old_workers = self._master_and_workers(dump)
             try:
-                reloaded[0] = True
                 self.nginx.reload()
+                reloaded[0] = True  # only now can workers route to the new container
             except CommandError as exc:
                 raise DeployFailed(
                     f"`nginx -s reload` failed: {Nginx.error_text(exc)}\nThe upstream file was put back. {serving} "

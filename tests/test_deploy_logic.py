@@ -249,3 +249,26 @@ def test_drain_waits_for_real_child_processes(env):
         for k in kids:
             k.kill()
             k.wait()
+
+
+def test_reload_failure_restores_the_file_without_a_second_reload(env):
+    env.deploy("v1")
+    path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
+    before = path.read_text()
+    env.host.fail["-s reload"] = 'nginx: [error] open() "/run/nginx.pid" failed (2: No such file or directory)'
+    env.runner.calls.clear()
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert exc.value.exit_code == 1 and "`nginx -s reload` failed" in exc.value.message
+    assert path.read_text() == before
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "rm --force"]
+
+
+def test_docker_daemon_down_before_anything_changes(env):
+    env.deploy("v1")
+    env.host.fail["container"] = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?"
+    env.runner.calls.clear()
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert "Cannot connect to the Docker daemon" in exc.value.message and "Nothing was changed" in exc.value.message
+    assert verbs(env.runner) == []
