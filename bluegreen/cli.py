@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import traceback
+from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Iterator, Sequence, TextIO
 
@@ -19,8 +20,6 @@ from bluegreen.deploy import Deployer, Progress, read_plan
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted
 from bluegreen.lock import Holder, project_lock
 from bluegreen.runner import SubprocessRunner
-
-COMMANDS = ("deploy",)
 
 EPILOG = """\
 exit codes:
@@ -42,7 +41,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Context:
+    """What every command adapter gets besides its parsed arguments."""
+
+    settings: Settings
+    environ: dict
+    stdout: TextIO
+    stderr: TextIO
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser and the names of its commands (for the `bluegreen PROJECT TAG` shorthand)."""
     parser = argparse.ArgumentParser(
         prog="bluegreen",
         description="Zero-downtime blue/green deploys of a Docker container behind nginx. "
@@ -65,10 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long instead of exiting 3")
     p.add_argument("--dry-run", action="store_true", help="print the plan with its exact commands; change nothing")
     p.set_defaults(func=cmd_deploy)
-    return parser
+
+    # -- day-2 commands (status, history, rollback, prune, lock, unlock, logs) --
+
+    # -- host set-up commands (init, setup, doctor, backup-logs) --
+
+    return parser, list(sub.choices)
 
 
-def _with_default_command(argv: list[str]) -> list[str]:
+def _with_default_command(argv: list[str], commands: Sequence[str]) -> list[str]:
     """`bluegreen user-api v2` means `bluegreen deploy user-api v2`."""
     takes_value = {"--root", "--wait"}
     skip = False
@@ -83,20 +98,20 @@ def _with_default_command(argv: list[str]) -> list[str]:
             if token in ("-h", "--help", "--version"):
                 return argv
             continue
-        return argv if token in COMMANDS else ["deploy", *argv]
+        return argv if token in commands else ["deploy", *argv]
     return argv
 
 
-def cmd_deploy(args: argparse.Namespace, settings: Settings, environ: dict, stderr: TextIO, stdout: TextIO) -> int:
+def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
     return deploy(
-        settings=settings,
+        settings=ctx.settings,
         project=args.project,
         tag=args.tag,
         wait=args.wait,
         dry_run=args.dry_run,
-        stdout=stdout,
-        stderr=stderr,
-        environ=environ,
+        stdout=ctx.stdout,
+        stderr=ctx.stderr,
+        environ=ctx.environ,
     )
 
 
@@ -178,9 +193,9 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
     environ = dict(os.environ if environ is None else environ)
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    parser = build_parser()
+    parser, commands = build_parser()
     try:
-        args = parser.parse_args(_with_default_command(argv))
+        args = parser.parse_args(_with_default_command(argv, commands))
     except SystemExit as exc:  # argparse prints usage itself; --help and --version exit 0
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_USAGE
     if not getattr(args, "func", None):
@@ -190,7 +205,7 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
     try:
         with _signals_as_interrupts():
             settings = load_settings(getattr(args, "root", None), environ)
-            return args.func(args, settings, environ, stderr, stdout)
+            return args.func(args, Context(settings=settings, environ=environ, stdout=stdout, stderr=stderr))
     except BluegreenError as exc:
         if verbose:
             traceback.print_exc(file=stderr)

@@ -23,13 +23,14 @@ def run(argv, environ=None):
         (["user-api", "v2"], ["deploy", "user-api", "v2"]),
         (["--root", "/x", "user-api"], ["deploy", "--root", "/x", "user-api"]),
         (["deploy", "user-api"], ["deploy", "user-api"]),
+        (["status", "--json"], ["status", "--json"]),
         (["--version"], ["--version"]),
         (["-h"], ["-h"]),
         ([], []),
     ],
 )
 def test_shorthand(argv, expected):
-    assert _with_default_command(argv) == expected
+    assert _with_default_command(argv, ["deploy", "status"]) == expected
 
 
 def test_version_and_help(capsys):
