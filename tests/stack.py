@@ -53,7 +53,7 @@ __all__ = [
 
 BUSYBOX = "/bin/busybox"
 DOCKERD_LOG = "/tmp/bluegreen-test-dockerd.log"
-APP_BEHAVIOURS = ("ok", "unhealthy", "crash")
+APP_BEHAVIOURS = ("ok", "unhealthy", "crash", "graceful")
 FATAL_LINE = "FATAL: cannot connect to database db:5432"
 
 
@@ -373,6 +373,24 @@ echo "app {version} starting"
 wait "$child"
 """
 
+_GRACEFUL_BODY = """\
+httpd -f -p 8080 -h /www & child=$!
+in_flight() {
+    for stat in /proc/[0-9]*/stat; do
+        line=
+        read -r line < "$stat" 2>/dev/null || continue
+        set -- ${line##*") "}
+        if [ "$1" != Z ] && [ "$2" = "$child" ]; then return 0; fi
+    done
+    return 1
+}
+on_term() {
+    tries=$(( ${GRACE_SECONDS:-5} * 20 ))
+    while [ "$tries" -gt 0 ] && in_flight; do sleep 0.05; tries=$((tries - 1)); done
+    kill -TERM "$child" 2>/dev/null
+    exit 143
+}"""
+
 _START_BODY = {
     "ok": 'httpd -f -p 8080 -h /www & child=$!',
     # busybox httpd (this build: no proxy, no aliases) can only produce a
@@ -382,6 +400,12 @@ _START_BODY = {
     # request to `httpd -i` (inetd mode, same /www, same CGIs).
     "unhealthy": 'nc -ll -p 8080 -e /front.sh & child=$!',
     "crash": 'echo "%s" >&2\nexit 3' % FATAL_LINE,
+    # Like "ok", but SIGTERM is graceful: the server keeps answering until no
+    # request is in flight (no child of the httpd master: busybox httpd forks
+    # one per connection, and a CGI runs under it), at most GRACE_SECONDS
+    # (default 5), then httpd is stopped. Redefining on_term here replaces the
+    # trap's handler once the app has booted.
+    "graceful": _GRACEFUL_BODY,
 }
 
 # Used only by the "unhealthy" behaviour (copied into every image so the
@@ -456,11 +480,16 @@ def build_app_image(ref: str, version: str, behaviour: str = "ok",
     * ``ok``        -- ``GET /api/health`` -> 200 ``ok VERSION``,
                        ``GET /version`` -> 200 ``VERSION`` (static files);
     * ``unhealthy`` -- the same, except ``/api/health`` -> 500 forever;
-    * ``crash``     -- prints FATAL_LINE to stderr and exits 3.
+    * ``crash``     -- prints FATAL_LINE to stderr and exits 3;
+    * ``graceful``  -- like ``ok``, but on SIGTERM it keeps serving until no
+                       request is in flight (at most ``$GRACE_SECONDS``,
+                       default 5), then stops (``ok`` stops at once and cuts
+                       in-flight requests).
 
     All of them also serve ``/cgi-bin/slow?SECONDS`` (sleep, then 200
     ``slow VERSION``) and ``/cgi-bin/env?NAME`` (200, value of env var NAME).
-    Bodies carry no trailing newline. SIGTERM stops the container promptly.
+    Bodies carry no trailing newline. SIGTERM stops the container promptly
+    (``graceful``: once the requests in flight are answered).
     Returns ``ref``.
     """
     if behaviour not in APP_BEHAVIOURS:
