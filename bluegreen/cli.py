@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import getpass
 import os
 import signal
-import socket
 import sys
 import traceback
-from dataclasses import dataclass
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Sequence, TextIO
 
-from bluegreen import __version__
-from bluegreen.config import Settings, load_project, load_settings, validate_project, validate_tag
-from bluegreen.deploy import Deployer, Progress, read_plan
-from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted
-from bluegreen.lock import Holder, project_lock
+from bluegreen import __version__, attempt, journal, prune, status
+from bluegreen import docker as dk
+from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
+from bluegreen.deploy import read_current
+from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted, UsageError
+from bluegreen.lock import Freeze, freeze_json, read_freeze
 from bluegreen.runner import SubprocessRunner
+from bluegreen.state import atomic_write
 
 EPILOG = """\
 exit codes:
@@ -77,6 +76,54 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.set_defaults(func=cmd_deploy)
 
     # -- day-2 commands (status, history, rollback, prune, lock, unlock, logs) --
+    p = sub.add_parser("status", help="what serves, container states and health, lock, drift (with fixes)")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT", nargs="?", help="one project in detail (default: every project, one line each)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("history", help="the deploy journal, newest first")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("-n", metavar="N", type=int, default=20, help="how many entries (default 20; 0 for all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("rollback", help="deploy the previous successful tag (or --to TAG) through the full checks")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("--to", metavar="TAG", help="the tag to go back to (default: the previous successful deploy's)")
+    p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("prune", help="remove stopped containers and old images, keeping rollback targets")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("--keep", metavar="N", type=int, default=3, help="successful tags to keep besides the serving one (default 3)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("lock", help="freeze deploys of a project (incident, migration) until unlock")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("-m", "--message", required=True, help="why; shown to everyone whose deploy is refused")
+    p.add_argument("--dry-run", action="store_true", help="say what would be written; change nothing")
+    p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("unlock", help="lift a freeze set with lock")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+    p.set_defaults(func=cmd_unlock)
+
+    p = sub.add_parser("logs", help="the serving (or named) container's logs")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", metavar="N", type=int, default=100, help="lines from the end (default 100)")
+    p.add_argument("--color", choices=COLOURS, help="this colour's container instead of the serving one")
+    p.set_defaults(func=cmd_logs)
 
     # -- host set-up commands (init, setup, doctor, backup-logs) --
 
@@ -103,7 +150,7 @@ def _with_default_command(argv: list[str], commands: Sequence[str]) -> list[str]
 
 
 def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
-    return deploy(
+    return attempt.deploy_project(
         settings=ctx.settings,
         project=args.project,
         tag=args.tag,
@@ -115,49 +162,103 @@ def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
     )
 
 
-def deploy(*, settings: Settings, project: str, tag: str, wait: float, dry_run: bool, stdout: TextIO, stderr: TextIO, environ: dict) -> int:
-    validate_project(project)
-    validate_tag(tag)
-    if wait < 0:
-        raise BluegreenError("--wait must be zero or more seconds.", exit_code=EXIT_USAGE)
-    cfg = load_project(settings, project)
-    for warning in cfg.warnings:
-        print(f"warning: {warning}", file=stderr)
-    if dry_run:
-        plan, warnings = read_plan(settings, cfg, tag)
-        for warning in warnings:
-            print(f"warning: {warning}", file=stderr)
-        print(f"Dry run: deploy {plan.ref} as {plan.target_name} (nothing will be changed)", file=stdout)
-        for line in plan.describe():
-            print(line, file=stdout)
-        return EXIT_OK
-
-    holder = Holder(
-        pid=os.getpid(),
-        user=_user(environ),
-        host=socket.gethostname(),
-        tag=tag,
-        since=datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-    )
-    progress = Progress(stderr)
-    with project_lock(settings.lock_file(project), holder, wait=wait):
-        # Plan under the lock: the previous deploy may have just switched colours.
-        plan, warnings = read_plan(settings, cfg, tag)
-        for warning in warnings:
-            print(f"warning: {warning}", file=stderr)
-        progress.say(f"Deploying {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
-        summary = Deployer(settings=settings, runner=SubprocessRunner(), progress=progress).run(plan)
-    print(summary, file=stdout)
+def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
+    if args.project:
+        validate_project(args.project)
+        load_project(ctx.settings, args.project)  # a clear config error for the one project asked about
+    projects = [args.project] if args.project else ctx.settings.projects()
+    found = status.collect(ctx.settings, projects, SubprocessRunner())
+    if args.json:
+        print(status.to_json(found), file=ctx.stdout)
+    elif args.project:
+        print(status.render(found[0], ctx.settings), file=ctx.stdout)
+    elif not found:
+        print(f"no projects under {ctx.settings.root / 'projects'}", file=ctx.stdout)
+    else:
+        for item in found:
+            print(status.render_line(item), file=ctx.stdout)
     return EXIT_OK
 
 
-def _user(environ: dict) -> str:
-    sudo_user = environ.get("SUDO_USER")
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry and no USER variable (env -i in a container)
-        user = str(os.getuid())
-    return f"{sudo_user} (via sudo as {user})" if sudo_user and sudo_user != user else user
+def cmd_history(args: argparse.Namespace, ctx: Context) -> int:
+    validate_project(args.project)
+    entries = journal.read(ctx.settings.journal_file(args.project))
+    if args.n > 0:
+        entries = entries[-args.n:]
+    if args.json:
+        for entry in reversed(entries):
+            print(entry.to_json(), file=ctx.stdout)
+    elif entries:
+        print(journal.render(entries), file=ctx.stdout)
+    else:
+        print(f"no deploys recorded for {args.project} in {ctx.settings.journal_file(args.project)}", file=ctx.stdout)
+    return EXIT_OK
+
+
+def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
+    return attempt.rollback_project(
+        settings=ctx.settings,
+        project=args.project,
+        to=args.to,
+        wait=args.wait,
+        dry_run=args.dry_run,
+        stdout=ctx.stdout,
+        stderr=ctx.stderr,
+        environ=ctx.environ,
+    )
+
+
+def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
+    return prune.prune(settings=ctx.settings, project=args.project, keep=args.keep, dry_run=args.dry_run,
+                       stdout=ctx.stdout, environ=ctx.environ)
+
+
+def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
+    validate_project(args.project)
+    load_project(ctx.settings, args.project)
+    path = ctx.settings.freeze_file(args.project)
+    existing = read_freeze(path)
+    if existing is not None:
+        raise UsageError(f"{args.project} is already {existing.describe()}. Nothing was changed; `bluegreen unlock {args.project}` lifts it.")
+    if not args.message.strip():
+        raise UsageError("lock needs a message (-m) saying why deploys are frozen.")
+    freeze = Freeze(message=args.message.strip(), user=attempt.user_name(ctx.environ), since=attempt.now_iso())
+    if args.dry_run:
+        print(f"would write {path}: {freeze_json(freeze).strip()}", file=ctx.stdout)
+        return EXIT_OK
+    atomic_write(path, freeze_json(freeze))
+    print(f"{args.project} is now {freeze.describe()}. Deploys and rollbacks are refused until `bluegreen unlock {args.project}`.", file=ctx.stdout)
+    return EXIT_OK
+
+
+def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
+    validate_project(args.project)
+    path = ctx.settings.freeze_file(args.project)
+    existing = read_freeze(path)
+    if existing is None:
+        print(f"{args.project} is not frozen; nothing to do.", file=ctx.stdout)
+        return EXIT_OK
+    if args.dry_run:
+        print(f"would remove {path} ({existing.describe()})", file=ctx.stdout)
+        return EXIT_OK
+    path.unlink()
+    print(f"{args.project} unfrozen (was {existing.describe()}).", file=ctx.stdout)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
+    validate_project(args.project)
+    cfg = load_project(ctx.settings, args.project)
+    colour = args.color
+    if colour is None:
+        colour, _, _ = read_current(ctx.settings, cfg)
+        if colour is None:
+            raise UsageError(f"Nothing serves {args.project} yet, so there is no serving container; name one with --color blue|green.")
+    argv = [*ctx.settings.docker_cmd, "logs", "--tail", str(args.tail)]
+    if args.follow:
+        argv.append("--follow")
+    code = SubprocessRunner().stream([*argv, dk.container_name(args.project, colour)])
+    return EXIT_OK if code == 0 else EXIT_FAILED
 
 
 @contextmanager

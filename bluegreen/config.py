@@ -48,6 +48,8 @@ RESERVED_KEYS = (
     "VERIFY_TIMEOUT",
     "NGINX_URL",
     "SERVER_NAME",
+    "NOTIFY_WEBHOOK_URL",
+    "HOOK_TIMEOUT",
 )
 # App keys that look like a reserved key but are legitimate application settings.
 _NOT_MISSPELLINGS = {"SPRING_PROFILES_ACTIVE"}
@@ -100,6 +102,23 @@ class Settings:
 
     def upstream_file(self, project: str) -> Path:
         return self.root / "nginx" / "conf.d" / f"{project}-upstream.conf"
+
+    def freeze_file(self, project: str) -> Path:
+        return self.root / "projects" / f"{project}.freeze"
+
+    def journal_file(self, project: str) -> Path:
+        return self.root / "projects" / f"{project}.journal"
+
+    def hooks_dir(self, project: str) -> Path:
+        return self.root / "hooks" / project
+
+    def projects(self) -> list[str]:
+        """Every project with an env file under the root, sorted."""
+        found = []
+        for path in sorted((self.root / "projects").glob("*.env")):
+            if _PROJECT_RE.fullmatch(path.stem):
+                found.append(path.stem)
+        return found
 
 
 def _command_prefix(environ: Mapping[str, str], var: str, default: list[str]) -> tuple[str, ...]:
@@ -205,6 +224,8 @@ class ProjectConfig:
     verify_timeout: float = 5.0
     nginx_url: str = "http://127.0.0.1:80"
     server_name: str = ""
+    notify_webhook_url: str = ""  # a secret: never printed
+    hook_timeout: float = 60.0
     app_env: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -336,6 +357,11 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
     if server_name and not re.fullmatch(r"[A-Za-z0-9.-]+(?::[0-9]+)?", server_name):
         raise ConfigError(f"{source}: SERVER_NAME: must be a host name, got {server_name!r}.")
 
+    notify_url = text("NOTIFY_WEBHOOK_URL", "")
+    if notify_url and not re.fullmatch(r"https?://\S+", notify_url):
+        # Do not echo the value: a webhook URL is a credential.
+        raise ConfigError(f"{source}: NOTIFY_WEBHOOK_URL: must be an http:// or https:// URL.")
+
     return ProjectConfig(
         project=project,
         source=source,
@@ -358,6 +384,8 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
         verify_timeout=number("VERIFY_TIMEOUT", 5.0),
         nginx_url=nginx_url,
         server_name=server_name,
+        notify_webhook_url=notify_url,
+        hook_timeout=number("HOOK_TIMEOUT", 60.0),
         app_env=tuple(app_env.items()),
         warnings=tuple(warnings),
     )

@@ -94,6 +94,31 @@ class Plan:
         ]
 
 
+def current_colour(cfg: ProjectConfig, *, active: str | None, upstream: Upstream | None, upstream_path: Path) -> tuple[str | None, list[str]]:
+    """Which colour serves: what nginx routes to (the truth for traffic), else the .active file."""
+    warnings: list[str] = []
+    routed = cfg.colour_of_port(upstream.port) if upstream else None
+    if upstream and upstream.port and routed is None:
+        warnings.append(
+            f"{upstream_path} points at port {upstream.port}, which is neither BLUE_PORT "
+            f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}); deploying as if nothing were active."
+        )
+    if routed and active and routed != active:
+        warnings.append(
+            f"{cfg.project}.active says {active} but nginx routes to {routed}; trusting nginx, so {routed} keeps "
+            f"serving until the switch."
+        )
+    return routed or (active if not upstream else None), warnings
+
+
+def read_current(settings: Settings, cfg: ProjectConfig) -> tuple[str | None, Upstream | None, list[str]]:
+    """current_colour from the files on disk, with the parsed upstream."""
+    path = settings.upstream_file(cfg.project)
+    upstream = parse_upstream(state.read_text(path))
+    colour, warnings = current_colour(cfg, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream, upstream_path=path)
+    return colour, upstream, warnings
+
+
 def plan_deploy(
     settings: Settings,
     cfg: ProjectConfig,
@@ -103,20 +128,8 @@ def plan_deploy(
     upstream: Upstream | None,
     token_factory: Callable[[], str] = new_token,
 ) -> tuple[Plan, list[str]]:
-    """Decide the target colour from what nginx routes to (the truth for traffic) and the .active file."""
-    warnings: list[str] = []
-    routed = cfg.colour_of_port(upstream.port) if upstream else None
-    if upstream and upstream.port and routed is None:
-        warnings.append(
-            f"{settings.upstream_file(cfg.project)} points at port {upstream.port}, which is neither BLUE_PORT "
-            f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}); deploying as if nothing were active."
-        )
-    if routed and active and routed != active:
-        warnings.append(
-            f"{cfg.project}.active says {active} but nginx routes to {routed}; trusting nginx, so {routed} keeps "
-            f"serving until the switch."
-        )
-    current = routed or (active if not upstream else None)
+    """Decide the target colour and everything the deploy will write and run."""
+    current, warnings = current_colour(cfg, active=active, upstream=upstream, upstream_path=settings.upstream_file(cfg.project))
     target = "green" if current == "blue" else "blue"
     plan = Plan(
         cfg=cfg,
@@ -147,6 +160,7 @@ class Progress:
         self.stream = stream
         self.clock = clock
         self.durations: dict[str, float] = {}
+        self.failed_step: str | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -160,6 +174,7 @@ class Progress:
             yield notes
         except BaseException:
             self.durations[name] = self.clock() - start
+            self.failed_step = self.failed_step or name
             self.say(f"[{number}/6] {name:<7} {detail}: FAILED after {self.durations[name]:.2f}s")
             raise
         self.durations[name] = self.clock() - start
@@ -239,6 +254,8 @@ class Deployer:
     def __post_init__(self) -> None:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
         self.nginx = Nginx(self.runner, self.settings.nginx_cmd)
+        self.old: dk.Container | None = None  # what served before, once run() has looked
+        self.digest = ""  # what docker pull reported
 
     def serving_note(self, plan: Plan, old: dk.Container | None) -> str:
         """Which version serves now, for every failure message."""
@@ -265,6 +282,7 @@ class Deployer:
                 f"still routes to {plan.current_name} as before. Check that dockerd runs and this user may use it "
                 f"(`docker info`), then deploy again."
             ) from exc
+        self.old = old
         serving = self.serving_note(plan, old)
 
         try:
@@ -301,7 +319,7 @@ class Deployer:
     def _pull(self, plan: Plan, serving: str) -> None:
         with self.progress.step(1, "pull", plan.ref):
             try:
-                self.docker.pull(plan.ref)
+                self.digest = self.docker.pull(plan.ref)
             except CommandError as exc:
                 raise DeployFailed(
                     f"Could not pull {plan.ref}: {exc.output_tail(4)}\n{serving} Check that the tag exists "

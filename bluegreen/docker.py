@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -50,6 +51,12 @@ def run_argv(
     argv += list(cfg.docker_args)
     argv.append(ref)
     return argv
+
+
+def parse_pull_digest(output: str) -> str:
+    """The `Digest: sha256:...` line of `docker pull` output."""
+    match = re.search(r"^Digest:\s*(sha256:[0-9a-f]{64})\s*$", output, re.MULTILINE)
+    return match.group(1) if match else ""
 
 
 def env_file_text(env: Sequence[tuple[str, str]]) -> str:
@@ -131,8 +138,10 @@ class Docker:
         self.runner = runner
         self.cmd = tuple(cmd)
 
-    def pull(self, ref: str) -> None:
-        self.runner.run(pull_argv(self.cmd, ref), timeout=1800)
+    def pull(self, ref: str) -> str:
+        """Pull; returns the registry digest docker reports ("" if it printed none)."""
+        result = self.runner.run(pull_argv(self.cmd, ref), timeout=1800)
+        return parse_pull_digest(result.stdout)
 
     def inspect(self, name: str) -> Container | None:
         """The named container, or None if it does not exist."""

@@ -1,4 +1,5 @@
-"""One deploy per project at a time: an fcntl lock the kernel drops when the holder dies."""
+"""One deploy per project at a time (an fcntl lock the kernel drops when the holder dies), and the
+deliberate freeze an operator sets during an incident (a file that stays until `unlock`)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,47 @@ def _locked_message(path: Path, wait: float) -> str:
         f"that was serving still serves. Wait for it to finish, or retry with --wait SECONDS to queue "
         f"behind it. The lock is released automatically when that process exits, even if it is killed."
     )
+
+
+def current_holder(path: Path) -> Holder | None:
+    """Who holds the deploy lock right now, without taking it; None when it is free."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_holder(path) or Holder(0, "?", "?", "?", "?")
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return None
+
+
+@dataclass(frozen=True)
+class Freeze:
+    message: str
+    user: str
+    since: str  # ISO 8601, UTC
+
+    def describe(self) -> str:
+        return f"frozen by {self.user} since {self.since}: {self.message}"
+
+
+def read_freeze(path: Path) -> Freeze | None:
+    """The freeze on a project, or None. An unreadable freeze file still freezes."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return Freeze(f"(freeze file unreadable: {exc.strerror})", "?", "?")
+    try:
+        data = json.loads(text)
+        return Freeze(str(data["message"]), str(data["user"]), str(data["since"]))
+    except (ValueError, KeyError, TypeError):
+        return Freeze(text.strip() or "(no message)", "?", "?")
+
+
+def freeze_json(freeze: Freeze) -> str:
+    return json.dumps(asdict(freeze)) + "\n"

@@ -37,7 +37,12 @@ class Runner:
         check: bool = True,
         timeout: float | None = None,
         mutates: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Result:
+        raise NotImplementedError
+
+    def stream(self, argv: Sequence[str]) -> int:
+        """Run with the terminal's stdin/stdout/stderr (docker logs -f); returns the exit code."""
         raise NotImplementedError
 
 
@@ -54,6 +59,7 @@ class SubprocessRunner(Runner):
         check: bool = True,
         timeout: float | None = None,
         mutates: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Result:
         argv = [str(a) for a in argv]
         try:
@@ -63,22 +69,34 @@ class SubprocessRunner(Runner):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 timeout=timeout,
-                env=self.env,
+                env=dict(env) if env is not None else self.env,
                 check=False,
             )
-        except FileNotFoundError:
-            raise ExecutableNotFound(
-                f"Executable `{argv[0]}` not found on PATH. Install it, or point bluegreen at it "
-                f"(BLUEGREEN_DOCKER / BLUEGREEN_NGINX). Nothing was changed."
-            ) from None
-        except PermissionError:
-            raise ExecutableNotFound(f"Executable `{argv[0]}` exists but may not be run by this user.") from None
+        except (FileNotFoundError, PermissionError) as exc:
+            raise _not_runnable(argv[0], exc) from None
         except subprocess.TimeoutExpired as exc:
             raise CommandError(argv, -1, _text(exc.stdout), f"timed out after {timeout:g}s\n{_text(exc.stderr)}") from None
         result = Result(tuple(argv), proc.returncode, _text(proc.stdout), _text(proc.stderr))
         if check and not result.ok:
             raise CommandError(argv, result.returncode, result.stdout, result.stderr)
         return result
+
+
+    def stream(self, argv: Sequence[str]) -> int:
+        argv = [str(a) for a in argv]
+        try:
+            return subprocess.call(argv, env=self.env)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise _not_runnable(argv[0], exc) from None
+
+
+def _not_runnable(exe: str, exc: OSError) -> ExecutableNotFound:
+    if isinstance(exc, PermissionError):
+        return ExecutableNotFound(f"Executable `{exe}` exists but may not be run by this user.")
+    return ExecutableNotFound(
+        f"Executable `{exe}` not found on PATH. Install it, or point bluegreen at it "
+        f"(BLUEGREEN_DOCKER / BLUEGREEN_NGINX). Nothing was changed."
+    )
 
 
 def _text(data: bytes | str | None) -> str:
@@ -111,10 +129,11 @@ class RecordingRunner(Runner):
         check: bool = True,
         timeout: float | None = None,
         mutates: bool = True,
+        env: Mapping[str, str] | None = None,
     ) -> Result:
         argv = tuple(str(a) for a in argv)
         if self.passthrough is not None and not mutates:
-            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False)
+            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env)
         self.calls.append(argv)
         result = self.responder(argv) if self.responder else None
         if result is None:
@@ -122,3 +141,7 @@ class RecordingRunner(Runner):
         if check and not result.ok:
             raise CommandError(list(argv), result.returncode, result.stdout, result.stderr)
         return result
+
+    def stream(self, argv: Sequence[str]) -> int:
+        self.calls.append(tuple(str(a) for a in argv))
+        return 0

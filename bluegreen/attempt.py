@@ -1,0 +1,252 @@
+"""One deploy attempt with its bookkeeping: lock, freeze, hooks, journal, notification, rollback target."""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import os
+import socket
+import time
+from dataclasses import replace
+from typing import Callable, Mapping, TextIO
+
+from bluegreen import hooks, journal, notify
+from bluegreen import docker as dk
+from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
+from bluegreen.deploy import Deployer, Plan, Progress, read_current, read_plan
+from bluegreen.errors import (
+    EXIT_ATTENTION,
+    EXIT_FAILED,
+    EXIT_OK,
+    BluegreenError,
+    DeployFailed,
+    LockedError,
+    UsageError,
+)
+from bluegreen.lock import Holder, project_lock, read_freeze
+from bluegreen.runner import Runner, SubprocessRunner
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def user_name(environ: Mapping[str, str]) -> str:
+    """Who deploys; `SUDO_USER` names the person behind a sudo."""
+    sudo_user = environ.get("SUDO_USER")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no USER variable (env -i in a container)
+        user = str(os.getuid())
+    return f"{sudo_user} (via sudo as {user})" if sudo_user and sudo_user != user else user
+
+
+def _result_for(code: int) -> str:
+    if code == EXIT_OK:
+        return journal.RESULT_DEPLOYED
+    if code == EXIT_FAILED:
+        return journal.RESULT_FAILED
+    if code == EXIT_ATTENTION:
+        return journal.RESULT_ATTENTION
+    return journal.RESULT_REFUSED
+
+
+def deploy_project(
+    *,
+    settings: Settings,
+    project: str,
+    tag: str,
+    wait: float,
+    dry_run: bool,
+    stdout: TextIO,
+    stderr: TextIO,
+    environ: Mapping[str, str],
+    action: str = "deploy",
+    runner: Runner | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> int:
+    """Validate, lock, check the freeze, run hooks around the deploy, journal and notify the outcome."""
+    validate_project(project)
+    validate_tag(tag)
+    if wait < 0:
+        raise UsageError("--wait must be zero or more seconds.")
+    cfg = load_project(settings, project)
+    for warning in cfg.warnings:
+        print(f"warning: {warning}", file=stderr)
+    if dry_run:
+        return _print_plan(settings, cfg, tag, stdout, stderr)
+
+    runner = runner or SubprocessRunner()
+    progress = Progress(stderr, clock)
+    entry = journal.Entry(time=now_iso(), host=socket.gethostname(), user=user_name(environ), project=project,
+                          action=action, tag=tag)
+    started = clock()
+    deployer: Deployer | None = None
+    plan: Plan | None = None
+    try:
+        holder = Holder(pid=os.getpid(), user=entry.user, host=entry.host, tag=tag, since=entry.time)
+        with project_lock(settings.lock_file(project), holder, wait=wait):
+            freeze = read_freeze(settings.freeze_file(project))
+            if freeze is not None:
+                raise LockedError(
+                    f"{project} is {freeze.describe()}. Nothing was changed; the serving version keeps serving. "
+                    f"When the freeze is over: `bluegreen unlock {project}`."
+                )
+            # Plan under the lock: the previous deploy may have just switched colours.
+            plan, warnings = read_plan(settings, cfg, tag)
+            for warning in warnings:
+                print(f"warning: {warning}", file=stderr)
+            entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
+            _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
+            verb = "Rolling back" if action == "rollback" else "Deploying"
+            progress.say(f"{verb} {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
+            deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock)
+            summary = deployer.run(plan)
+    except BluegreenError as exc:
+        entry = _finish(entry, deployer, progress, clock() - started, exc.exit_code, exc.message)
+        _record(settings, cfg, entry, stderr)
+        if plan is not None and not isinstance(exc, LockedError):
+            _hook(settings, cfg, "on-failure", runner, environ, stderr, entry)
+        _notify(cfg, entry, stderr)
+        raise
+    entry = _finish(entry, deployer, progress, clock() - started, EXIT_OK, summary)
+    _record(settings, cfg, entry, stderr)
+    _hook(settings, cfg, "post-deploy", runner, environ, stderr, entry)
+    _notify(cfg, entry, stderr)
+    print(summary, file=stdout)
+    return EXIT_OK
+
+
+def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO) -> int:
+    plan, warnings = read_plan(settings, cfg, tag)
+    for warning in warnings:
+        print(f"warning: {warning}", file=stderr)
+    freeze = read_freeze(settings.freeze_file(cfg.project))
+    if freeze is not None:
+        print(f"note: {cfg.project} is {freeze.describe()}; a real deploy would be refused.", file=stdout)
+    print(f"Dry run: deploy {plan.ref} as {plan.target_name} (nothing will be changed)", file=stdout)
+    for name in hooks.HOOK_NAMES:
+        if hooks.find(settings.hooks_dir(cfg.project), name):
+            print(f"hook    {settings.hooks_dir(cfg.project) / name} would run", file=stdout)
+    for line in plan.describe():
+        print(line, file=stdout)
+    return EXIT_OK
+
+
+def _finish(entry: journal.Entry, deployer: Deployer | None, progress: Progress, duration: float, code: int, message: str) -> journal.Entry:
+    old = deployer.old if deployer else None
+    return replace(
+        entry,
+        digest=deployer.digest if deployer else "",
+        from_tag=old.labels.get(dk.LABEL_TAG) if old is not None else None,
+        result=_result_for(code),
+        exit_code=code,
+        failed_step=progress.failed_step if code != EXIT_OK else None,
+        message=message,
+        duration=round(duration, 3),
+        steps={k: round(v, 3) for k, v in progress.durations.items()},
+    )
+
+
+def _record(settings: Settings, cfg: ProjectConfig, entry: journal.Entry, stderr: TextIO) -> None:
+    problem = journal.append(settings.journal_file(cfg.project), entry)
+    if problem:
+        print(f"warning: the deploy journal was not updated: {problem}", file=stderr)
+
+
+def _notify(cfg: ProjectConfig, entry: journal.Entry, stderr: TextIO) -> None:
+    if not cfg.notify_webhook_url:
+        return
+    problem = notify.send(cfg.notify_webhook_url, notify.payload(entry))
+    if problem:
+        print(f"warning: the {entry.result} notification was not delivered: {problem} (the deploy result stands).", file=stderr)
+
+
+def _hook_values(settings: Settings, cfg: ProjectConfig, entry: journal.Entry) -> dict:
+    return {
+        "project": cfg.project,
+        "tag": entry.tag,
+        "image": entry.image,
+        "action": entry.action,
+        "from_color": entry.from_colour,
+        "to_color": entry.to_colour,
+        "from_port": cfg.port(entry.from_colour) if entry.from_colour else None,
+        "to_port": cfg.port(entry.to_colour) if entry.to_colour else None,
+        "from_tag": entry.from_tag,
+        "result": entry.result,
+        "exit_code": entry.exit_code,
+        "failed_step": entry.failed_step,
+        "root": settings.root,
+    }
+
+
+def _hook(settings: Settings, cfg: ProjectConfig, name: str, runner: Runner, environ: Mapping[str, str],
+          stderr: TextIO, entry: journal.Entry) -> int | None:
+    """Run hook `name` if present; returns its exit code (None if there is no such hook)."""
+    path = hooks.find(settings.hooks_dir(cfg.project), name)
+    if path is None:
+        return None
+    result = hooks.run(runner, path, hooks.hook_env(environ, _hook_values(settings, cfg, entry)), cfg.hook_timeout)
+    status = "ok" if result.ok else f"FAILED (exit {result.returncode})"
+    print(f"hook {name}: {status}", file=stderr)
+    if result.stdout.strip() or result.stderr.strip():
+        print(hooks.output(result), file=stderr)
+    if not result.ok and name != "pre-deploy":
+        print(f"warning: the {name} hook failed; the deploy result stands.", file=stderr)
+    return result.returncode
+
+
+def _pre_deploy(settings: Settings, cfg: ProjectConfig, plan: Plan, runner: Runner, environ: Mapping[str, str],
+                stderr: TextIO, action: str) -> None:
+    entry = journal.Entry(time="", host="", user="", project=cfg.project, action=action, tag=plan.tag,
+                          image=plan.ref, from_colour=plan.current, to_colour=plan.target, result="pending", exit_code=0)
+    code = _hook(settings, cfg, "pre-deploy", runner, environ, stderr, entry)
+    if code:
+        raise DeployFailed(
+            f"The pre-deploy hook {settings.hooks_dir(cfg.project) / 'pre-deploy'} failed (exit {code}), so the "
+            f"deploy of {plan.ref} did not start. Nothing was changed; the serving version keeps serving. Fix "
+            f"what the hook reports above, then deploy again.",
+            exit_code=EXIT_FAILED,
+        )
+
+
+def rollback_project(
+    *,
+    settings: Settings,
+    project: str,
+    to: str | None,
+    wait: float,
+    dry_run: bool,
+    stdout: TextIO,
+    stderr: TextIO,
+    environ: Mapping[str, str],
+    runner: Runner | None = None,
+) -> int:
+    """Deploy the previous successful tag (or `to`) through the full health-checked path."""
+    validate_project(project)
+    if to is not None:
+        validate_tag(to)
+    cfg = load_project(settings, project)
+    entries = journal.read(settings.journal_file(project))
+    serving = serving_tag(settings, cfg, runner or SubprocessRunner())
+    target = to or journal.rollback_target(entries, serving)
+    if target is None:
+        known = journal.successful_tags(entries)
+        raise UsageError(
+            f"Nothing to roll back to for {project}: "
+            + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else "the deploy journal has no successful deploy. ")
+            + f"Nothing was changed. Name a tag with `bluegreen rollback {project} --to TAG`, or list the images "
+            f"with `docker images {cfg.image}`."
+        )
+    print(f"Rolling back {project} from {serving or 'nothing'} to {target}.", file=stderr)
+    return deploy_project(settings=settings, project=project, tag=target, wait=wait, dry_run=dry_run, stdout=stdout,
+                          stderr=stderr, environ=environ, action="rollback", runner=runner)
+
+
+def serving_tag(settings: Settings, cfg: ProjectConfig, runner: Runner) -> str | None:
+    """The tag label of the container nginx routes to, if it runs."""
+    colour, _, _ = read_current(settings, cfg)
+    if colour is None:
+        return None
+    found = dk.Docker(runner, settings.docker_cmd).inspect(dk.container_name(cfg.project, colour))
+    return found.labels.get(dk.LABEL_TAG) if found is not None and found.running else None

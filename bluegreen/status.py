@@ -1,0 +1,227 @@
+"""`bluegreen status`: what serves, whether the files and containers agree, and how to fix drift."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from bluegreen import docker as dk
+from bluegreen import journal, state
+from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
+from bluegreen.deploy import current_colour
+from bluegreen.errors import CommandError
+from bluegreen.health import Probe, http_probe
+from bluegreen.lock import current_holder, read_freeze
+from bluegreen.nginx import parse_upstream
+from bluegreen.runner import Runner
+
+
+@dataclass(frozen=True)
+class ColourState:
+    colour: str
+    container: str
+    port: int
+    state: str  # running, exited, ..., or "absent"
+    tag: str | None = None
+    started_at: str | None = None
+    health: str | None = None  # "HTTP 200", "connection refused", ... (running containers only)
+    healthy: bool | None = None
+
+
+@dataclass(frozen=True)
+class Drift:
+    problem: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class ProjectStatus:
+    project: str
+    serving: str | None  # colour nginx routes to
+    active_file: str | None  # colour in PROJECT.active
+    upstream_port: int | None
+    tag: str | None
+    digest: str | None
+    colours: list = field(default_factory=list)  # ColourState for blue and green
+    lock: dict | None = None  # the running deploy holding the lock
+    freeze: dict | None = None
+    last_deploy: dict | None = None
+    drift: list = field(default_factory=list)  # Drift
+    error: str | None = None  # the env file could not be loaded
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, active: str | None,
+               upstream_port: int | None, colours: Sequence[ColourState]) -> list[Drift]:
+    """Plain-words disagreements between the active file, the upstream file and the containers (pure)."""
+    by_colour = {c.colour: c for c in colours}
+    out: list[Drift] = []
+    p = cfg.project
+    if upstream_port and serving is None:
+        out.append(Drift(
+            f"the upstream file points at port {upstream_port}, which is neither BLUE_PORT ({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port})",
+            f"bluegreen deploy {p} <tag>  (rewrites the upstream file)",
+        ))
+    if serving:
+        live = by_colour[serving]
+        if live.state != "running":
+            what = "does not exist" if live.state == "absent" else f"is {live.state}"
+            fix = f"docker start {live.container}" if live.state != "absent" else f"bluegreen deploy {p} <tag>"
+            out.append(Drift(f"nginx routes to {live.container} (127.0.0.1:{live.port}), but that container {what}: the service is down", fix))
+        elif live.healthy is False:
+            out.append(Drift(f"{live.container} runs but its health check answers {live.health}", f"bluegreen logs {p} --tail 100"))
+        other = by_colour["green" if serving == "blue" else "blue"]
+        if other.state == "running":
+            out.append(Drift(f"{other.container} still runs although nginx does not route to it", f"docker stop {other.container}"))
+    if active and serving and active != serving:
+        out.append(Drift(
+            f"{p}.active says {active} but nginx routes to {serving} (the upstream file was edited, or a deploy was interrupted)",
+            f"echo {serving} > {settings.active_file(p)}  (the next deploy also corrects it)",
+        ))
+    if serving is None and not upstream_port:
+        running = [c for c in colours if c.state == "running"]
+        if running:
+            out.append(Drift(
+                f"{', '.join(c.container for c in running)} runs but nginx routes to neither colour (no upstream file)",
+                f"bluegreen deploy {p} <tag>",
+            ))
+    return out
+
+
+def collect(settings: Settings, projects: Sequence[str], runner: Runner,
+            probe: Callable[..., Probe] = http_probe, live_health: bool = True) -> list[ProjectStatus]:
+    """Status of `projects` with one docker call in all."""
+    configs: dict[str, ProjectConfig | str] = {}
+    for name in projects:
+        try:
+            configs[name] = load_project(settings, name)
+        except Exception as exc:  # report a broken env file, keep going with the others
+            configs[name] = getattr(exc, "message", str(exc))
+    names = [dk.container_name(n, c) for n, cfg in configs.items() if not isinstance(cfg, str) for c in COLOURS]
+    containers = _inspect_all(runner, settings.docker_cmd, names)
+    return [
+        _one(settings, name, cfg, containers, probe, live_health) if not isinstance(cfg, str)
+        else ProjectStatus(project=name, serving=None, active_file=None, upstream_port=None, tag=None, digest=None, error=cfg)
+        for name, cfg in configs.items()
+    ]
+
+
+def _inspect_all(runner: Runner, docker_cmd: Sequence[str], names: Sequence[str]) -> dict[str, dk.Container]:
+    if not names:
+        return {}
+    # One call: inspect prints the containers that exist and exits 1 naming the ones that do not.
+    result = runner.run(dk.inspect_argv(docker_cmd, names), check=False, mutates=False, timeout=60)
+    if not result.ok and not result.stdout.strip().startswith("["):
+        raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+    return {c.name: c for c in dk.parse_inspect(result.stdout or "[]")}
+
+
+def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, probe: Callable[..., Probe],
+         live_health: bool) -> ProjectStatus:
+    path = settings.upstream_file(name)
+    upstream = parse_upstream(state.read_text(path))
+    active = state.read_active(settings.active_file(name))
+    serving, _ = current_colour(cfg, active=active, upstream=upstream, upstream_path=path)
+    colours = []
+    for colour in COLOURS:
+        cname = dk.container_name(name, colour)
+        found = containers.get(cname)
+        port = cfg.port(colour)
+        if found is None:
+            colours.append(ColourState(colour, cname, port, "absent"))
+            continue
+        health = healthy = None
+        if found.status == "running" and live_health:
+            answer = probe(f"http://127.0.0.1:{port}{cfg.health_path}", timeout=cfg.health_request_timeout, host=cfg.health_host)
+            health, healthy = answer.detail, answer.status == cfg.health_expect
+        colours.append(ColourState(colour, cname, port, found.status, found.labels.get(dk.LABEL_TAG),
+                                   found.started_at or None, health, healthy))
+    entries = _tail_entries(settings.journal_file(name))
+    last = entries[-1] if entries else None
+    live = next((c for c in colours if c.colour == serving), None)
+    tag = live.tag if live is not None and live.tag else None
+    digest = next((e.digest for e in reversed(entries) if e.result == journal.RESULT_DEPLOYED and e.tag == tag and e.digest), None)
+    holder = current_holder(settings.lock_file(name))
+    freeze = read_freeze(settings.freeze_file(name))
+    return ProjectStatus(
+        project=name,
+        serving=serving,
+        active_file=active,
+        upstream_port=upstream.port if upstream and upstream.port else None,
+        tag=tag,
+        digest=digest,
+        colours=colours,
+        lock=asdict(holder) if holder else None,
+        freeze=asdict(freeze) if freeze else None,
+        last_deploy=asdict(last) if last else None,
+        drift=find_drift(cfg, settings, serving=serving, active=active,
+                         upstream_port=upstream.port if upstream else None, colours=colours),
+    )
+
+
+def _tail_entries(path: Path, limit: int = 65536) -> list[journal.Entry]:
+    """Journal entries from the last `limit` bytes: status stays fast on a long journal."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - limit))
+            data = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = data.splitlines()
+    if size > limit:
+        lines = lines[1:]  # the first line is probably cut
+    return list(journal.parse_lines(lines))
+
+
+def render_line(ps: ProjectStatus) -> str:
+    """One line per project, for `bluegreen status` without a project."""
+    if ps.error:
+        return f"{ps.project:<20} ERROR {ps.error.splitlines()[0]}"
+    live = next((c for c in ps.colours if c.colour == ps.serving), None)
+    where = f"{ps.serving} :{live.port} {ps.tag or '?'} ({live.state}{', ' + live.health if live and live.health else ''})" if live else "nothing serving"
+    flags = []
+    if ps.lock:
+        flags.append(f"DEPLOYING {ps.lock['tag']}")
+    if ps.freeze:
+        flags.append("FROZEN")
+    if ps.drift:
+        flags.append(f"{len(ps.drift)} problem(s)")
+    return f"{ps.project:<20} {where}" + (f"  [{', '.join(flags)}]" if flags else "  ok")
+
+
+def render(ps: ProjectStatus, settings: Settings) -> str:
+    """The detailed view of one project."""
+    if ps.error:
+        return f"{ps.project}: {ps.error}"
+    lines = [f"{ps.project}"]
+    lines.append(f"  serving     {ps.serving or 'nothing'}" + (f" (tag {ps.tag}, digest {ps.digest or 'unknown'})" if ps.serving else ""))
+    lines.append(f"  upstream    {settings.upstream_file(ps.project)} -> " + (f"127.0.0.1:{ps.upstream_port}" if ps.upstream_port else "nowhere"))
+    lines.append(f"  active file {ps.active_file or '(none)'}")
+    for c in ps.colours:
+        extra = f" tag {c.tag}, started {c.started_at}" if c.tag else ""
+        health = f", health {c.health}" if c.health else ""
+        lines.append(f"  {c.colour:<6}      {c.container} 127.0.0.1:{c.port} {c.state}{health}{extra}")
+    if ps.lock:
+        lines.append(f"  lock        deploy of {ps.lock['tag']} running: pid {ps.lock['pid']}, {ps.lock['user']}, since {ps.lock['since']}")
+    if ps.freeze:
+        lines.append(f"  freeze      by {ps.freeze['user']} since {ps.freeze['since']}: {ps.freeze['message']}")
+    if ps.last_deploy:
+        d = ps.last_deploy
+        lines.append(f"  last deploy {d['time']} {d['action']} {d['tag']} {d['result']} by {d['user']} ({d['duration']:.1f}s)")
+    if ps.drift:
+        lines.append("  problems:")
+        for item in ps.drift:
+            lines.append(f"    - {item.problem}\n      fix: {item.fix}")
+    else:
+        lines.append("  no drift: the active file, the upstream and the containers agree")
+    return "\n".join(lines)
+
+
+def to_json(statuses: Sequence[ProjectStatus]) -> str:
+    return json.dumps([s.to_dict() for s in statuses], indent=2, sort_keys=True)
