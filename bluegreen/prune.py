@@ -27,7 +27,8 @@ class PrunePlan:
 def plan_prune(*, image: str, containers: Sequence[dk.Container], serving: str | None, image_tags: Sequence[str],
                successful: Sequence[str], keep: int) -> PrunePlan:
     """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other successful tags."""
-    serving_tag = next((c.labels.get(dk.LABEL_TAG) for c in containers if c.name == serving and c.running), None)
+    # The routed container's tag is kept even if it is stopped: `docker start` must still work.
+    serving_tag = next((c.labels.get(dk.LABEL_TAG) for c in containers if c.name == serving), None)
     targets = [t for t in successful if t != serving_tag][:keep]
     kept = ([f"{serving_tag} (serving)"] if serving_tag else []) + [f"{t} (rollback target)" for t in targets]
     doomed_containers = [c.name for c in containers if not c.running and c.name != serving]
