@@ -20,7 +20,9 @@ def package_files(src: Path) -> list[Path]:
     """Every file of the package that belongs in the archive, in a stable order."""
     files = []
     for path in sorted((src / PACKAGE).rglob("*")):
-        if path.is_dir() or "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+        rel = path.relative_to(src)
+        # Hidden files are editor or atomic-write leftovers, never part of the product.
+        if path.is_dir() or "__pycache__" in rel.parts or path.suffix in (".pyc", ".pyo") or any(part.startswith(".") for part in rel.parts):
             continue
         files.append(path)
     return files
