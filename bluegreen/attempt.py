@@ -19,6 +19,7 @@ from bluegreen.errors import (
     EXIT_FAILED,
     EXIT_OK,
     BluegreenError,
+    ConfigError,
     DeployFailed,
     LockedError,
     UsageError,
@@ -70,7 +71,15 @@ def deploy_project(
     validate_tag(tag)
     if wait < 0:
         raise UsageError("--wait must be zero or more seconds.")
-    cfg = load_project(settings, project)
+    entry = journal.Entry(time=now_iso(), host=socket.gethostname(), user=user_name(environ), project=project,
+                          action=action, tag=tag)
+    try:
+        cfg = load_project(settings, project)
+    except ConfigError as exc:
+        if not dry_run and settings.env_file(project).exists():  # a refused attempt, not a typo'd name
+            journal.append(settings.journal_file(project), replace(entry, result=journal.RESULT_REFUSED,
+                                                                   exit_code=exc.exit_code, message=exc.message))
+        raise
     for warning in cfg.warnings:
         print(f"warning: {warning}", file=stderr)
     if dry_run:
@@ -78,8 +87,6 @@ def deploy_project(
 
     runner = runner or SubprocessRunner()
     progress = Progress(stderr, clock)
-    entry = journal.Entry(time=now_iso(), host=socket.gethostname(), user=user_name(environ), project=project,
-                          action=action, tag=tag)
     started = clock()
     deployer: Deployer | None = None
     plan: Plan | None = None

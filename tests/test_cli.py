@@ -83,3 +83,15 @@ def test_dry_run_prints_the_plan_and_changes_nothing(tmp_path):
 def test_verbose_shows_a_traceback(tmp_path):
     code, _, err = run(["user-api", "-v"], {"BLUEGREEN_ROOT": str(tmp_path)})
     assert code == 2 and "Traceback" in err
+
+
+def test_a_config_error_is_journaled_as_refused(tmp_path):
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "user-api.env").write_text("IMAGE=acme/api\nBLUE_PORT=1\nGREEN_PORT=1\n")
+    code, _, err = run(["user-api", "v9"], {"BLUEGREEN_ROOT": str(tmp_path)})
+    assert code == 2 and "BLUE_PORT and GREEN_PORT must differ" in err
+    from bluegreen import journal
+
+    (entry,) = journal.read(tmp_path / "projects" / "user-api.journal")
+    assert (entry.tag, entry.result, entry.exit_code) == ("v9", "refused", 2)
+    assert "must differ" in entry.message
