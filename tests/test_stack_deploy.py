@@ -34,6 +34,12 @@ def serving(project) -> str:
     return body.strip()
 
 
+def assert_old_still_serves(project) -> None:
+    """After a failed deploy: v1 answers through nginx and the only container is the old blue one."""
+    assert serving(project) == "v1"
+    assert project.containers() == [f"{project.name}-blue"]
+
+
 def deploy_ok(project, tag: str, *extra, **kw) -> subprocess.CompletedProcess:
     return project.run(project.name, tag, *extra, check=True, **kw)
 
@@ -131,8 +137,7 @@ def test_registry_refusing_login_leaves_the_old_version_serving(project):
     project.serve()
     proc = project.run(project.name, "v1", env={"DOCKER_CONFIG": bad}, check=1)
     assert "unauthorized" in proc.stderr.lower() and f"docker login {project.stack.registry.auth_addr}" in proc.stderr
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
 
 
 def test_port_taken_by_a_foreign_process(project):
@@ -148,8 +153,7 @@ def test_port_taken_by_a_foreign_process(project):
         squatter.close()
     assert f"Port 127.0.0.1:{project.green_port} (GREEN_PORT) is already taken by another process" in proc.stderr
     assert "[2/6] start" in proc.stderr and "[3/6]" not in proc.stderr
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
 
 
 def test_never_healthy_image_is_removed_and_old_keeps_serving(project):
@@ -161,8 +165,7 @@ def test_never_healthy_image_is_removed_and_old_keeps_serving(project):
     assert time.monotonic() - started < 15
     assert "did not answer HTTP 200" in proc.stderr and "last answer: HTTP 500" in proc.stderr
     assert "HEALTH_TIMEOUT=3s" in proc.stderr and "still serves" in proc.stderr
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
 
 
 def test_image_that_exits_on_boot_fails_at_once_with_its_log(project):
@@ -174,8 +177,7 @@ def test_image_that_exits_on_boot_fails_at_once_with_its_log(project):
     assert time.monotonic() - started < 20, "a crashed container must not wait for HEALTH_TIMEOUT"
     assert "exited while starting" in proc.stderr and "exited with code 3" in proc.stderr
     assert stacklib.FATAL_LINE in proc.stderr
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
 
 
 def test_nginx_t_failure_restores_the_upstream_and_old_keeps_serving(project):
@@ -192,8 +194,7 @@ def test_nginx_t_failure_restores_the_upstream_and_old_keeps_serving(project):
     assert 'unknown directive "this_is_not_a_directive"' in proc.stderr
     assert "The upstream file was put back" in proc.stderr and "still serves" in proc.stderr
     assert Path(project.upstream_file).read_bytes() == upstream
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
     # With the config fixed, the same deploy goes through.
     deploy_ok(project, "v2")
     assert serving(project) == "v2"
@@ -243,5 +244,4 @@ def test_sigterm_mid_health_check_undoes_the_new_container(project):
     assert slow.wait(timeout=30) == 1
     err = watcher.text()
     assert "interrupted by SIGTERM" in err and "still serves" in err
-    assert serving(project) == "v1"
-    assert project.containers() == [f"{project.name}-blue"]
+    assert_old_still_serves(project)
