@@ -11,13 +11,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TextIO
 
-from bluegreen import __version__, attempt, journal, prune, status
+from bluegreen import __version__, attempt, journal
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
 from bluegreen.deploy import read_current
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted, UsageError
 from bluegreen.lock import Freeze, freeze_json, read_freeze
-from bluegreen.runner import SubprocessRunner
+from bluegreen.runner import RecordingRunner, SubprocessRunner
 from bluegreen.state import atomic_write
 
 EPILOG = """\
@@ -126,6 +126,45 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.set_defaults(func=cmd_logs)
 
     # -- host set-up commands (init, setup, doctor, backup-logs) --
+    p = sub.add_parser("init", help="write a project's env file, upstream and nginx server block (or, with --ci github, its CI files)")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("--image", metavar="IMAGE", help="image repository without tag, e.g. ghcr.io/acme/user-api (required without --ci)")
+    p.add_argument("--server-name", metavar="NAME", default="_", help="nginx server_name (default _: the catch-all)")
+    p.add_argument("--ports", metavar="BLUE,GREEN", default="8081,8082", help="host ports of the two colours (default 8081,8082)")
+    p.add_argument("--listen", metavar="[ADDR:]PORT", default="80", help="nginx listen of the server block (default 80)")
+    p.add_argument("--ci", choices=("github",), help="write the GitHub Actions workflows and the Dockerfile instead")
+    p.add_argument("--repo", metavar="DIR", default=".", help="with --ci: the repository to write into (default: here)")
+    p.add_argument("--force", action="store_true", help="replace existing files (the previous content is kept as FILE.bak)")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("setup", help="idempotent host set-up: directories, the nginx include, the daily log backup")
+    _common(p)
+    p.add_argument("--owner", metavar="USER", help="owner of the directories and user of the backup job (default: the sudo user, else you)")
+    p.add_argument("--logs", metavar="DIR", default="/app/logs", help="application log directory (default /app/logs)")
+    p.add_argument("--backup", metavar="DIR", default="/app/backup", help="log backup directory (default /app/backup)")
+    p.add_argument("--schedule", choices=("auto", "cron", "systemd", "none"), default="auto",
+                   help="how to run the daily backup (default auto: cron if the host has it, else a systemd timer)")
+    p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="backup job: compress rolled logs older than this (default 1)")
+    p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="backup job: delete backups older than this (default 90)")
+    p.add_argument("--pyz", metavar="PATH", help="bluegreen.pyz the backup job runs (default: this one, else ROOT/bluegreen.pyz)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    p.set_defaults(func=cmd_setup)
+
+    p = sub.add_parser("doctor", help="check everything a deploy needs, with a fix for each problem")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT", nargs="?", help="check this project (default: every project)")
+    p.add_argument("--min-free-mb", metavar="MB", type=int, default=1024, help="free disk below this fails (default 1024)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("backup-logs", help="compress rolled logs into the backup directory and delete old backups")
+    _common(p)
+    p.add_argument("--logs", metavar="DIR", default="/app/logs", help="where the rolled logs are (default /app/logs)")
+    p.add_argument("--backup", metavar="DIR", default="/app/backup", help="where compressed copies go (default /app/backup)")
+    p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="compress logs last written more than DAYS ago (default 1)")
+    p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="delete backups older than DAYS (default 90)")
+    p.add_argument("--pattern", metavar="GLOB", default="app-*.log", help="names of rolled logs (default app-*.log; never app.log)")
+    p.set_defaults(func=cmd_backup_logs)
 
     return parser, list(sub.choices)
 
@@ -162,10 +201,80 @@ def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
     )
 
 
+def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import init  # the set-up commands' modules stay off every deploy's start-up path
+
+    if args.ci:
+        return init.init_ci(project=args.project, repo=args.repo, force=args.force, stdout=ctx.stdout)
+    if not args.image:
+        raise UsageError("init needs --image IMAGE (the repository without a tag, e.g. ghcr.io/acme/user-api), or --ci github.")
+    return init.init_project(
+        settings=ctx.settings,
+        runner=SubprocessRunner(),
+        project=args.project,
+        image=args.image,
+        ports=args.ports,
+        listen=args.listen,
+        server_name=args.server_name,
+        force=args.force,
+        stdout=ctx.stdout,
+    )
+
+
+def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import setup
+
+    # A dry run reads the host for real but records, instead of running, anything that changes it.
+    runner = RecordingRunner(passthrough=SubprocessRunner()) if args.dry_run else SubprocessRunner()
+    return setup.setup_host(
+        settings=ctx.settings,
+        runner=runner,
+        owner=args.owner,
+        logs=args.logs,
+        backup=args.backup,
+        schedule=args.schedule,
+        older_than=args.older_than,
+        keep_days=args.keep_days,
+        pyz=args.pyz,
+        dry_run=args.dry_run,
+        environ=ctx.environ,
+        stdout=ctx.stdout,
+        stderr=ctx.stderr,
+    )
+
+
+def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import doctor
+
+    return doctor.run_doctor(
+        settings=ctx.settings,
+        runner=RecordingRunner(passthrough=SubprocessRunner()),  # checks only read: anything else is recorded, not run
+        project=args.project,
+        min_free_mb=args.min_free_mb,
+        environ=ctx.environ,
+        stdout=ctx.stdout,
+    )
+
+
+def cmd_backup_logs(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import backup
+
+    return backup.backup_logs(
+        logs=args.logs,
+        backup=args.backup,
+        older_than=args.older_than,
+        keep_days=args.keep_days,
+        pattern=args.pattern,
+        stdout=ctx.stdout,
+    )
+
+
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     if args.project:
         validate_project(args.project)
         load_project(ctx.settings, args.project)  # a clear config error for the one project asked about
+    from bluegreen import status  # imported here: off the deploy's start-up path
+
     projects = [args.project] if args.project else ctx.settings.projects()
     found = status.collect(ctx.settings, projects, SubprocessRunner())
     if args.json:
@@ -209,6 +318,8 @@ def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import prune
+
     return prune.prune(settings=ctx.settings, project=args.project, keep=args.keep, dry_run=args.dry_run,
                        stdout=ctx.stdout, environ=ctx.environ)
 

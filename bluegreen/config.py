@@ -77,6 +77,12 @@ def validate_tag(tag: str) -> str:
     )
 
 
+def registry_host(image: str) -> str:
+    """The registry an image repository is pulled from (docker.io when the first part is no host)."""
+    first = image.split("/", 1)[0]
+    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
 def image_ref(image: str, tag: str) -> str:
     """IMAGE:TAG, or IMAGE@sha256:... for a digest."""
     return f"{image}@{tag}" if tag.startswith("sha256:") else f"{image}:{tag}"
@@ -90,6 +96,11 @@ class Settings:
     docker_cmd: tuple[str, ...]
     nginx_cmd: tuple[str, ...]
     nginx_pid_file: str = ""  # "" = read the `pid` directive from `nginx -T`
+    # Host set-up (init, setup, doctor): where nginx and the schedulers keep their files.
+    nginx_conf_dir: Path = Path("/etc/nginx/conf.d")  # server blocks
+    nginx_conf: str = ""  # "" = `-c` of the nginx command, else nginx's compiled-in --conf-path
+    cron_dir: Path = Path("/etc/cron.d")
+    systemd_dir: Path = Path("/etc/systemd/system")
 
     def env_file(self, project: str) -> Path:
         return self.root / "projects" / f"{project}.env"
@@ -135,7 +146,7 @@ def _command_prefix(environ: Mapping[str, str], var: str, default: list[str]) ->
 
 
 def load_settings(root: str | None, environ: Mapping[str, str], *, euid: int | None = None) -> Settings:
-    """Resolve --root / BLUEGREEN_ROOT, BLUEGREEN_DOCKER and BLUEGREEN_NGINX."""
+    """Resolve --root / BLUEGREEN_ROOT, BLUEGREEN_DOCKER, BLUEGREEN_NGINX and the host set-up paths."""
     root_path = Path(root or environ.get("BLUEGREEN_ROOT") or DEFAULT_ROOT)
     if euid is None:
         euid = os.geteuid()
@@ -147,6 +158,10 @@ def load_settings(root: str | None, environ: Mapping[str, str], *, euid: int | N
         docker_cmd=_command_prefix(environ, "BLUEGREEN_DOCKER", ["docker"]),
         nginx_cmd=_command_prefix(environ, "BLUEGREEN_NGINX", nginx_default),
         nginx_pid_file=environ.get("BLUEGREEN_NGINX_PID_FILE", "").strip(),
+        nginx_conf_dir=Path(environ.get("BLUEGREEN_NGINX_CONF_DIR", "").strip() or "/etc/nginx/conf.d"),
+        nginx_conf=environ.get("BLUEGREEN_NGINX_CONF", "").strip(),
+        cron_dir=Path(environ.get("BLUEGREEN_CRON_DIR", "").strip() or "/etc/cron.d"),
+        systemd_dir=Path(environ.get("BLUEGREEN_SYSTEMD_DIR", "").strip() or "/etc/systemd/system"),
     )
 
 
@@ -209,7 +224,7 @@ class ProjectConfig:
     spring_profiles: str = ""
     health_path: str = "/api/health"
     health_timeout: float = 120.0
-    health_interval: float = 0.25
+    health_interval: float = 0.1
     health_initial_delay: float = 0.0
     health_request_timeout: float = 2.0
     health_host: str = ""
@@ -330,7 +345,7 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
         raise ConfigError(f"{source}: HEALTH_HOST: must be a host name, got {health_host!r}.")
 
     timeout = number("HEALTH_TIMEOUT", 120.0)
-    interval = number("HEALTH_INTERVAL", 0.25)
+    interval = number("HEALTH_INTERVAL", 0.1)
     if interval > timeout:
         raise ConfigError(f"{source}: HEALTH_INTERVAL ({interval:g}s) is longer than HEALTH_TIMEOUT ({timeout:g}s).")
 

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence, TextIO
 
 from bluegreen import docker as dk
 from bluegreen import health, state
-from bluegreen.config import ProjectConfig, Settings, image_ref
+from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
@@ -324,7 +324,7 @@ class Deployer:
                 raise DeployFailed(
                     f"Could not pull {plan.ref}: {exc.output_tail(4)}\n{serving} Check that the tag exists "
                     f"in the registry and that this host is logged in to it "
-                    f"(`docker login {_registry(plan.cfg.image)}`), then deploy again."
+                    f"(`docker login {registry_host(plan.cfg.image)}`), then deploy again."
                 ) from exc
 
     def _start(self, plan: Plan, tx: Transaction, serving: str) -> None:
@@ -594,11 +594,6 @@ def _header(probe: health.Probe, name: str) -> str:
         if key.lower() == name.lower():
             return value.strip()
     return ""
-
-
-def _registry(image: str) -> str:
-    first = image.split("/", 1)[0]
-    return first if "/" in image and ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
 def _indent(text: str) -> str:

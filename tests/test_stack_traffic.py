@@ -14,7 +14,7 @@ def test_old_container_outlives_every_old_nginx_worker(project):
     """A request in flight on an old worker when nginx reloads must still be answered by the old container.
 
     If bluegreen stopped the old container as soon as `nginx -s reload` returned, this request
-    (held 3 s by the app) would be cut and nginx would answer 502.
+    (held 5 s by the app, which exits at once on SIGTERM) would be cut and nginx would answer 502.
     """
     project.write_env(STOP_TIMEOUT="10")
     deploy_ok(project, "v1")
@@ -22,7 +22,7 @@ def test_old_container_outlives_every_old_nginx_worker(project):
     result: dict = {}
 
     def slow_request() -> None:
-        result["answer"] = project.get("/cgi-bin/slow?3", timeout=30)
+        result["answer"] = project.get("/cgi-bin/slow?5", timeout=30)
         result["done_at"] = time.monotonic()
 
     client = threading.Thread(target=slow_request)
@@ -31,11 +31,12 @@ def test_old_container_outlives_every_old_nginx_worker(project):
     proc = deploy_ok(project, "v2")
     retired_at = time.monotonic()
     client.join(timeout=30)
-    assert result["answer"] == (200, "slow v1")
+    assert result["answer"] == (200, "slow v1")  # the proof: the old container outlived the old worker
     assert result["done_at"] <= retired_at
     drain = re.search(r"\[4/6\] drain .*all exited\): ([0-9.]+)s", proc.stderr)
     assert drain, proc.stderr
-    assert float(drain.group(1)) >= 2.0, "the drain did not wait for the worker holding the slow request"
+    # A drain with no request in flight takes about 0.1 s; this one waited for the slow request.
+    assert float(drain.group(1)) >= 1.0, "the drain did not wait for the worker holding the slow request"
     assert serving(project) == "v2"
 
 

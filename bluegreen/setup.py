@@ -1,0 +1,389 @@
+"""`bluegreen setup`: the seed's host set-up as one idempotent command: directories and their owner, the
+nginx.conf include of the managed upstream directory (tested, put back if nginx refuses it), and the
+daily log backup (one cron.d file, or a systemd timer). Facts are read first, the plan is decided from
+them alone, then carried out; a second run finds nothing to do."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import pwd
+import shlex
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from bluegreen import nginx as ngx
+from bluegreen import state, template
+from bluegreen.config import Settings
+from bluegreen.errors import BluegreenError, CommandError, ExecutableNotFound, UsageError
+from bluegreen.host import add_include, include_line, includes_dir, invocation, nginx_conf_path, self_command, upstream_dir
+from bluegreen.runner import Runner, display
+
+CRON_FILE = "bluegreen"
+TIMER_UNIT = "bluegreen-backup-logs.timer"
+SERVICE_UNIT = "bluegreen-backup-logs.service"
+SCHEDULES = ("auto", "cron", "systemd", "none")
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # what sd_booted() checks
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class DirFact:
+    path: Path
+    exists: bool
+    uid: int = -1
+    gid: int = -1
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What setup reads from the host before deciding anything."""
+
+    owner: Owner
+    dirs: tuple[DirFact, ...]
+    files: tuple[DirFact, ...]  # the files directly in ROOT/projects and the upstream dir (init may have run as root)
+    nginx_conf: Path
+    nginx_conf_text: str | None  # None: missing or unreadable
+    include_in_dump: bool  # `nginx -T` shows the include (maybe in another file than nginx.conf)
+    schedule: str  # "cron", "systemd" or "none", already resolved from "auto"
+    schedule_files: tuple[tuple[Path, str | None], ...]  # current content of the files the schedule needs
+    timer_enabled: bool
+    seed_crontab_lines: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One change setup will make; `kind` selects how it is carried out."""
+
+    kind: str  # mkdir | chown | include | write | systemctl
+    text: str  # what the user reads
+    path: Path | None = None
+    data: str = ""
+    argv: tuple[str, ...] = ()
+
+
+@dataclass
+class Wanted:
+    """What the host should look like, from the options."""
+
+    include: str
+    upstream_dir: str
+    schedule_files: dict = field(default_factory=dict)  # Path -> text
+
+
+# -- pure: deciding -------------------------------------------------------------------------------------
+
+def choose_schedule(requested: str, *, cron_dir_exists: bool, systemd_running: bool) -> str:
+    """cron when the host has it (one file in /etc/cron.d), else a systemd timer, else a clear error."""
+    if requested == "none":
+        return "none"
+    if requested == "cron" or (requested == "auto" and cron_dir_exists):
+        if not cron_dir_exists:
+            raise UsageError(
+                "--schedule cron: this host has no cron directory (/etc/cron.d): install cron first "
+                "(`sudo dnf install -y cronie && sudo systemctl enable --now crond`), or use --schedule systemd. "
+                "Nothing was changed."
+            )
+        return "cron"
+    if systemd_running:
+        return "systemd"
+    raise UsageError(
+        "This host has neither cron (/etc/cron.d) nor a running systemd, so the daily log backup cannot be "
+        "scheduled: install cron (`sudo dnf install -y cronie && sudo systemctl enable --now crond`) or rerun "
+        "with --schedule none and run `backup-logs` some other way. Nothing was changed."
+    )
+
+
+def schedule_texts(settings: Settings, schedule: str, *, owner: Owner, command: list[str], logs: str, backup: str, older_than: float, keep_days: float) -> dict:
+    """The file(s) the schedule needs, keyed by path."""
+    values = dict(USER=owner.name, COMMAND=" ".join(shlex.quote(a) for a in command), LOGS=logs, BACKUP=backup,
+                  OLDER_THAN=f"{older_than:g}", KEEP_DAYS=f"{keep_days:g}")
+    if schedule == "cron":
+        return {settings.cron_dir / CRON_FILE: template.render("cron", **values)}
+    if schedule == "systemd":
+        return {
+            settings.systemd_dir / SERVICE_UNIT: template.render("backup-logs.service", **values),
+            settings.systemd_dir / TIMER_UNIT: template.render("backup-logs.timer", **values),
+        }
+    return {}
+
+
+def plan_setup(facts: Facts, wanted: Wanted) -> tuple[list[Step], list[str]]:
+    """The changes to make, and what is already in place (for the user's reading)."""
+    steps: list[Step] = []
+    ok: list[str] = []
+    owner = facts.owner
+    for d in facts.dirs:
+        if not d.exists:
+            steps.append(Step("mkdir", f"create {d.path} (owner {owner.name})", path=d.path))
+        elif (d.uid, d.gid) != (owner.uid, owner.gid):
+            steps.append(Step("chown", f"give {d.path} to {owner.name} (now uid {d.uid}, gid {d.gid})", path=d.path))
+        else:
+            ok.append(f"{d.path} exists, owned by {owner.name}")
+    for f in facts.files:
+        if (f.uid, f.gid) != (owner.uid, owner.gid):
+            steps.append(Step("chown", f"give {f.path} to {owner.name} (now uid {f.uid}, gid {f.gid})", path=f.path))
+    if facts.include_in_dump or (facts.nginx_conf_text is not None and includes_dir(facts.nginx_conf_text, wanted.upstream_dir)):
+        ok.append(f"nginx includes {wanted.upstream_dir}")
+    elif facts.nginx_conf_text is None:
+        raise BluegreenError(
+            f"Cannot read {facts.nginx_conf}, so the include of {wanted.upstream_dir} cannot be added. Is nginx "
+            f"installed (`sudo dnf install -y nginx`)? If nginx.conf lives elsewhere, set BLUEGREEN_NGINX_CONF. "
+            f"Nothing was changed.",
+            exit_code=2,
+        )
+    else:
+        steps.append(Step("include", f"add `{wanted.include}` to the http block of {facts.nginx_conf}, then `nginx -t`",
+                          path=facts.nginx_conf, data=wanted.include))
+    current = dict(facts.schedule_files)
+    changed_units = False
+    for path, text in wanted.schedule_files.items():
+        if current.get(path) == text:
+            ok.append(f"log backup schedule {path} is up to date")
+        else:
+            verb = "write" if current.get(path) is None else "update"
+            steps.append(Step("write", f"{verb} {path} (daily log backup at 02:00 as {owner.name})", path=path, data=text))
+            changed_units = True
+    if facts.schedule == "systemd":
+        if changed_units:
+            steps.append(Step("systemctl", "systemctl daemon-reload", argv=("systemctl", "daemon-reload")))
+        if changed_units or not facts.timer_enabled:
+            steps.append(Step("systemctl", f"systemctl enable --now {TIMER_UNIT}", argv=("systemctl", "enable", "--now", TIMER_UNIT)))
+        else:
+            ok.append(f"{TIMER_UNIT} is enabled")
+    if facts.schedule == "none":
+        ok.append("log backup not scheduled (--schedule none)")
+    return steps, ok
+
+
+# -- doing: reading facts, carrying out the plan ----------------------------------------------------------
+
+def resolve_owner(name: str | None, environ: dict) -> Owner:
+    """--owner, else the user behind sudo, else whoever runs setup."""
+    if not name:
+        sudo_user = environ.get("SUDO_USER", "")
+        name = sudo_user if sudo_user and sudo_user != "root" else _current_user()
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise UsageError(f"--owner: there is no user {name!r} on this host. Nothing was changed.") from None
+    return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return pwd.getpwuid(os.geteuid()).pw_name
+
+
+def _dir_fact(path: Path) -> DirFact:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return DirFact(path, False)
+    if not path.is_dir():
+        raise UsageError(f"{path} exists but is not a directory; move it away, then run setup again. Nothing was changed.")
+    return DirFact(path, True, st.st_uid, st.st_gid)
+
+
+def read_facts(
+    settings: Settings,
+    runner: Runner,
+    *,
+    owner: Owner,
+    dirs: tuple[Path, ...],
+    schedule: str,
+    schedule_files: Callable[[str], dict],
+    systemd_running: bool,
+) -> tuple[Facts, dict]:
+    """Read the host (read-only commands only); returns the facts and the wanted schedule files."""
+    conf = nginx_conf_path(settings, runner)
+    try:
+        conf_text: str | None = conf.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        conf_text = None
+    in_dump = False
+    if conf_text is not None and not includes_dir(conf_text, upstream_dir(settings)):
+        # The include may live in another file nginx loads; -T fails while a server block lacks its upstream.
+        dump = runner.run(ngx.dump_argv(settings.nginx_cmd), check=False, mutates=False, timeout=60)
+        in_dump = dump.ok and includes_dir(dump.stdout, upstream_dir(settings))
+    resolved = choose_schedule(schedule, cron_dir_exists=settings.cron_dir.is_dir(), systemd_running=systemd_running)
+    wanted_files = schedule_files(resolved)
+    timer_enabled = False
+    if resolved == "systemd":
+        enabled = runner.run(["systemctl", "is-enabled", TIMER_UNIT], check=False, mutates=False, timeout=30)
+        timer_enabled = enabled.ok and enabled.stdout.strip() == "enabled"
+    files = []
+    for d in (settings.root / "projects", settings.root / "nginx" / "conf.d"):
+        if d.is_dir():
+            for f in sorted(d.iterdir()):
+                st = f.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    files.append(DirFact(f, True, st.st_uid, st.st_gid))
+    facts = Facts(
+        owner=owner,
+        dirs=tuple(_dir_fact(d) for d in dirs),
+        files=tuple(files),
+        nginx_conf=conf,
+        nginx_conf_text=conf_text,
+        include_in_dump=in_dump,
+        schedule=resolved,
+        schedule_files=tuple((p, state.read_text(p)) for p in wanted_files),
+        timer_enabled=timer_enabled,
+        seed_crontab_lines=_seed_crontab_lines(runner, owner),
+    )
+    return facts, wanted_files
+
+
+def _seed_crontab_lines(runner: Runner, owner: Owner) -> tuple[str, ...]:
+    """The seed's `find /app/...` lines in the owner's crontab, which would now run twice."""
+    try:
+        result = runner.run(["crontab", "-l", "-u", owner.name], check=False, mutates=False, timeout=30)
+    except BluegreenError:  # no crontab binary: nothing to warn about
+        return ()
+    if not result.ok:
+        return ()
+    return tuple(ln for ln in result.stdout.splitlines() if "find /app/" in ln and not ln.lstrip().startswith("#"))
+
+
+def apply_step(step: Step, *, runner: Runner, settings: Settings, owner: Owner) -> str:
+    """Carry out one step; returns the result note."""
+    if step.kind == "mkdir":
+        step.path.mkdir(parents=True, exist_ok=True)
+        st = step.path.stat()
+        if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):  # chown needs root; skip it when already right
+            os.chown(str(step.path), owner.uid, owner.gid)
+        return "created"
+    if step.kind == "chown":
+        os.chown(str(step.path), owner.uid, owner.gid)
+        return "owner set"
+    if step.kind == "write":
+        step.path.parent.mkdir(parents=True, exist_ok=True)
+        state.atomic_write(step.path, step.data, mode=0o644)
+        return "written"
+    if step.kind == "systemctl":
+        runner.run(list(step.argv), timeout=60)
+        return "done"
+    if step.kind == "include":
+        return _add_include(step, runner=runner, settings=settings)
+    raise ValueError(step.kind)
+
+
+def _add_include(step: Step, *, runner: Runner, settings: Settings) -> str:
+    """Add the include, `nginx -t`; if nginx refuses, put nginx.conf back byte for byte and say why."""
+    path = step.path
+    original = path.read_text(encoding="utf-8")
+    mode = path.stat().st_mode & 0o7777
+    state.atomic_write(path, add_include(original, step.data, str(path)), mode=mode)
+    nginx = ngx.Nginx(runner, settings.nginx_cmd)
+    try:
+        nginx.test()
+    except (CommandError, ExecutableNotFound) as exc:
+        state.atomic_write(path, original, mode=mode)
+        error = ngx.Nginx.error_text(exc) if isinstance(exc, CommandError) else exc.message
+        # Was nginx.conf already failing without our line? Then the fault is elsewhere: say so.
+        try:
+            nginx.test()
+            before = "nginx -t passes again without the line, so the include itself is what nginx refused."
+        except (CommandError, ExecutableNotFound):
+            before = "nginx -t fails without the line too, so the problem is elsewhere in the configuration."
+        raise BluegreenError(
+            f"nginx -t failed after adding `{step.data}` to {path}:\n{_indent(error)}\n{path} was put back as it "
+            f"was; {before} Fix the error above, then run setup again."
+        ) from exc
+    return "nginx -t ok; nginx loads it at its next reload (every deploy reloads)"
+
+
+def setup_host(
+    *,
+    settings: Settings,
+    runner: Runner,
+    owner: str | None,
+    logs: str,
+    backup: str,
+    schedule: str,
+    older_than: float,
+    keep_days: float,
+    pyz: str | None,
+    dry_run: bool,
+    environ: dict,
+    stdout: TextIO,
+    stderr: TextIO,
+    systemd_running: bool | None = None,
+) -> int:
+    """Bring the host to the seed's layout; print each change, or that there was nothing to change."""
+    if schedule not in SCHEDULES:
+        raise UsageError(f"--schedule: one of {', '.join(SCHEDULES)}, got {schedule!r}.")
+    for name, value in (("--logs", logs), ("--backup", backup)):
+        if not os.path.isabs(value):
+            raise UsageError(f"{name}: give an absolute directory, got {value!r}. Nothing was changed.")
+    if older_than < 0 or keep_days <= 0:
+        raise UsageError("--older-than must be zero or more days and --keep-days more than zero. Nothing was changed.")
+    who = resolve_owner(owner, environ)
+    root = Path(os.path.abspath(str(settings.root)))
+    dirs = (root, root / "projects", root / "nginx", root / "nginx" / "conf.d", Path(logs), Path(backup))
+    command = [*self_command(settings, pyz), "backup-logs", "--logs", logs, "--backup", backup,
+               "--older-than", f"{older_than:g}", "--keep-days", f"{keep_days:g}"]
+    facts, wanted_files = read_facts(
+        settings, runner, owner=who, dirs=dirs, schedule=schedule,
+        schedule_files=lambda s: schedule_texts(settings, s, owner=who, command=command, logs=logs, backup=backup,
+                                                older_than=older_than, keep_days=keep_days),
+        systemd_running=SYSTEMD_RUNNING.is_dir() if systemd_running is None else systemd_running,
+    )
+    wanted = Wanted(include=include_line(settings), upstream_dir=upstream_dir(settings), schedule_files=wanted_files)
+    steps, ok = plan_setup(facts, wanted)
+    for line in facts.seed_crontab_lines:
+        print(f"warning: {who.name}'s crontab still has the seed's line `{line.strip()}`; the backup now runs from "
+              f"{'/etc/cron.d/' + CRON_FILE if facts.schedule == 'cron' else 'bluegreen setup'}, so remove it "
+              f"(`crontab -e -u {who.name}`) to avoid doing it twice.", file=stderr)
+    head = "Dry run: setup would" if dry_run else "Setup"
+    print(f"{head} (root {root}, owner {who.name}, logs {logs} -> {backup}, schedule {facts.schedule}):", file=stdout)
+    for line in ok:
+        print(f"  ok       {line}", file=stdout)
+    if not steps:
+        print("Nothing to change: this host is already set up.", file=stdout)
+        return 0
+    if dry_run:
+        for step in steps:
+            print(f"  would    {step.text}", file=stdout)
+        print(f"Dry run: {len(steps)} change(s) listed, nothing was changed.", file=stdout)
+        return 0
+    done: list[str] = []
+    for step in steps:
+        try:
+            note = apply_step(step, runner=runner, settings=settings, owner=who)
+        except PermissionError as exc:
+            raise BluegreenError(
+                f"setup could not {step.text}: {exc.strerror or exc}. {_done_note(done)} Run setup as root "
+                f"(`sudo {invocation()} setup`); it picks up where it stopped."
+            ) from None
+        except CommandError as exc:
+            raise BluegreenError(
+                f"setup could not {step.text}: `{display(exc.argv)}` failed: {exc.output_tail(4)}. {_done_note(done)} "
+                f"Fix that, then run setup again."
+            ) from None
+        except BluegreenError as exc:
+            raise BluegreenError(f"{exc.message} {_done_note(done)}", exit_code=exc.exit_code) from None
+        done.append(step.text)
+        print(f"  changed  {step.text}: {note}", file=stdout)
+    me = invocation()
+    print(f"Done: {len(done)} change(s). Next: {me} init PROJECT --image IMAGE, then {me} deploy PROJECT TAG "
+          f"({me} doctor checks everything).", file=stdout)
+    return 0
+
+
+def _done_note(done: list[str]) -> str:
+    return f"Already done: {'; '.join(done)}." if done else "Nothing was changed."
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())

