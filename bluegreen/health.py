@@ -63,6 +63,9 @@ def http_probe(url: str, *, timeout: float, host: str = "", headers: Mapping[str
         return Probe(None, str(reason))
     except (socket.timeout, TimeoutError):
         return Probe(None, f"no answer within {timeout:g}s")
+    except (ConnectionResetError, http.client.RemoteDisconnected):
+        # Typical while an app (or docker's port proxy in front of it) is still starting.
+        return Probe(None, "connection closed without an answer")
     except (ConnectionError, http.client.HTTPException, OSError) as exc:
         return Probe(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
