@@ -13,7 +13,7 @@ from typing import Callable, Mapping, TextIO
 from bluegreen import hooks, journal, notify
 from bluegreen import docker as dk
 from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
-from bluegreen.deploy import Deployer, Plan, Progress, read_current, read_plan
+from bluegreen.deploy import Deployer, Plan, Progress, read_current, read_plan, say
 from bluegreen.errors import (
     EXIT_ATTENTION,
     EXIT_FAILED,
@@ -21,6 +21,7 @@ from bluegreen.errors import (
     BluegreenError,
     ConfigError,
     DeployFailed,
+    Interrupted,
     LockedError,
     UsageError,
 )
@@ -81,7 +82,7 @@ def deploy_project(
                                                                    exit_code=exc.exit_code, message=exc.message))
         raise
     for warning in cfg.warnings:
-        print(f"warning: {warning}", file=stderr)
+        say(stderr, f"warning: {warning}")
     if dry_run:
         return _print_plan(settings, cfg, tag, stdout, stderr)
 
@@ -102,7 +103,7 @@ def deploy_project(
             # Plan under the lock: the previous deploy may have just switched colours.
             plan, warnings = read_plan(settings, cfg, tag)
             for warning in warnings:
-                print(f"warning: {warning}", file=stderr)
+                say(stderr, f"warning: {warning}")
             entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
             _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
             verb = "Rolling back" if action == "rollback" else "Deploying"
@@ -118,16 +119,19 @@ def deploy_project(
         raise
     entry = _finish(entry, deployer, progress, clock() - started, EXIT_OK, summary)
     _record(settings, cfg, entry, stderr)
-    _hook(settings, cfg, "post-deploy", runner, environ, stderr, entry)
-    _notify(cfg, entry, stderr)
-    print(summary, file=stdout)
+    try:
+        _hook(settings, cfg, "post-deploy", runner, environ, stderr, entry)
+        _notify(cfg, entry, stderr)
+    except Interrupted as exc:  # the deploy itself is done and recorded: say so, do not fail it
+        say(stderr, f"warning: interrupted by {exc.signame} during the post-deploy hook or notification.")
+    say(stdout, summary)
     return EXIT_OK
 
 
 def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO) -> int:
     plan, warnings = read_plan(settings, cfg, tag)
     for warning in warnings:
-        print(f"warning: {warning}", file=stderr)
+        say(stderr, f"warning: {warning}")
     freeze = read_freeze(settings.freeze_file(cfg.project))
     if freeze is not None:
         print(f"note: {cfg.project} is {freeze.describe()}; a real deploy would be refused.", file=stdout)
@@ -158,7 +162,7 @@ def _finish(entry: journal.Entry, deployer: Deployer | None, progress: Progress,
 def _record(settings: Settings, cfg: ProjectConfig, entry: journal.Entry, stderr: TextIO) -> None:
     problem = journal.append(settings.journal_file(cfg.project), entry)
     if problem:
-        print(f"warning: the deploy journal was not updated: {problem}", file=stderr)
+        say(stderr, f"warning: the deploy journal was not updated: {problem}")
 
 
 def _notify(cfg: ProjectConfig, entry: journal.Entry, stderr: TextIO) -> None:
@@ -166,7 +170,7 @@ def _notify(cfg: ProjectConfig, entry: journal.Entry, stderr: TextIO) -> None:
         return
     problem = notify.send(cfg.notify_webhook_url, notify.payload(entry))
     if problem:
-        print(f"warning: the {entry.result} notification was not delivered: {problem} (the deploy result stands).", file=stderr)
+        say(stderr, f"warning: the {entry.result} notification was not delivered: {problem} (the deploy result stands).")
 
 
 def _hook_values(settings: Settings, cfg: ProjectConfig, entry: journal.Entry) -> dict:
@@ -195,11 +199,11 @@ def _hook(settings: Settings, cfg: ProjectConfig, name: str, runner: Runner, env
         return None
     result = hooks.run(runner, path, hooks.hook_env(environ, _hook_values(settings, cfg, entry)), cfg.hook_timeout)
     status = "ok" if result.ok else f"FAILED (exit {result.returncode})"
-    print(f"hook {name}: {status}", file=stderr)
+    say(stderr, f"hook {name}: {status}")
     if result.stdout.strip() or result.stderr.strip():
-        print(hooks.output(result), file=stderr)
+        say(stderr, hooks.output(result))
     if not result.ok and name != "pre-deploy":
-        print(f"warning: the {name} hook failed; the deploy result stands.", file=stderr)
+        say(stderr, f"warning: the {name} hook failed; the deploy result stands.")
     return result.returncode
 
 
@@ -245,7 +249,7 @@ def rollback_project(
             + f"Nothing was changed. Name a tag with `bluegreen rollback {project} --to TAG`, or list the images "
             f"with `docker images {cfg.image}`."
         )
-    print(f"Rolling back {project} from {serving or 'nothing'} to {target}.", file=stderr)
+    say(stderr, f"Rolling back {project} from {serving or 'nothing'} to {target}.")
     return deploy_project(settings=settings, project=project, tag=target, wait=wait, dry_run=dry_run, stdout=stdout,
                           stderr=stderr, environ=environ, action="rollback", runner=runner)
 

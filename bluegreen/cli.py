@@ -14,7 +14,7 @@ from typing import Iterator, Sequence, TextIO
 from bluegreen import __version__, attempt, journal
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
-from bluegreen.deploy import read_current
+from bluegreen.deploy import read_current, say
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted, UsageError
 from bluegreen.lock import Freeze, freeze_json, read_freeze
 from bluegreen.runner import RecordingRunner, SubprocessRunner
@@ -368,7 +368,10 @@ def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
     argv = [*ctx.settings.docker_cmd, "logs", "--tail", str(args.tail)]
     if args.follow:
         argv.append("--follow")
-    code = SubprocessRunner().stream([*argv, dk.container_name(args.project, colour)])
+    try:
+        code = SubprocessRunner().stream([*argv, dk.container_name(args.project, colour)])
+    except Interrupted:  # Ctrl-C is how `logs -f` ends
+        return EXIT_OK
     return EXIT_OK if code == 0 else EXIT_FAILED
 
 
@@ -421,12 +424,13 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
     except BluegreenError as exc:
         if verbose:
             traceback.print_exc(file=stderr)
-        print(f"bluegreen: {exc.message}", file=stderr)
+        say(stderr, f"bluegreen: {exc.message}" + (f"\n{exc.details}" if exc.details else ""))
         return exc.exit_code
     except Interrupted as exc:
         if verbose:
             traceback.print_exc(file=stderr)
-        print(f"bluegreen: interrupted by {exc.signame} before anything was changed.", file=stderr)
+        # Deploys turn an interrupt into their own message; this is any other command, stopped.
+        say(stderr, f"bluegreen: interrupted by {exc.signame}; the lines above say what was done before it.")
         return EXIT_FAILED
     except OSError as exc:
         if verbose:

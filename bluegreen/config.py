@@ -8,7 +8,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from bluegreen.errors import ConfigError, UsageError
 
@@ -54,7 +54,24 @@ RESERVED_KEYS = (
 # App keys that look like a reserved key but are legitimate application settings.
 _NOT_MISSPELLINGS = {"SPRING_PROFILES_ACTIVE"}
 # docker run options that would break how bluegreen names, publishes or keeps containers.
-_FORBIDDEN_DOCKER_ARGS = ("--name", "-p", "--publish", "-P", "--publish-all", "--rm", "--env-file", "--network=host", "--net=host")
+# docker run options bluegreen manages itself (name, published port, environment, lifetime).
+_MANAGED_LONG = ("--name", "--publish", "--publish-all", "--rm", "--env-file", "--env", "--detach")
+_MANAGED_SHORT = ("-p", "-P", "-e", "-d")  # also when glued to their value (-p8080:80, -eKEY=x)
+
+
+def docker_args_problem(args: Sequence[str]) -> str | None:
+    """Why DOCKER_ARGS may not be used as given, or None."""
+    for i, arg in enumerate(args):
+        name = arg.split("=", 1)[0]
+        if name in _MANAGED_LONG or any(arg.startswith(short) for short in _MANAGED_SHORT):
+            what = "app environment belongs in the env file itself (as KEY=VALUE lines), never in argv" \
+                if name in ("--env", "--env-file") or arg.startswith("-e") else \
+                "bluegreen manages the container's name, published port and lifetime"
+            return f"{name if name.startswith('--') else arg[:2]} may not be set here: {what}."
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        if name in ("--network", "--net") and value == "host":
+            return "host networking would bypass the loopback-only port that nginx proxies to."
+    return None
 
 
 def validate_project(name: str) -> str:
@@ -186,7 +203,8 @@ def parse_env(text: str, source: str) -> list[EnvEntry]:
         if not sep:
             raise ConfigError(f"{source}:{lineno}: expected KEY=VALUE, got {_redact_line(raw)!r}.")
         if not _KEY_RE.fullmatch(key):
-            raise ConfigError(f"{source}:{lineno}: {key!r} is not a valid variable name (letters, digits, '_').")
+            # The "key" may be a stray line of a multi-line secret (a PEM body): show only its start.
+            raise ConfigError(f"{source}:{lineno}: {_redact_line(key)!r} is not a valid variable name (letters, digits, '_').")
         entries.append(EnvEntry(key, _unquote(value.strip(), source, lineno, key), lineno))
     return entries
 
@@ -357,13 +375,9 @@ def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> 
         docker_args = tuple(shlex.split(text("DOCKER_ARGS", "")))
     except ValueError as exc:
         raise ConfigError(f"{source}: DOCKER_ARGS: cannot parse it ({exc}).") from None
-    for arg in docker_args:
-        name = arg.split("=", 1)[0]
-        if name in _FORBIDDEN_DOCKER_ARGS or arg in _FORBIDDEN_DOCKER_ARGS:
-            raise ConfigError(
-                f"{source}: DOCKER_ARGS: {name} is managed by bluegreen (container name, published port, "
-                f"environment and lifetime) and may not be set here."
-            )
+    problem = docker_args_problem(docker_args)
+    if problem:
+        raise ConfigError(f"{source}: DOCKER_ARGS: {problem}")
 
     nginx_url = text("NGINX_URL", "http://127.0.0.1:80").rstrip("/")
     if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", nginx_url):

@@ -23,13 +23,10 @@ from typing import Callable, Iterator, Sequence, TextIO
 from bluegreen import docker as dk
 from bluegreen import health, state
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
-from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention
+from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display
-
-STEP_NAMES = ("pull", "start", "health", "switch", "retire", "record")
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -42,6 +39,7 @@ class Plan:
     target: str
     upstream_name: str
     token: str  # the probe token in the upstream file's map (kept across deploys)
+    routed_port: int  # the port nginx routes to now (0: nowhere yet)
     upstream_path: Path
     active_path: Path
     docker_cmd: tuple[str, ...]
@@ -139,6 +137,7 @@ def plan_deploy(
         target=target,
         upstream_name=upstream.name if upstream else cfg.project,
         token=upstream.token if upstream and upstream.token else token_factory(),
+        routed_port=upstream.port if upstream else 0,
         upstream_path=settings.upstream_file(cfg.project),
         active_path=settings.active_file(cfg.project),
         docker_cmd=settings.docker_cmd,
@@ -149,8 +148,9 @@ def plan_deploy(
 
 def read_plan(settings: Settings, cfg: ProjectConfig, tag: str) -> tuple[Plan, list[str]]:
     """plan_deploy from the files on disk."""
-    upstream = parse_upstream(state.read_text(settings.upstream_file(cfg.project)))
-    return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream)
+    path = settings.upstream_file(cfg.project)
+    return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)),
+                       upstream=parse_upstream(state.read_text(path)))
 
 
 class Progress:
@@ -163,7 +163,7 @@ class Progress:
         self.failed_step: str | None = None
 
     def say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        say(self.stream, text)
 
     @contextmanager
     def step(self, number: int, name: str, detail: str) -> Iterator[list[str]]:
@@ -331,6 +331,15 @@ class Deployer:
         cfg = plan.cfg
         with self.progress.step(2, "start", f"{plan.target_name} on 127.0.0.1:{plan.target_port}") as notes:
             leftover = self.docker.inspect(plan.target_name)
+            if leftover is not None and leftover.running and plan.current is None and plan.routed_port:
+                # nginx routes to a port neither colour has (BLUE_PORT/GREEN_PORT were changed):
+                # this running container may be the one serving, so it must not be removed.
+                raise UsageError(
+                    f"nginx routes {cfg.project} to 127.0.0.1:{plan.routed_port}, which is neither BLUE_PORT "
+                    f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}) in {cfg.source}, and {plan.target_name} "
+                    f"is running, so it may be what serves. Nothing was changed. To move ports, change one colour's "
+                    f"port at a time: first the port of the colour that is not serving, deploy, then the other."
+                )
             if leftover is not None:
                 self.docker.remove(plan.target_name)
                 notes.append(f"removed leftover {leftover.status} container")
@@ -398,7 +407,8 @@ class Deployer:
                     f"HEALTH_PATH and the app's dependencies (database, config), then deploy again."
                 )
             raise DeployFailed(
-                f"{what} It was removed. {serving} {advice}\nLast log lines of {plan.target_name}:\n{_indent(logs)}"
+                f"{what} It was removed. {serving} {advice}",
+                details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
             )
 
     def _switch(self, plan: Plan, tx: Transaction, serving: str) -> None:
@@ -414,19 +424,27 @@ class Deployer:
                     f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
                     f"container was removed. {serving} Make the deploy root writable for this user, then deploy again."
                 ) from exc
-            reloaded = [False]
+            reload = {"attempted": False, "done": False}
 
             def restore() -> None:
                 if previous is None:
                     path.unlink(missing_ok=True)
                 else:
                     state.atomic_write(path, previous)
-                if reloaded[0]:
-                    # Route back to the old container, then let the workers that routed to the
-                    # new one finish before the new container is removed.
+                if not reload["attempted"]:
+                    return
+                # Route back to the old container, then let the workers that routed to the new
+                # one finish before the new container is removed.
+                try:
                     master, workers = self._master_and_workers(self.nginx.test_and_dump())
                     self.nginx.reload()
-                    self._wait_for_workers(master, workers, plan.cfg.drain_timeout)
+                except CommandError:
+                    if reload["done"]:
+                        raise
+                    # The forward reload failed or was cut short: nginx most likely never loaded
+                    # the new file, and cannot reload now either. Best effort, then go on.
+                    return
+                self._wait_for_workers(master, workers, plan.cfg.drain_timeout)
 
             tx.on_failure(f"put back {path.name}", restore)
             try:
@@ -434,14 +452,17 @@ class Deployer:
             except CommandError as exc:
                 raise DeployFailed(
                     f"nginx rejected the configuration (`nginx -t`), so traffic was not switched:\n"
-                    f"{_indent(Nginx.error_text(exc))}\nThe upstream file was put back and the new container "
+                    f"{indent(Nginx.error_text(exc))}\nThe upstream file was put back and the new container "
                     f"removed. {serving} Fix the nginx error above (it may be in another file), check with "
                     f"`nginx -t`, then deploy again."
                 ) from exc
             master, old_workers = self._master_and_workers(dump)
             try:
+                # Marked before the call: a reload cut short (Ctrl-C, sudo surviving us) may
+                # still have reached the master, so the undo must reload too.
+                reload["attempted"] = True
                 self.nginx.reload()
-                reloaded[0] = True  # only now can workers route to the new container
+                reload["done"] = True
             except CommandError as exc:
                 raise DeployFailed(
                     f"`nginx -s reload` failed: {Nginx.error_text(exc)}\nThe upstream file was put back. {serving} "
@@ -596,5 +617,14 @@ def _header(probe: health.Probe, name: str) -> str:
     return ""
 
 
-def _indent(text: str) -> str:
+def indent(text: str) -> str:
+    """Every line indented by four spaces, for command output inside a message."""
     return "\n".join("    " + line for line in text.splitlines())
+
+
+def say(stream: TextIO, text: str) -> None:
+    """Print a line; a closed stderr (CI cancelled, SSH gone) must never break a deploy or its undo."""
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass

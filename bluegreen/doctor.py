@@ -60,7 +60,7 @@ def judge_upstream(project: str, upstream: ngx.Upstream | None, active: str | No
     routed = cfg.colour_of_port(upstream.port)
     if routed is None:
         return Check(name, WARN, f"{upstream_path} routes to port {upstream.port}, neither BLUE_PORT ({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port})",
-                     f"check BLUE_PORT/GREEN_PORT in {cfg.source}; the next deploy will start blue and take over")
+                     f"check BLUE_PORT/GREEN_PORT in {cfg.source}: change one colour's port at a time (the idle one first), deploying in between")
     if active is None:
         return Check(name, WARN, f"nginx routes to {routed} (127.0.0.1:{upstream.port}) but {active_path} is missing",
                      f"echo {routed} > {active_path}")

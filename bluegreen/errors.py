@@ -15,9 +15,12 @@ class BluegreenError(Exception):
 
     exit_code = EXIT_FAILED
 
-    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+    def __init__(self, message: str, *, exit_code: int | None = None, details: str = "") -> None:
         super().__init__(message)
         self.message = message
+        # Shown to the user after the message, but never journaled or sent in a notification:
+        # container log lines can hold anything, secrets included.
+        self.details = details
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from bluegreen.errors import CommandError
+from bluegreen.errors import BluegreenError, CommandError
 from bluegreen.runner import Result, Runner
 
 HOOK_NAMES = ("pre-deploy", "post-deploy", "on-failure")
@@ -34,6 +34,8 @@ def run(runner: Runner, path: Path, env: Mapping[str, str], timeout: float) -> R
         return runner.run([str(path)], check=False, timeout=timeout, env=env)
     except CommandError as exc:  # timed out
         return Result((str(path),), exc.returncode, exc.stdout, exc.stderr)
+    except (BluegreenError, OSError) as exc:  # bad shebang, no shebang (ENOEXEC), CRLF line ends
+        return Result((str(path),), 126, "", f"{path} could not be executed: {getattr(exc, 'message', None) or exc}")
 
 
 def output(result: Result, limit: int = 40) -> str:

@@ -10,7 +10,7 @@ from typing import Iterable
 
 RESULT_DEPLOYED = "deployed"  # exit 0
 RESULT_FAILED = "failed"  # exit 1: the previous version still serves
-RESULT_REFUSED = "refused"  # exit 2/3: nothing was attempted (config, lock, freeze, pre-deploy hook)
+RESULT_REFUSED = "refused"  # exit 2/3: nothing was attempted (config, lock, freeze)
 RESULT_ATTENTION = "attention"  # exit 4
 
 

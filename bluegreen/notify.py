@@ -63,7 +63,7 @@ def send(url: str, body: dict, *, timeout: float = 3.0) -> str | None:
         return f"could not reach the webhook ({type(reason).__name__ if not isinstance(reason, str) else 'error'}: {_strip(reason)})"
     except (socket.timeout, TimeoutError):
         return f"no answer within {timeout:g}s"
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a broken endpoint (bad status line, cut body...) must not break a deploy
         return f"could not send ({type(exc).__name__})"
 
 

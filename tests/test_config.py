@@ -67,6 +67,7 @@ def test_defaults_match_the_seed():
 
 
 def test_reserved_keys_are_read_and_others_are_app_env():
+    assert cfg_from("IMAGE=a/b\nDOCKER_ARGS=--network bridge --memory 1g --health-cmd true\n").docker_args[:2] == ("--network", "bridge")
     cfg = cfg_from(
         "IMAGE=127.0.0.1:5000/bg/app\nSPRING_PROFILES=prod\nHEALTH_TIMEOUT=7.5\nBLUE_PORT=9001\nGREEN_PORT=9002\n"
         "DOCKER_ARGS=--memory 1g --cpus 1.5\nDB_PASSWORD=s3cret\nSPRING_PROFILES_ACTIVE=ignored-name-check\n"
@@ -102,8 +103,13 @@ def test_misspelt_reserved_key_warns_with_the_likely_intent():
         ("IMAGE=acme/app\nSTOP_TIMEOUT=1.5\n", "STOP_TIMEOUT: must be a whole number"),
         ("IMAGE=acme/app\nHEALTH_INTERVAL=10\nHEALTH_TIMEOUT=5\n", "HEALTH_INTERVAL (10s) is longer"),
         ("IMAGE=acme/app\nLOG_DIR=logs\n", "LOG_DIR: must be an absolute path"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--name evil\n", "DOCKER_ARGS: --name is managed by bluegreen"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--publish=0.0.0.0:80:8080\n", "DOCKER_ARGS: --publish is managed"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--name evil\n", "DOCKER_ARGS: --name may not be set here: bluegreen manages"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--publish=0.0.0.0:80:8080\n", "DOCKER_ARGS: --publish may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=-p8080:80\n", "DOCKER_ARGS: -p may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=-e DB_PASSWORD=x\n", "DOCKER_ARGS: -e may not be set here: app environment belongs in the env file"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--env=A=b\n", "DOCKER_ARGS: --env may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--network host\n", "DOCKER_ARGS: host networking"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--net=host\n", "DOCKER_ARGS: host networking"),
         ("IMAGE=acme/app\nDOCKER_ARGS='--memory \"1g'\n", "DOCKER_ARGS: cannot parse"),
         ("IMAGE=acme/app\nHEALTH_EXPECT=abc\n", "HEALTH_EXPECT: must be an HTTP status code"),
     ],

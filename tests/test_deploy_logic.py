@@ -251,7 +251,7 @@ def test_drain_waits_for_real_child_processes(env):
             k.wait()
 
 
-def test_reload_failure_restores_the_file_without_a_second_reload(env):
+def test_reload_failure_restores_the_file_and_the_retry_failing_too_is_not_an_alarm(env):
     env.deploy("v1")
     path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
     before = path.read_text()
@@ -261,7 +261,8 @@ def test_reload_failure_restores_the_file_without_a_second_reload(env):
         env.deploy("v2")
     assert exc.value.exit_code == 1 and "`nginx -s reload` failed" in exc.value.message
     assert path.read_text() == before
-    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "rm --force"]
+    # The undo tries the reload again (it may have reached the master); its failure is no alarm.
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "-T", "-s reload", "rm --force"]
 
 
 def test_docker_daemon_down_before_anything_changes(env):
