@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from bluegreen.errors import BluegreenError, LockedError, UsageError
+from bluegreen.state import fsync_dir
 
 DAY = 86400.0
 CHUNK = 1 << 20
@@ -86,16 +87,6 @@ def _digest(chunks: Iterator[bytes]) -> tuple[int, int]:
         crc = zlib.crc32(chunk, crc)
         size += len(chunk)
     return crc, size
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(str(directory), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
 
 
 class _SourceError(Exception):
@@ -181,7 +172,7 @@ def _place(tmp: Path, backup_dir: Path, name: str, digest: tuple[int, int]) -> P
         except OSError as exc:
             raise DestinationError(exc) from None
         try:
-            _fsync_dir(backup_dir)
+            fsync_dir(backup_dir)
         except OSError as exc:
             raise DestinationError(exc) from None
         return dest

@@ -26,10 +26,11 @@ def atomic_write(path: Path, data: str, *, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or link in `directory` durable (best effort where the filesystem refuses)."""
     try:
         fd = os.open(str(directory), os.O_RDONLY)
     except OSError:
