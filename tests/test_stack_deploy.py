@@ -69,6 +69,14 @@ class LineWatcher:
         return "".join(self.lines)
 
 
+def start_slow_deploy(project) -> tuple[subprocess.Popen, LineWatcher]:
+    """A deploy of the image that boots in 3 s, in the background, once it is health-checking."""
+    slow = project.popen(project.name, "slow")
+    watcher = LineWatcher(slow)
+    watcher.wait_for("[2/6] start")
+    return slow, watcher
+
+
 def test_first_deploy_then_blue_green_blue(project):
     project.write_env(DB_PASSWORD="s3cret-pw", SPRING_PROFILES="prod")
     first = deploy_ok(project, "v1")
@@ -204,9 +212,7 @@ def test_second_deploy_is_refused_while_one_runs_then_can_wait(project):
     project.write_env()
     deploy_ok(project, "v1")
     project.serve()
-    slow = project.popen(project.name, "slow")
-    watcher = LineWatcher(slow)
-    watcher.wait_for("[2/6] start")
+    slow, watcher = start_slow_deploy(project)
     refused = project.run(project.name, "v2", check=3)
     assert f"pid {slow.pid}" in refused.stderr and "deploying tag slow" in refused.stderr
     assert "Nothing was changed" in refused.stderr
@@ -221,9 +227,7 @@ def test_kill_9_mid_health_check_then_a_clean_deploy(project):
     project.write_env()
     deploy_ok(project, "v1")
     project.serve()
-    slow = project.popen(project.name, "slow")
-    watcher = LineWatcher(slow)
-    watcher.wait_for("[2/6] start")
+    slow, watcher = start_slow_deploy(project)
     os.kill(slow.pid, signal.SIGKILL)
     slow.wait(timeout=10)
     assert serving(project) == "v1"
@@ -237,9 +241,7 @@ def test_sigterm_mid_health_check_undoes_the_new_container(project):
     project.write_env()
     deploy_ok(project, "v1")
     project.serve()
-    slow = project.popen(project.name, "slow")
-    watcher = LineWatcher(slow)
-    watcher.wait_for("[2/6] start")
+    slow, watcher = start_slow_deploy(project)
     slow.send_signal(signal.SIGTERM)
     assert slow.wait(timeout=30) == 1
     err = watcher.text()
