@@ -362,11 +362,7 @@ class Deployer:
                 ) from exc
 
     def _port_holder(self, port: int) -> str:
-        result = self.runner.run(
-            [*self.settings.docker_cmd, "ps", "--filter", f"publish={port}", "--format", "{{.Names}}"],
-            check=False, mutates=False, timeout=30,
-        )
-        names = result.stdout.split() if result.ok else []
+        names = self.docker.publishers(port)
         return f"container {', '.join(names)}" if names else "another process"
 
     def _health(self, plan: Plan, serving: str) -> None:
@@ -473,9 +469,8 @@ class Deployer:
 
     def _master_and_workers(self, dump: str) -> tuple[int | None, set[int]]:
         """The nginx master pid (from its pid file) and its current worker pids."""
-        pid_file = self.settings.nginx_pid_file or ngx.pid_file_from_dump(dump, self.settings.nginx_cmd)
-        master = ngx.read_pid(pid_file)
-        if master is None or not Path(f"/proc/{master}").exists():
+        master, pid_file = ngx.master_pid(dump, self.settings.nginx_cmd, self.settings.nginx_pid_file)
+        if master is None:
             self.progress.say(
                 f"warning: cannot read the nginx master pid from {pid_file}, so bluegreen cannot tell when old "
                 f"workers have finished; set BLUEGREEN_NGINX_PID_FILE to the right file."

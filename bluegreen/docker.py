@@ -165,6 +165,12 @@ class Docker:
     def stop(self, name: str, timeout: int) -> None:
         self.runner.run(stop_argv(self.cmd, name, timeout), timeout=timeout + 60)
 
+    def publishers(self, port: int) -> list[str]:
+        """Names of the containers that publish `port` (empty if none, or if docker cannot say)."""
+        result = self.runner.run([*self.cmd, "ps", "--filter", f"publish={port}", "--format", "{{.Names}}"],
+                                 check=False, mutates=False, timeout=30)
+        return result.stdout.split() if result.ok else []
+
     def logs(self, name: str, tail: int = 20) -> str:
         """Last lines the container wrote (stdout and stderr), or a note why there are none."""
         result = self.runner.run(logs_argv(self.cmd, name, tail), check=False, mutates=False, timeout=30)

@@ -206,9 +206,8 @@ def host_checks(settings: Settings, runner: Runner, *, min_free: int) -> tuple[l
             checks.append(Check("include", FAIL, f"nginx does not include {upstream_dir(settings)} ({conf})",
                                 f"sudo {me} setup (adds `{include_line(settings)}` to the http block)"))
     if nginx_dump is not None:
-        pid_file = settings.nginx_pid_file or ngx.pid_file_from_dump(nginx_dump, settings.nginx_cmd)
-        pid = ngx.read_pid(pid_file)
-        if pid is not None and Path(f"/proc/{pid}").exists():
+        pid, pid_file = ngx.master_pid(nginx_dump, settings.nginx_cmd, settings.nginx_pid_file)
+        if pid is not None:
             checks.append(Check("nginx running", OK, f"master pid {pid} ({pid_file})"))
         else:
             checks.append(Check("nginx running", FAIL, f"no nginx master runs (pid file {pid_file}), so a deploy's reload would fail",
@@ -256,8 +255,10 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
         busy = port_busy(port)
         holders: list[str] = []
         if busy:
-            ps = _run(runner, [*settings.docker_cmd, "ps", "--filter", f"publish={port}", "--format", "{{.Names}}"])
-            holders = ps.stdout.split() if ps is not None and ps.ok else []
+            try:
+                holders = dk.Docker(runner, settings.docker_cmd).publishers(port)
+            except BluegreenError:  # docker missing: reported by its own check
+                holders = []
         checks.append(judge_port(project, colour, port, busy, holders))
 
     config, config_path = _docker_config(environ)

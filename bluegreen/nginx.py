@@ -93,6 +93,13 @@ def pid_file_from_dump(dump: str, nginx_cmd: Sequence[str]) -> str:
     return os.path.join(prefix, path)
 
 
+def master_pid(dump: str, nginx_cmd: Sequence[str], pid_file: str = "") -> tuple[int | None, str]:
+    """The running master's pid (None if its pid file is unreadable or stale) and the file read."""
+    path = pid_file or pid_file_from_dump(dump, nginx_cmd)
+    pid = read_pid(path)
+    return (pid if pid is not None and Path(f"/proc/{pid}").exists() else None), path
+
+
 def read_pid(path: str | Path) -> int | None:
     try:
         text = Path(path).read_text().strip()

@@ -48,7 +48,7 @@ def test_status_names_drift_and_the_fix(project):
     problems = {d["problem"]: d["fix"] for d in item["drift"]}
     down = [p for p in problems if f"nginx routes to {project.name}-blue" in p and "is exited: the service is down" in p]
     assert down and problems[down[0]] == f"docker start {project.name}-blue"
-    assert any(f"still runs although nginx does not route to it" in p for p in problems)
+    assert any("still runs although nginx does not route to it" in p for p in problems)
     assert any(f"{project.name}.active says green but nginx routes to blue" in p for p in problems)
     overview = project.run("status", check=True).stdout
     assert "problem(s)" in [ln for ln in overview.splitlines() if ln.startswith(project.name)][0]
@@ -98,7 +98,7 @@ def test_rollback_after_a_good_deploy_and_after_a_failed_one(project):
     project.run(project.name, "unhealthy", check=1)
     assert serving(project) == "v3"
     back = project.run("rollback", project.name, check=True)
-    assert f"from v3 to v1" in back.stderr and serving(project) == "v1"
+    assert "from v3 to v1" in back.stderr and serving(project) == "v1"
     explicit = project.run("rollback", project.name, "--to", "v2", check=True)
     assert "to v2" in explicit.stderr and serving(project) == "v2"
     history = project.run("history", project.name, "--json", check=True).stdout.splitlines()
