@@ -32,6 +32,10 @@ environment:
   BLUEGREEN_ROOT    deploy root (default /opt/deploy), same as --root
   BLUEGREEN_DOCKER  docker command prefix (default: docker)
   BLUEGREEN_NGINX   nginx command prefix (default: nginx as root, else sudo -n nginx)
+  BLUEGREEN_NGINX_PID_FILE   the nginx master's pid file (default: the pid directive of nginx -T)
+  BLUEGREEN_NGINX_CONF, BLUEGREEN_NGINX_CONF_DIR, BLUEGREEN_CRON_DIR, BLUEGREEN_SYSTEMD_DIR
+                    where setup/init/doctor find nginx.conf, server blocks and schedulers
+                    (see docs/env-reference.md)
 """
 
 

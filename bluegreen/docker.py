@@ -153,6 +153,16 @@ class Docker:
             return None
         raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
 
+    def inspect_many(self, names: Sequence[str]) -> dict[str, Container]:
+        """The named containers that exist, by name, in one docker call."""
+        if not names:
+            return {}
+        # inspect prints the containers that exist and exits 1 naming the ones that do not.
+        result = self.runner.run(inspect_argv(self.cmd, names), check=False, mutates=False, timeout=60)
+        if not result.ok and not result.stdout.strip().startswith("["):
+            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+        return {c.name: c for c in parse_inspect(result.stdout or "[]")}
+
     def run(self, argv: Sequence[str]) -> str:
         """Start a container; returns its id."""
         return self.runner.run(argv, timeout=300).stdout.strip()

@@ -51,7 +51,7 @@ def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout:
     with project_lock(settings.lock_file(project), holder):
         colour, _, _ = read_current(settings, cfg)
         serving = dk.container_name(project, colour) if colour else None
-        containers = [c for c in (docker.inspect(dk.container_name(project, col)) for col in COLOURS) if c is not None]
+        containers = list(docker.inspect_many([dk.container_name(project, col) for col in COLOURS]).values())
         listed = run.run([*settings.docker_cmd, "image", "ls", cfg.image, "--format", "{{.Tag}}"], mutates=False, timeout=60)
         tags = sorted(set(listed.stdout.split()))
         plan = plan_prune(image=cfg.image, containers=containers, serving=serving, image_tags=tags,

@@ -11,7 +11,6 @@ from bluegreen import docker as dk
 from bluegreen import journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
 from bluegreen.deploy import current_colour
-from bluegreen.errors import CommandError
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.nginx import parse_upstream
@@ -102,22 +101,12 @@ def collect(settings: Settings, projects: Sequence[str], runner: Runner,
         except Exception as exc:  # report a broken env file, keep going with the others
             configs[name] = getattr(exc, "message", str(exc))
     names = [dk.container_name(n, c) for n, cfg in configs.items() if not isinstance(cfg, str) for c in COLOURS]
-    containers = _inspect_all(runner, settings.docker_cmd, names)
+    containers = dk.Docker(runner, settings.docker_cmd).inspect_many(names)
     return [
         _one(settings, name, cfg, containers, probe, live_health) if not isinstance(cfg, str)
         else ProjectStatus(project=name, serving=None, active_file=None, upstream_port=None, tag=None, digest=None, error=cfg)
         for name, cfg in configs.items()
     ]
-
-
-def _inspect_all(runner: Runner, docker_cmd: Sequence[str], names: Sequence[str]) -> dict[str, dk.Container]:
-    if not names:
-        return {}
-    # One call: inspect prints the containers that exist and exits 1 naming the ones that do not.
-    result = runner.run(dk.inspect_argv(docker_cmd, names), check=False, mutates=False, timeout=60)
-    if not result.ok and not result.stdout.strip().startswith("["):
-        raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
-    return {c.name: c for c in dk.parse_inspect(result.stdout or "[]")}
 
 
 def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, probe: Callable[..., Probe],
