@@ -135,3 +135,25 @@ def test_notification_payload_is_slack_compatible_and_has_the_facts():
 def test_notification_failure_never_shows_the_url():
     problem = notify.send("http://127.0.0.1:9/services/SECRET-PATH", {"text": "x"}, timeout=1)
     assert problem and "SECRET" not in problem and "127.0.0.1:9" not in problem
+
+
+def test_a_webhook_that_answers_garbage_is_a_warning_not_a_crash():
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer_garbage():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"NOT-HTTP garbage\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    try:
+        problem = notify.send(f"http://127.0.0.1:{server.getsockname()[1]}/hook/SECRET", {"text": "x"}, timeout=2)
+    finally:
+        server.close()
+    assert problem and "SECRET" not in problem

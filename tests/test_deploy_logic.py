@@ -273,3 +273,36 @@ def test_docker_daemon_down_before_anything_changes(env):
         env.deploy("v2")
     assert "Cannot connect to the Docker daemon" in exc.value.message and "Nothing was changed" in exc.value.message
     assert verbs(env.runner) == []
+
+
+def test_after_a_port_change_a_running_container_nginx_may_use_is_never_removed(env):
+    env.deploy("v1")  # blue serves on 8081
+    (env.root / "projects" / "api.env").write_text("IMAGE=reg.local/acme/api\nBLUE_PORT=9081\nGREEN_PORT=9082\n")
+    from bluegreen.config import load_project
+    from bluegreen.errors import UsageError
+
+    cfg = load_project(env.settings, "api")
+    plan, warnings = read_plan(env.settings, cfg, "v2")
+    assert plan.current is None and plan.target == "blue" and plan.routed_port == 8081
+    env.runner.calls.clear()
+    d = Deployer(settings=env.settings, runner=env.runner, progress=Progress(env.err), port_busy=lambda p: False)
+    with pytest.raises(UsageError) as exc:
+        d.run(plan)
+    assert exc.value.exit_code == 2 and "change one colour's port at a time" in exc.value.message
+    assert env.host.containers["api-blue"]["State"]["Status"] == "running"
+    assert verbs(env.runner) == ["pull reg.local/acme/api:v2"]
+
+
+def test_a_hook_that_cannot_execute_is_reported_not_raised(tmp_path):
+    from bluegreen import hooks
+    from bluegreen.runner import SubprocessRunner
+
+    bad = tmp_path / "post-deploy"
+    bad.write_text("#!/nonexistent/interpreter\n")
+    bad.chmod(0o755)
+    result = hooks.run(SubprocessRunner(), bad, {}, timeout=5)
+    assert result.returncode == 126 and "could not be executed" in result.stderr
+    no_shebang = tmp_path / "on-failure"
+    no_shebang.write_bytes(b"\x7fELF garbage")
+    no_shebang.chmod(0o755)
+    assert hooks.run(SubprocessRunner(), no_shebang, {}, timeout=5).returncode == 126
