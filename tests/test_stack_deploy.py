@@ -184,6 +184,9 @@ def test_image_that_exits_on_boot_fails_at_once_with_its_log(project):
     assert time.monotonic() - started < 20, "a crashed container must not wait for HEALTH_TIMEOUT"
     assert "exited while starting" in proc.stderr and "exited with code 3" in proc.stderr
     assert stacklib.FATAL_LINE in proc.stderr
+    # The app's log lines are shown to the user but never journaled (they can hold anything).
+    journal = Path(project.env_file).with_suffix(".journal").read_text()
+    assert "exited while starting" in journal and stacklib.FATAL_LINE not in journal
     assert_old_still_serves(project)
 
 
