@@ -15,7 +15,7 @@ from bluegreen import __version__, attempt, journal
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
 from bluegreen.deploy import read_current, say
-from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, Interrupted, UsageError
+from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, ConfigError, Interrupted, UsageError
 from bluegreen.lock import Freeze, freeze_json, read_freeze
 from bluegreen.runner import RecordingRunner, SubprocessRunner
 from bluegreen.state import atomic_write
@@ -274,13 +274,14 @@ def cmd_backup_logs(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
-    if args.project:
-        validate_project(args.project)
-        load_project(ctx.settings, args.project)  # a clear config error for the one project asked about
     from bluegreen import status  # imported here: off the deploy's start-up path
 
+    if args.project:
+        validate_project(args.project)
     projects = [args.project] if args.project else ctx.settings.projects()
     found = status.collect(ctx.settings, projects, SubprocessRunner())
+    if args.project and found[0].error:  # the one project asked about: its config error, exit 2
+        raise ConfigError(found[0].error)
     if args.json:
         print(status.to_json(found), file=ctx.stdout)
     elif args.project:

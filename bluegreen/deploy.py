@@ -26,7 +26,7 @@ from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
-from bluegreen.runner import Runner, display
+from bluegreen.runner import Runner, display, indent
 
 @dataclass(frozen=True)
 class Plan:
@@ -610,11 +610,6 @@ def _header(probe: health.Probe, name: str) -> str:
         if key.lower() == name.lower():
             return value.strip()
     return ""
-
-
-def indent(text: str) -> str:
-    """Every line indented by four spaces, for command output inside a message."""
-    return "\n".join("    " + line for line in text.splitlines())
 
 
 def say(stream: TextIO, text: str) -> None:

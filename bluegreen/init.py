@@ -15,7 +15,7 @@ from bluegreen import state, template
 from bluegreen.config import Settings, parse_env, project_from_entries, validate_project
 from bluegreen.errors import BluegreenError, CommandError, ConfigError, ExecutableNotFound, UsageError
 from bluegreen.host import invocation, upstream_dir
-from bluegreen.runner import Runner
+from bluegreen.runner import Runner, indent
 
 _SERVER_NAME_RE = re.compile(r"_|(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 _LISTEN_RE = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|\*):)?(\d{1,5})")
@@ -278,7 +278,7 @@ def _check_nginx(runner: Runner, settings: Settings, done: list[Written], upstre
             )
         undo(done)
         raise BluegreenError(
-            f"nginx rejected the configuration with the new files (`nginx -t`):\n{_indent(error)}\nThe files init "
+            f"nginx rejected the configuration with the new files (`nginx -t`):\n{indent(error)}\nThe files init "
             f"wrote were removed again (or put back as they were); nginx is as before. Fix the error above (for "
             f"a 'duplicate upstream' or 'conflicting server name', another file already defines it), then run "
             f"init again."
@@ -298,7 +298,3 @@ def init_ci(*, project: str, repo: str, force: bool, stdout: TextIO) -> int:
         file=stdout,
     )
     return 0
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.splitlines())

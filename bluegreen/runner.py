@@ -27,6 +27,11 @@ def display(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def indent(text: str) -> str:
+    """Every line indented by four spaces, for command output inside a message."""
+    return "\n".join("    " + line for line in text.splitlines())
+
+
 class Runner:
     """Runs a command; `mutates=False` marks read-only queries that a dry run may still make."""
 

@@ -19,7 +19,7 @@ from bluegreen import state, template
 from bluegreen.config import Settings
 from bluegreen.errors import BluegreenError, CommandError, ExecutableNotFound, UsageError
 from bluegreen.host import add_include, include_line, includes_dir, invocation, nginx_conf_path, self_command, upstream_dir
-from bluegreen.runner import Runner, display
+from bluegreen.runner import Runner, display, indent
 
 CRON_FILE = "bluegreen"
 TIMER_UNIT = "bluegreen-backup-logs.timer"
@@ -297,7 +297,7 @@ def _add_include(step: Step, *, runner: Runner, settings: Settings) -> str:
         except (CommandError, ExecutableNotFound):
             before = "nginx -t fails without the line too, so the problem is elsewhere in the configuration."
         raise BluegreenError(
-            f"nginx -t failed after adding `{step.data}` to {path}:\n{_indent(error)}\n{path} was put back as it "
+            f"nginx -t failed after adding `{step.data}` to {path}:\n{indent(error)}\n{path} was put back as it "
             f"was; {before} Fix the error above, then run setup again."
         ) from exc
     return "nginx -t ok; nginx loads it at its next reload (every deploy reloads)"
@@ -383,7 +383,3 @@ def setup_host(
 
 def _done_note(done: list[str]) -> str:
     return f"Already done: {'; '.join(done)}." if done else "Nothing was changed."
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.splitlines())
