@@ -274,21 +274,26 @@ class Deployer:
         """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
         cfg = plan.cfg
         start = self.clock()
+        names = [n for n in (plan.current_name, plan.target_name) if n]
         try:
-            old = self.docker.inspect(plan.current_name) if plan.current_name else None
+            # Both colours in one docker call: what serves, and what is left in the idle slot.
+            found = self.docker.inspect_many(names)
         except CommandError as exc:
             raise DeployFailed(
-                f"Cannot ask docker about {plan.current_name}: {exc.output_tail(3)}\nNothing was changed: nginx "
-                f"still routes to {plan.current_name} as before. Check that dockerd runs and this user may use it "
-                f"(`docker info`), then deploy again."
+                f"Cannot ask docker about {' and '.join(names)}: {exc.output_tail(3)}\nNothing was changed: nginx "
+                f"still routes {'to ' + plan.current_name if plan.current_name else 'nowhere'} as before. Check that "
+                f"dockerd runs and this user may use it (`docker info`), then deploy again."
             ) from exc
+        old = found.get(plan.current_name) if plan.current_name else None
+        leftover = found.get(plan.target_name)
         self.old = old
+        self._refuse_serving_leftover(plan, leftover)
         serving = self.serving_note(plan, old)
 
         try:
             self._pull(plan, serving)
             with Transaction(self.progress) as tx:
-                self._start(plan, tx, serving)
+                self._start(plan, tx, serving, leftover)
                 self._health(plan, serving)
                 self._switch(plan, tx, serving)
                 tx.commit()
@@ -327,19 +332,25 @@ class Deployer:
                     f"(`docker login {registry_host(plan.cfg.image)}`), then deploy again."
                 ) from exc
 
-    def _start(self, plan: Plan, tx: Transaction, serving: str) -> None:
+    @staticmethod
+    def _refuse_serving_leftover(plan: Plan, leftover: dk.Container | None) -> None:
+        """Stop before anything changes if the idle slot's running container may be what serves."""
+        cfg = plan.cfg
+        if leftover is not None and leftover.running and plan.current is None and plan.routed_port:
+            # nginx routes to a port neither colour has (BLUE_PORT/GREEN_PORT were changed):
+            # this running container may be the one serving, so it must not be removed.
+            raise UsageError(
+                f"nginx routes {cfg.project} to 127.0.0.1:{plan.routed_port}, which is neither BLUE_PORT "
+                f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}) in {cfg.source}, and {plan.target_name} "
+                f"is running, so it may be what serves. Nothing was changed. To move ports, change one colour's "
+                f"port at a time: first the port of the colour that is not serving, deploy, then the other."
+            )
+
+    def _start(self, plan: Plan, tx: Transaction, serving: str, leftover: dk.Container | None) -> None:
         cfg = plan.cfg
         with self.progress.step(2, "start", f"{plan.target_name} on 127.0.0.1:{plan.target_port}") as notes:
-            leftover = self.docker.inspect(plan.target_name)
-            if leftover is not None and leftover.running and plan.current is None and plan.routed_port:
-                # nginx routes to a port neither colour has (BLUE_PORT/GREEN_PORT were changed):
-                # this running container may be the one serving, so it must not be removed.
-                raise UsageError(
-                    f"nginx routes {cfg.project} to 127.0.0.1:{plan.routed_port}, which is neither BLUE_PORT "
-                    f"({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port}) in {cfg.source}, and {plan.target_name} "
-                    f"is running, so it may be what serves. Nothing was changed. To move ports, change one colour's "
-                    f"port at a time: first the port of the colour that is not serving, deploy, then the other."
-                )
+            # `leftover` was inspected before the pull; the lock keeps other deploys out since, and
+            # `docker rm --force` accepts a container that has gone meanwhile.
             if leftover is not None:
                 self.docker.remove(plan.target_name)
                 notes.append(f"removed leftover {leftover.status} container")

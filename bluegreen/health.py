@@ -86,7 +86,8 @@ def wait_healthy(
     """Probe until the status is `expect`, the deadline passes, or `alive()` reports a death.
 
     `probe(t)` makes one request with a timeout of t seconds; `alive()` returns None while the
-    container runs, else a description of how it ended (checked at most every `alive_every` s).
+    container runs, else a description of how it ended (checked every `alive_every` s, first after
+    `alive_every`: the caller has just started the container, and each check is a docker call).
     """
     start = clock()
     deadline = start + timeout
@@ -94,7 +95,7 @@ def wait_healthy(
         sleep(min(initial_delay, timeout))
     attempts = 0
     last: Probe | None = None
-    next_alive_check = clock()
+    next_alive_check = clock() + alive_every
     while True:
         now = clock()
         if alive is not None and now >= next_alive_check:

@@ -32,10 +32,10 @@ class FakeHost:
         if verb in self.fail:
             return Result(tuple(argv), 1, "", self.fail[verb])
         if argv[:3] == ("docker", "container", "inspect"):
-            c = self.containers.get(argv[3])
-            if c is None:
-                return Result(tuple(argv), 1, "", f"Error: No such container: {argv[3]}")
-            return Result(tuple(argv), 0, json.dumps([c]), "")
+            # Like docker: the ones that exist on stdout, exit 1 naming each missing one.
+            found = [self.containers[n] for n in argv[3:] if n in self.containers]
+            missing = [f"Error: No such container: {n}" for n in argv[3:] if n not in self.containers]
+            return Result(tuple(argv), 1 if missing else 0, json.dumps(found), "\n".join(missing))
         if verb == "run":
             name = argv[argv.index("--name") + 1]
             tag = [a for a in argv if a.startswith("bluegreen.tag=")][0].split("=", 1)[1]
@@ -120,6 +120,9 @@ def test_second_deploy_goes_green_and_stops_blue_last(env):
     summary = env.deploy("v2")
     assert verbs(env.runner) == ["pull reg.local/acme/api:v2", "run --detach", "-T", "-s reload", "stop --time"]
     assert env.runner.calls[-1][-1] == "api-blue"
+    # One docker query in all: both colours at once, before the pull (a quick app needs no liveness check).
+    assert [c for c in env.runner.calls if c[1] == "container"] == [("docker", "container", "inspect", "api-blue", "api-green")]
+    assert env.runner.calls[0][1] == "container"
     assert "from api-green" in summary and "(was v1 in api-blue)" in summary
     assert (env.root / "projects" / "api.active").read_text() == "green\n"
 
@@ -290,7 +293,7 @@ def test_after_a_port_change_a_running_container_nginx_may_use_is_never_removed(
         d.run(plan)
     assert exc.value.exit_code == 2 and "change one colour's port at a time" in exc.value.message
     assert env.host.containers["api-blue"]["State"]["Status"] == "running"
-    assert verbs(env.runner) == ["pull reg.local/acme/api:v2"]
+    assert verbs(env.runner) == []  # refused before even the pull
 
 
 def test_a_hook_that_cannot_execute_is_reported_not_raised(tmp_path):

@@ -54,12 +54,29 @@ def test_times_out_at_the_deadline_and_keeps_last_answer():
 
 def test_container_death_ends_the_wait_at_once():
     clock = FakeClock()
-    states = iter([None, "the container stopped (exited, exit code 3)"])
+    checks = []
+
+    def alive():
+        checks.append(clock.now - 1000.0)
+        return None if len(checks) < 2 else "the container stopped (exited, exit code 3)"
+
     result = wait_healthy(
         lambda t: Probe(None, "connection refused"), expect=200, timeout=120, interval=0.5,
-        alive=lambda: next(states), alive_every=1.0, clock=clock, sleep=clock.sleep,
+        alive=alive, alive_every=1.0, clock=clock, sleep=clock.sleep,
     )
-    assert not result.healthy and "exit code 3" in result.died and result.elapsed <= 1.5
+    assert not result.healthy and "exit code 3" in result.died
+    # Checked once a second, the first time a second after the start (docker run has just said
+    # it started), so a death is noticed within alive_every + interval.
+    assert checks == [pytest.approx(1.0), pytest.approx(2.0)] and result.elapsed <= 2.5
+
+
+def test_a_quick_app_costs_no_liveness_check():
+    clock = FakeClock()
+    calls = []
+    answers = iter([Probe(None, "connection refused"), Probe(200, "HTTP 200")])
+    result = wait_healthy(lambda t: next(answers), expect=200, timeout=10, interval=0.1,
+                          alive=lambda: calls.append(1), alive_every=1.0, clock=clock, sleep=clock.sleep)
+    assert result.healthy and calls == []
 
 
 def test_initial_delay_and_custom_expected_status():
