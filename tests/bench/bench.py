@@ -6,7 +6,8 @@ dist/bluegreen.pyz and K times with tests/bench/deploy.sh (the guide's six steps
 each against its own project, ports and nginx server block on one private stack, while
 
   * hey keeps ~200 req/s of keep-alive GET /version going through nginx,
-  * a thread keeps one GET /cgi-bin/slow?1 in flight at all times (a new connection each),
+  * a thread keeps one GET /cgi-bin/slow?1 in flight at all times (a new connection each; --slow S
+    makes it take S seconds instead of 1),
   * nginx logs every answer of that server block to its own access log,
 
 and prints one table (docs/bench.md explains the columns). Modes:
@@ -19,7 +20,7 @@ Everything is private and on 127.0.0.1: a local docker-registry, a private nginx
 root; all of it is removed at the end, also on Ctrl-C. Exits non-zero only when the bench itself
 broke (the stack did not come up, a warm-up deploy failed, hey misbehaved), never on the numbers.
 
-    python3 tests/bench/bench.py [--deploys K] [--modes graceful,drops-in-flight,broken] [--json PATH]
+    python3 tests/bench/bench.py [--deploys K] [--modes graceful,drops-in-flight,broken] [--slow S] [--json PATH]
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ BOOT_RANGE = (1.5, 2.5)
 def boot_delay(mode: str, index: int) -> float:
     return round(random.Random(f"{mode}-{index}").uniform(*BOOT_RANGE), 2)
 HEY_WORKERS, HEY_QPS = 4, 50  # hey -c 4 -q 50: ~200 req/s in all
-SLOW_PATH = "/cgi-bin/slow?1"
+SLOW_SECONDS = 1.0  # default length of the request kept in flight across every switch (--slow)
 SETTLE = 1.0  # seconds of load before the first and after the last deploy of a series
 GAP = 0.5  # seconds between two deploys
 DEPLOY_TIMEOUT = 120  # one deploy; it is recorded as failed past this
@@ -261,12 +262,16 @@ def parse_steps(stderr: str) -> Dict[str, float]:
 
 
 class Bench:
-    def __init__(self, deploys: int, modes: List[str]) -> None:
+    def __init__(self, deploys: int, modes: List[str], slow_path: str) -> None:
         self.deploys = deploys
         self.modes = modes
+        self.slow_path = slow_path
         self.work = Path(tempfile.mkdtemp(prefix="bluegreen-bench-"))
         self.work.chmod(0o755)  # nginx workers run as nobody
         self.root = self.work / "root"
+        # A snapshot: a `make build` while the bench runs must not change what is measured.
+        self.pyz = self.work / "bluegreen.pyz"
+        shutil.copyfile(PYZ, self.pyz)
         self.registry: Optional[stack.Registry] = None
         self.nginx: Optional[stack.Nginx] = None
         self.images: List[str] = []
@@ -337,7 +342,7 @@ class Bench:
             proj.env_text() + (f"BOOT_DELAY={boot}\n" if boot is not None else ""))
         env = dict(os.environ)
         if proj.tool == "bluegreen":
-            argv = [sys.executable, str(PYZ), proj.name, tag]
+            argv = [sys.executable, str(self.pyz), proj.name, tag]
             env.update(BLUEGREEN_ROOT=str(self.root), BLUEGREEN_NGINX=shlex.join(self.nginx.cmd))
         else:
             argv = ["bash", str(BASELINE), proj.name, tag]
@@ -387,7 +392,7 @@ class Bench:
         offset = proj.access_log.stat().st_size if proj.access_log.exists() else 0
         bound = int(self.deploys * 30 + 120)  # the load's own bound, far above a normal series
         hey = Hey(proj.url("/version"), bound, self.work / f"hey-{proj.name}.txt")
-        slow = SlowClient(proj.url(SLOW_PATH), bound)
+        slow = SlowClient(proj.url(self.slow_path), bound)
         self.load = [hey, slow]
         slow.start()
         series_start = time.monotonic()
@@ -494,6 +499,7 @@ def summarise(mode: str, tool: str, res: dict) -> dict:
         "failed_requests": hey["non_2xx"] + hey["error_count"] + slow["failed"],
         "nginx_non_2xx": ngx["non_2xx"],
         "wall_median": median(walls),
+        "wall_mean": sum(walls) / len(walls) if walls else None,
         "wall_p90": percentile(walls, 90),
         "failed_wall_median": median([d["wall"] for d in failed]),
         "step_median": steps,
@@ -502,20 +508,22 @@ def summarise(mode: str, tool: str, res: dict) -> dict:
 
 def table(rows: List[dict]) -> str:
     head = ["mode", "tool", "deploys ok/failed", "requests hey+slow", "failed requests (hey non-2xx+hey err+slow)",
-            "nginx non-2xx", "deploy s median", "p90", "bg/base median", *STEPS]
+            "nginx non-2xx", "deploy s median", "mean", "p90", "bg/base median", "bg/base mean", *STEPS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    base = {r["mode"]: r["wall_median"] for r in rows if r["tool"] == "baseline"}
+    base = {r["mode"]: r for r in rows if r["tool"] == "baseline"}
     for r in rows:
         deploys = f"{r['deploys_ok']}/{r['deploys_failed']}"
         if r["unexpected_deploys"]:
             deploys += f" ({r['unexpected_deploys']} unexpected)"
-        ratio = "-"
-        if r["tool"] == "bluegreen" and r["wall_median"] and base.get(r["mode"]):
-            ratio = f"{r['wall_median'] / base[r['mode']]:.2f}"
+        ratios = []
+        for key in ("wall_median", "wall_mean"):
+            theirs = base[r["mode"]][key] if r["mode"] in base else None
+            ok = r["tool"] == "bluegreen" and r[key] and theirs
+            ratios.append(f"{r[key] / theirs:.2f}" if ok else "-")
         cells = [
             r["mode"], r["tool"], deploys, f"{r['requests_hey']}+{r['requests_slow']}",
             f"{r['failed_requests']} ({r['failed_hey_non_2xx']}+{r['failed_hey_errors']}+{r['failed_slow']})",
-            str(r["nginx_non_2xx"]), fmt(r["wall_median"]), fmt(r["wall_p90"]), ratio,
+            str(r["nginx_non_2xx"]), fmt(r["wall_median"]), fmt(r["wall_mean"]), fmt(r["wall_p90"]), *ratios,
             *(fmt(r["step_median"][s]) for s in STEPS),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -554,14 +562,14 @@ def notes(rows: List[dict], results: dict) -> List[str]:
 # main
 # --------------------------------------------------------------------------
 
-def measured_build() -> dict:
+def measured_build(pyz: Path) -> dict:
     """Which bluegreen was measured: the pyz's sha256 and the commit (dirty if bluegreen/ has local edits)."""
     def git(*args: str) -> str:
         proc = subprocess.run(["git", "-C", str(REPO), *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, check=False)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
-    return {"pyz_sha256": hashlib.sha256(PYZ.read_bytes()).hexdigest(), "commit": git("rev-parse", "HEAD"),
+    return {"pyz_sha256": hashlib.sha256(pyz.read_bytes()).hexdigest(), "commit": git("rev-parse", "HEAD"),
             "bluegreen_dirty": bool(git("status", "--porcelain", "--", "bluegreen", "build.py"))}
 
 
@@ -576,6 +584,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help=f"comma-separated, from {', '.join(MODES)} (default: all)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH",
                         help="where to write the table and raw numbers (default dist/bench.json)")
+    parser.add_argument("--slow", type=float, default=SLOW_SECONDS, metavar="SECONDS",
+                        help=f"how long the request kept in flight across every switch takes (default {SLOW_SECONDS:g})")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -583,6 +593,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--modes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODES)}")
     if args.deploys < 1:
         parser.error("--deploys must be at least 1")
+    if not 0.2 <= args.slow <= 10:
+        parser.error("--slow must be between 0.2 and 10 seconds (it must outlast nginx's 0.1 s switch)")
+    slow_path = f"/cgi-bin/slow?{args.slow:g}"
     missing = [t for t in ("docker", "docker-registry", "nginx", "hey", "curl", "bash", "htpasswd")
                if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
     if not os.path.exists(stack.BUSYBOX):
@@ -597,7 +610,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.monotonic()
     load_before = os.getloadavg()
-    bench = Bench(args.deploys, modes)
+    bench = Bench(args.deploys, modes, slow_path)
+    measured = measured_build(bench.pyz)  # before anything runs: the snapshot and the commit it came from
     rc = 0
     try:
         log(f"bench: {args.deploys} deploys per series, modes {', '.join(modes)}; work dir {bench.work}")
@@ -627,7 +641,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     wall = time.monotonic() - started
     load_after = os.getloadavg()
     log(f"\n== bench: {args.deploys} deploys per series; load: hey -c {HEY_WORKERS} -q {HEY_QPS} GET /version "
-        f"+ one GET {SLOW_PATH} always in flight ==\n")
+        f"+ one GET {slow_path} always in flight ==\n")
     log(text)
     log("")
     for line in extra:
@@ -639,11 +653,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         "deploys_per_series": args.deploys,
         "modes": modes,
         "settings": {"boot_delay": BOOT_DELAY, "boot_range": BOOT_RANGE, "hey_workers": HEY_WORKERS, "hey_qps_per_worker": HEY_QPS,
-                     "slow_path": SLOW_PATH, "gap": GAP, "health_timeout": HEALTH_TIMEOUT, "app": APP,
+                     "slow_path": slow_path, "gap": GAP, "health_timeout": HEALTH_TIMEOUT, "app": APP,
                      "stop_timeout": STOP_TIMEOUT},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
-        "measured": measured_build(),
+        "measured": measured,
         "wall_seconds": round(wall, 1),
         "table": text,
         "notes": extra,
