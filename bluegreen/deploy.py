@@ -517,11 +517,15 @@ class Deployer:
             else:
                 left = ngx.alive(old_workers, master)
                 notes.append(f"{len(left)} still alive after DRAIN_TIMEOUT={timeout:g}s")
+                # Whole workers are waited for, not just connections to the old port: a request
+                # whose body nginx is still buffering connects upstream only later.
+                old_name = plan.current_name or "the old container"
                 self.progress.say(
                     f"warning: {len(left)} old nginx worker(s) (pid {', '.join(map(str, sorted(left)))}) still hold "
-                    f"connections after DRAIN_TIMEOUT={timeout:g}s, usually websockets or long polls; those "
-                    f"connections will be cut when the old container stops. Set `worker_shutdown_timeout` in "
-                    f"nginx.conf (e.g. 30s) to bound them, or raise DRAIN_TIMEOUT in {plan.cfg.source}."
+                    f"connections after DRAIN_TIMEOUT={timeout:g}s, usually websockets or long polls; those that go "
+                    f"to {old_name} are cut when it stops now (connections to other sites are not affected). Set "
+                    f"`worker_shutdown_timeout` in nginx.conf (e.g. 30s) to bound them, or raise DRAIN_TIMEOUT in "
+                    f"{plan.cfg.source}."
                 )
             return drained and master is not None
 

@@ -78,7 +78,17 @@ def boot_delay(mode: str, index: int) -> float:
 HEY_WORKERS, HEY_QPS = 4, 50  # hey -c 4 -q 50: ~200 req/s in all
 SLOW_SECONDS = 1.0  # default length of the request kept in flight across every switch (--slow)
 SETTLE = 1.0  # seconds of load before the first and after the last deploy of a series
-GAP = 0.5  # seconds between two deploys
+GAP_RANGE = (0.5, 1.5)  # seconds between two deploys, drawn per deploy (see gap())
+
+
+def gap(mode: str, index: int) -> float:
+    """The pause after deploy `index`, seeded like boot_delay.
+
+    A fixed pause phase-locks the deploys to the slow client's back-to-back requests: bluegreen's
+    drain ends when the in-flight slow request does, so every deploy would then find that request
+    at the same point of its life, decided by the boot time. Real deploys start at random moments.
+    """
+    return round(random.Random(f"gap-{mode}-{index}").uniform(*GAP_RANGE), 2)
 DEPLOY_TIMEOUT = 120  # one deploy; it is recorded as failed past this
 HEALTH_TIMEOUT = {"graceful": 30, "drops-in-flight": 30, "broken": 3}
 APP = {"graceful": "graceful", "drops-in-flight": "ok", "broken": "graceful"}
@@ -412,7 +422,7 @@ class Bench:
                 flag = "" if d["ok"] == d["expected_ok"] and d["serving_after"] == last_good else "  <-- unexpected"
                 log(f"  {i + 1:>3}/{self.deploys} {tag:<4} {'ok' if d['ok'] else 'FAILED (exit %s)' % d['rc']:<16} "
                     f"{d['wall']:6.2f}s  serving {d['serving_after']}{flag}")
-                time.sleep(GAP)
+                time.sleep(gap(mode, i))
             time.sleep(SETTLE)
         finally:
             slow.stop.set()
@@ -653,7 +663,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "deploys_per_series": args.deploys,
         "modes": modes,
         "settings": {"boot_delay": BOOT_DELAY, "boot_range": BOOT_RANGE, "hey_workers": HEY_WORKERS, "hey_qps_per_worker": HEY_QPS,
-                     "slow_path": slow_path, "gap": GAP, "health_timeout": HEALTH_TIMEOUT, "app": APP,
+                     "slow_path": slow_path, "gap_range": GAP_RANGE, "health_timeout": HEALTH_TIMEOUT, "app": APP,
                      "stop_timeout": STOP_TIMEOUT},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": load_before, "loadavg_after": load_after},
