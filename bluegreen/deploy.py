@@ -281,7 +281,7 @@ class Deployer:
         except CommandError as exc:
             raise DeployFailed(
                 f"Cannot ask docker about {' and '.join(names)}: {exc.output_tail(3)}\nNothing was changed: nginx "
-                f"still routes {'to ' + plan.current_name if plan.current_name else 'nowhere'} as before. Check that "
+                f"routes as before{' (to ' + plan.current_name + ')' if plan.current_name else ''}. Check that "
                 f"dockerd runs and this user may use it (`docker info`), then deploy again."
             ) from exc
         old = found.get(plan.current_name) if plan.current_name else None
@@ -519,11 +519,14 @@ class Deployer:
                 notes.append(f"{len(left)} still alive after DRAIN_TIMEOUT={timeout:g}s")
                 # Whole workers are waited for, not just connections to the old port: a request
                 # whose body nginx is still buffering connects upstream only later.
-                old_name = plan.current_name or "the old container"
+                cut = (
+                    f" Those that go to {plan.current_name} may be cut when it stops now, unless the app finishes "
+                    f"them within STOP_TIMEOUT={plan.cfg.stop_timeout}s; connections to other sites are not affected."
+                    if plan.current_name else ""
+                )
                 self.progress.say(
                     f"warning: {len(left)} old nginx worker(s) (pid {', '.join(map(str, sorted(left)))}) still hold "
-                    f"connections after DRAIN_TIMEOUT={timeout:g}s, usually websockets or long polls; those that go "
-                    f"to {old_name} are cut when it stops now (connections to other sites are not affected). Set "
+                    f"connections after DRAIN_TIMEOUT={timeout:g}s, usually websockets or long polls.{cut} Set "
                     f"`worker_shutdown_timeout` in nginx.conf (e.g. 30s) to bound them, or raise DRAIN_TIMEOUT in "
                     f"{plan.cfg.source}."
                 )

@@ -157,11 +157,17 @@ class Docker:
         """The named containers that exist, by name, in one docker call."""
         if not names:
             return {}
-        # inspect prints the containers that exist and exits 1 naming the ones that do not.
+        # inspect prints the containers that exist and exits 1 naming the ones that do not. It also
+        # prints "[]" when the daemon cannot be reached, so only "no such" lines mean "absent".
         result = self.runner.run(inspect_argv(self.cmd, names), check=False, mutates=False, timeout=60)
-        if not result.ok and not result.stdout.strip().startswith("["):
-            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
-        return {c.name: c for c in parse_inspect(result.stdout or "[]")}
+        if not result.ok:
+            problems = [ln for ln in result.stderr.splitlines() if ln.strip() and "no such" not in ln.lower()]
+            if problems or not result.stderr.strip():
+                raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+        try:
+            return {c.name: c for c in parse_inspect(result.stdout or "[]")}
+        except ValueError as exc:  # not JSON: nothing we can trust
+            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr) from exc
 
     def run(self, argv: Sequence[str]) -> str:
         """Start a container; returns its id."""

@@ -105,7 +105,10 @@ def wait_healthy(
             next_alive_check = now + alive_every
         remaining = deadline - now
         if remaining <= 0:
-            return HealthResult(False, now - start, attempts, last)
+            # One last look, so a container that died (even in the last partial second, or with a
+            # HEALTH_TIMEOUT under alive_every) is reported as a crash, not as slow.
+            died = alive() if alive is not None else None
+            return HealthResult(False, now - start, attempts, last, died)
         attempts += 1
         last = probe(max(0.05, min(request_timeout, remaining)))
         if last.status == expect:

@@ -30,7 +30,8 @@ class FakeHost:
     def __call__(self, argv):
         verb = argv[1] if argv[0] == "docker" else " ".join(argv[1:])
         if verb in self.fail:
-            return Result(tuple(argv), 1, "", self.fail[verb])
+            # A failing `docker container inspect` still prints "[]" (checked with docker 28.2).
+            return Result(tuple(argv), 1, "[]\n" if verb == "container" else "", self.fail[verb])
         if argv[:3] == ("docker", "container", "inspect"):
             # Like docker: the ones that exist on stdout, exit 1 naming each missing one.
             found = [self.containers[n] for n in argv[3:] if n in self.containers]
@@ -309,3 +310,25 @@ def test_a_hook_that_cannot_execute_is_reported_not_raised(tmp_path):
     no_shebang.write_bytes(b"\x7fELF garbage")
     no_shebang.chmod(0o755)
     assert hooks.run(SubprocessRunner(), no_shebang, {}, timeout=5).returncode == 126
+
+
+@pytest.mark.parametrize("stdout,stderr,expect", [
+    ("[]\n", "Error: No such container: a-blue\nError: No such container: a-green", set()),
+    (json.dumps([{"Name": "/a-blue", "State": {"Status": "running"}, "Config": {}}]), "Error: No such container: a-green",
+     {"a-blue"}),
+    # What docker prints when it cannot reach the daemon: "[]" and exit 1. That is not "absent".
+    ("[]\n", "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the docker daemon running?", None),
+    ("[]\n", "", None),
+    ("not json", "Error: No such container: a-green", None),
+])
+def test_inspect_many_tells_absent_from_docker_failing(stdout, stderr, expect):
+    from bluegreen.docker import Docker
+    from bluegreen.errors import CommandError
+
+    runner = RecordingRunner(responder=lambda argv: Result(tuple(argv), 1, stdout, stderr))
+    docker = Docker(runner, ["docker"])
+    if expect is None:
+        with pytest.raises(CommandError):
+            docker.inspect_many(["a-blue", "a-green"])
+    else:
+        assert set(docker.inspect_many(["a-blue", "a-green"])) == expect

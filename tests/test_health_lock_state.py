@@ -70,6 +70,23 @@ def test_container_death_ends_the_wait_at_once():
     assert checks == [pytest.approx(1.0), pytest.approx(2.0)] and result.elapsed <= 2.5
 
 
+def test_a_death_before_the_first_liveness_check_is_still_reported_as_a_death():
+    clock = FakeClock()
+    result = wait_healthy(
+        lambda t: Probe(None, "connection refused"), expect=200, timeout=0.5, interval=0.1,
+        alive=lambda: "the container stopped (exited, exit code 1)", alive_every=1.0, clock=clock, sleep=clock.sleep,
+    )
+    assert not result.healthy and result.died == "the container stopped (exited, exit code 1)"
+
+
+def test_a_plain_timeout_checks_liveness_once_more_and_stays_a_timeout():
+    clock = FakeClock()
+    calls = []
+    result = wait_healthy(lambda t: Probe(503, "HTTP 503"), expect=200, timeout=0.5, interval=0.1,
+                          alive=lambda: calls.append(clock.now) or None, alive_every=1.0, clock=clock, sleep=clock.sleep)
+    assert not result.healthy and result.died is None and result.last.detail == "HTTP 503" and len(calls) == 1
+
+
 def test_a_quick_app_costs_no_liveness_check():
     clock = FakeClock()
     calls = []

@@ -99,13 +99,13 @@ def test_probe_route_is_proven_with_the_managed_header(project):
 def test_drain_is_bounded_by_drain_timeout_and_says_so(project):
     """A connection that outlives DRAIN_TIMEOUT (a long poll here) must not hold the deploy: it ends
     at the bound, with a warning that names the fix."""
-    project.write_env(STOP_TIMEOUT="10", DRAIN_TIMEOUT="1")
+    project.write_env(DRAIN_TIMEOUT="1")
     deploy_ok(project, "v1")
     project.serve()
     result: dict = {}
 
     def long_poll() -> None:
-        result["answer"] = project.get("/cgi-bin/slow?8", timeout=30)
+        result["answer"] = project.get("/cgi-bin/slow?30", timeout=60)
 
     client = threading.Thread(target=long_poll)
     client.start()
@@ -113,12 +113,13 @@ def test_drain_is_bounded_by_drain_timeout_and_says_so(project):
     started = time.monotonic()
     proc = deploy_ok(project, "v2")
     took = time.monotonic() - started
-    client.join(timeout=30)
+    client.join(timeout=60)
     drain = re.search(r"\[4/6\] drain .*\(1 still alive after DRAIN_TIMEOUT=1s\): ([0-9.]+)s", proc.stderr)
     assert drain, proc.stderr
-    assert 1.0 <= float(drain.group(1)) < 2.0
-    assert "worker_shutdown_timeout" in proc.stderr and f"go to {project.name}-blue are cut" in proc.stderr
-    assert took < 7, "the deploy waited for the long poll instead of stopping at DRAIN_TIMEOUT"
-    # The price of the bound, as the warning says: the long poll to the old container was cut.
-    assert result["answer"][0] != 200
+    assert 1.0 <= float(drain.group(1)) < 3.0
+    assert "worker_shutdown_timeout" in proc.stderr and f"go to {project.name}-blue may be cut" in proc.stderr
+    assert took < 20, "the deploy waited for the long poll instead of stopping at DRAIN_TIMEOUT"
+    # The price of the bound, as the warning says: this app exits at once on SIGTERM, so the long
+    # poll to the old container was cut (a 502 from nginx), long before its 30 s.
+    assert result.get("answer", (None,))[0] == 502, result
     assert serving(project) == "v2"
