@@ -145,13 +145,7 @@ class Docker:
 
     def inspect(self, name: str) -> Container | None:
         """The named container, or None if it does not exist."""
-        result = self.runner.run(inspect_argv(self.cmd, [name]), check=False, mutates=False, timeout=60)
-        if result.ok:
-            found = parse_inspect(result.stdout)
-            return found[0] if found else None
-        if "no such" in (result.stderr + result.stdout).lower():
-            return None
-        raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+        return self.inspect_many([name]).get(name)
 
     def inspect_many(self, names: Sequence[str]) -> dict[str, Container]:
         """The named containers that exist, by name, in one docker call."""

@@ -10,6 +10,21 @@ from pathlib import Path
 from test_stack_deploy import deploy_ok, serving
 
 
+def in_flight(project, path: str) -> tuple[threading.Thread, dict]:
+    """Start a GET through nginx in a thread and give nginx 0.5 s to take it in; result gets
+    "answer" (status, body) and "done_at" (monotonic) when it ends."""
+    result: dict = {}
+
+    def request() -> None:
+        result["answer"] = project.get(path, timeout=60)
+        result["done_at"] = time.monotonic()
+
+    client = threading.Thread(target=request)
+    client.start()
+    time.sleep(0.5)
+    return client, result
+
+
 def test_old_container_outlives_every_old_nginx_worker(project):
     """A request in flight on an old worker when nginx reloads must still be answered by the old container.
 
@@ -19,15 +34,7 @@ def test_old_container_outlives_every_old_nginx_worker(project):
     project.write_env(STOP_TIMEOUT="10")
     deploy_ok(project, "v1")
     project.serve()
-    result: dict = {}
-
-    def slow_request() -> None:
-        result["answer"] = project.get("/cgi-bin/slow?5", timeout=30)
-        result["done_at"] = time.monotonic()
-
-    client = threading.Thread(target=slow_request)
-    client.start()
-    time.sleep(0.5)  # the request is now held by an old worker, routed to blue
+    client, result = in_flight(project, "/cgi-bin/slow?5")  # now held by an old worker, routed to blue
     proc = deploy_ok(project, "v2")
     retired_at = time.monotonic()
     client.join(timeout=30)
@@ -102,14 +109,7 @@ def test_drain_is_bounded_by_drain_timeout_and_says_so(project):
     project.write_env(DRAIN_TIMEOUT="1")
     deploy_ok(project, "v1")
     project.serve()
-    result: dict = {}
-
-    def long_poll() -> None:
-        result["answer"] = project.get("/cgi-bin/slow?30", timeout=60)
-
-    client = threading.Thread(target=long_poll)
-    client.start()
-    time.sleep(0.5)  # held by an old worker, routed to blue
+    client, result = in_flight(project, "/cgi-bin/slow?30")  # a long poll, held by an old worker
     started = time.monotonic()
     proc = deploy_ok(project, "v2")
     took = time.monotonic() - started
