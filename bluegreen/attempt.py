@@ -87,7 +87,7 @@ def deploy_project(
         return _print_plan(settings, cfg, tag, stdout, stderr)
 
     runner = runner or SubprocessRunner()
-    progress = Progress(stderr, clock)
+    progress = Progress(stderr, clock, pause_at=environ.get("BLUEGREEN_FAULT_PAUSE", ""))
     started = clock()
     deployer: Deployer | None = None
     plan: Plan | None = None

@@ -156,11 +156,19 @@ def read_plan(settings: Settings, cfg: ProjectConfig, tag: str) -> tuple[Plan, l
 class Progress:
     """One line per step on stderr, with its elapsed time; keeps the durations."""
 
-    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, stream: TextIO, clock: Callable[[], float] = time.monotonic, *, pause_at: str = "") -> None:
         self.stream = stream
         self.clock = clock
         self.durations: dict[str, float] = {}
         self.failed_step: str | None = None
+        # Fault injection for the tests (BLUEGREEN_FAULT_PAUSE=STEP[:SECONDS]): pause at the start of STEP so
+        # that a signal (kill -9, SIGTERM, Ctrl-C) lands inside it. It only ever waits; it changes nothing.
+        step, _, seconds = pause_at.partition(":")
+        self.pause_step = step.strip()
+        try:
+            self.pause_seconds = min(600.0, max(0.0, float(seconds))) if seconds else 30.0
+        except ValueError:
+            self.pause_seconds = 30.0
 
     def say(self, text: str) -> None:
         say(self.stream, text)
@@ -171,6 +179,9 @@ class Progress:
         start = self.clock()
         notes: list[str] = []
         try:
+            if name == self.pause_step:
+                self.say(f"fault-pause: {name} (pid {os.getpid()}, {self.pause_seconds:g}s)")
+                time.sleep(self.pause_seconds)
             yield notes
         except BaseException:
             self.durations[name] = self.clock() - start
