@@ -43,6 +43,7 @@ class Runner:
         timeout: float | None = None,
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
+        input: bytes | None = None,
     ) -> Result:
         raise NotImplementedError
 
@@ -65,12 +66,15 @@ class SubprocessRunner(Runner):
         timeout: float | None = None,
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
+        input: bytes | None = None,
     ) -> Result:
         argv = [str(a) for a in argv]
         try:
+            # `input` goes through a pipe (secrets for `docker run --env-file /dev/stdin`): never a file.
             proc = subprocess.run(
                 argv,
-                stdin=subprocess.DEVNULL,
+                input=input,
+                stdin=None if input is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 timeout=timeout,
@@ -135,10 +139,11 @@ class RecordingRunner(Runner):
         timeout: float | None = None,
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
+        input: bytes | None = None,
     ) -> Result:
         argv = tuple(str(a) for a in argv)
         if self.passthrough is not None and not mutates:
-            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env)
+            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env, input=input)
         self.calls.append(argv)
         result = self.responder(argv) if self.responder else None
         if result is None:
