@@ -130,6 +130,7 @@ class RecordingRunner(Runner):
     responder: Responder | None = None
     passthrough: Runner | None = None
     calls: list[tuple[str, ...]] = field(default_factory=list)
+    inputs: dict[int, bytes] = field(default_factory=dict)  # index in `calls` -> what went to its stdin
 
     def run(
         self,
@@ -145,6 +146,8 @@ class RecordingRunner(Runner):
         if self.passthrough is not None and not mutates:
             return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env, input=input)
         self.calls.append(argv)
+        if input is not None:
+            self.inputs[len(self.calls) - 1] = input
         result = self.responder(argv) if self.responder else None
         if result is None:
             result = Result(argv, 0, "", "")
