@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import Callable, Iterator, TextIO
 
 from bluegreen import docker as dk
 from bluegreen import health, state
@@ -76,11 +75,11 @@ class Plan:
         """Human-readable steps with the exact commands, for --dry-run."""
         cfg, d, n = self.cfg, self.docker_cmd, self.nginx_cmd
         retire = f"{display(dk.stop_argv(d, self.current_name, cfg.stop_timeout))}" if self.current_name else "(nothing was serving)"
-        env_note = " (app environment goes in a private temp file, never in argv)" if cfg.container_env() else ""
+        env_note = " (app environment piped to docker's stdin: never in argv or a file)" if cfg.container_env() else ""
         return [
             f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}",
             f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
-            f"              {display(self.run_argv('<temp env file>' if cfg.container_env() else None))}{env_note}",
+            f"              {display(self.run_argv(dk.ENV_STDIN if cfg.container_env() else None))}{env_note}",
             f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",
             f"[4/6] switch  write {self.upstream_path}:",
             *("                " + line for line in self.upstream_text().splitlines()),
@@ -374,9 +373,12 @@ class Deployer:
                     f"{plan.target.upper()}_PORT in {cfg.source}, then deploy again."
                 )
             tx.on_failure(f"removed {plan.target_name}", lambda: self.docker.remove(plan.target_name))
+            env = cfg.container_env()
             try:
-                with _env_file(cfg.container_env()) as env_path:
-                    self.docker.run(plan.run_argv(env_path))
+                # The app's environment (secrets) goes to docker through a pipe, so no file holding it
+                # can outlive this process, whatever kills it.
+                self.docker.run(plan.run_argv(dk.ENV_STDIN if env else None),
+                                input=dk.env_file_text(env).encode("utf-8") if env else None)
             except CommandError as exc:
                 raise DeployFailed(
                     f"Could not start {plan.target_name} from {plan.ref}: {exc.output_tail(4)}\n{serving} "
@@ -614,24 +616,6 @@ class Deployer:
                     f"{new_desc}, but recording it in {plan.active_path} failed ({exc}). Write `{plan.target}` "
                     f"into that file (the upstream file already points at {plan.target})."
                 ) from exc
-
-
-@contextmanager
-def _env_file(env: Sequence[tuple[str, str]]) -> Iterator[str | None]:
-    """A private (0600) temp file holding the app environment, deleted as soon as docker has read it."""
-    if not env:
-        yield None
-        return
-    fd, path = tempfile.mkstemp(prefix="bluegreen-", suffix=".env")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dk.env_file_text(env))
-        yield path
-    finally:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _header(probe: health.Probe, name: str) -> str:

@@ -14,6 +14,8 @@ from bluegreen.runner import Runner
 LABEL_PROJECT = "bluegreen.project"
 LABEL_COLOUR = "bluegreen.color"
 LABEL_TAG = "bluegreen.tag"
+# `docker run --env-file` reads the app environment from its stdin, which bluegreen feeds through a pipe.
+ENV_STDIN = "/dev/stdin"
 
 
 def container_name(project: str, colour: str) -> str:
@@ -163,9 +165,9 @@ class Docker:
         except ValueError as exc:  # not JSON: nothing we can trust
             raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr) from exc
 
-    def run(self, argv: Sequence[str]) -> str:
-        """Start a container; returns its id."""
-        return self.runner.run(argv, timeout=300).stdout.strip()
+    def run(self, argv: Sequence[str], *, input: bytes | None = None) -> str:
+        """Start a container (`input`: what docker reads on stdin, e.g. the env file); returns its id."""
+        return self.runner.run(argv, timeout=300, input=input).stdout.strip()
 
     def remove(self, name: str) -> None:
         result = self.runner.run(rm_argv(self.cmd, name), check=False, timeout=120)

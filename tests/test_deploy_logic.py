@@ -41,8 +41,7 @@ class FakeHost:
             name = argv[argv.index("--name") + 1]
             tag = [a for a in argv if a.startswith("bluegreen.tag=")][0].split("=", 1)[1]
             if "--env-file" in argv:
-                with open(argv[argv.index("--env-file") + 1]) as fh:
-                    self.env_files.append(fh.read())
+                self.env_files.append(argv[argv.index("--env-file") + 1])
             self.add(name, tag)
         if verb == "rm":
             self.containers.pop(argv[-1], None)
@@ -108,7 +107,10 @@ def test_first_deploy_runs_the_six_steps_in_order(env):
     assert "api v1 now serves from api-blue on 127.0.0.1:8081" in summary
     assert (env.root / "projects" / "api.active").read_text() == "blue\n"
     assert "server 127.0.0.1:8081;" in (env.root / "nginx" / "conf.d" / "api-upstream.conf").read_text()
-    assert env.host.env_files == ["DB_PASSWORD=s3cret\n"]
+    # The secrets reach docker through its stdin (a pipe), never through a file that could outlive us.
+    assert env.host.env_files == ["/dev/stdin"]
+    run_index = next(i for i, c in enumerate(env.runner.calls) if c[1] == "run")
+    assert env.runner.inputs == {run_index: b"DB_PASSWORD=s3cret\n"}
     assert not any("s3cret" in a for call in env.runner.calls for a in call)
     steps = [ln.split()[:2] for ln in env.err.getvalue().splitlines() if ln.startswith("[")]
     assert steps == [["[1/6]", "pull"], ["[2/6]", "start"], ["[3/6]", "health"], ["[4/6]", "switch"],
