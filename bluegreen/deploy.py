@@ -27,6 +27,10 @@ from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display, indent
 
+# Seconds the undo after a signal waits for nginx workers that may route to the new container.
+UNDO_DRAIN_ON_INTERRUPT = 3.0
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a deploy will do, decided from the config and the host's current state."""
@@ -199,6 +203,7 @@ class Transaction:
         self.progress = progress
         self.undos: list[tuple[str, Callable[[], None]]] = []
         self.committed = False
+        self.failure: BaseException | None = None  # what the undos run for (an undo may act on it)
 
     def on_failure(self, description: str, undo: Callable[[], None]) -> None:
         self.undos.append((description, undo))
@@ -213,6 +218,7 @@ class Transaction:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None or self.committed:
             return
+        self.failure = exc
         failures: list[str] = []
         for description, undo in reversed(self.undos):
             try:
@@ -437,14 +443,13 @@ class Deployer:
         with self.progress.step(4, "switch", f"nginx -> 127.0.0.1:{plan.target_port}"):
             try:
                 previous = state.read_text(path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                state.atomic_write(path, plan.upstream_text())
             except OSError as exc:
                 raise DeployFailed(
-                    f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
-                    f"container was removed. {serving} Make the deploy root writable for this user, then deploy again."
+                    f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
+                    f"container was removed. {serving} Check that file and its directory, then deploy again."
                 ) from exc
             reload = {"attempted": False, "done": False}
+            before: dict[str, set[int]] = {"workers": set()}  # the workers of the config that routes to the old one
 
             def restore() -> None:
                 if previous is None:
@@ -453,8 +458,9 @@ class Deployer:
                     state.atomic_write(path, previous)
                 if not reload["attempted"]:
                     return
-                # Route back to the old container, then let the workers that routed to the new
-                # one finish before the new container is removed.
+                # Route back to the old container, then let the workers that may route to the new one
+                # finish before it is removed. Workers from before the forward reload route to the old
+                # container, which stays: they are not waited for.
                 try:
                     master, workers = self._master_and_workers(self.nginx.test_and_dump())
                     self.nginx.reload()
@@ -464,9 +470,24 @@ class Deployer:
                     # The forward reload failed or was cut short: nginx most likely never loaded
                     # the new file, and cannot reload now either. Best effort, then go on.
                     return
-                self._wait_for_workers(master, workers, plan.cfg.drain_timeout)
+                bound = plan.cfg.drain_timeout
+                if isinstance(tx.failure, Interrupted):
+                    # A cancelled CI job sends SIGKILL a few seconds after its first signal: the undo
+                    # must be over by then, so requests to the new container get a short grace only.
+                    bound = min(bound, UNDO_DRAIN_ON_INTERRUPT)
+                self._wait_for_workers(master, workers - before["workers"], bound)
 
+            # Registered before the write: whatever happens from here on, the previous file comes back.
             tx.on_failure(f"put back {path.name}", restore)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                state.atomic_write(path, plan.upstream_text())
+            except OSError as exc:
+                raise DeployFailed(
+                    f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
+                    f"container was removed. {serving} Free space or make the deploy root writable for this user, "
+                    f"then deploy again."
+                ) from exc
             try:
                 dump = self.nginx.test_and_dump()
             except CommandError as exc:
@@ -477,6 +498,7 @@ class Deployer:
                     f"`nginx -t`, then deploy again."
                 ) from exc
             master, old_workers = self._master_and_workers(dump)
+            before["workers"] = old_workers
             try:
                 # Marked before the call: a reload cut short (Ctrl-C, sudo surviving us) may
                 # still have reached the master, so the undo must reload too.

@@ -334,3 +334,72 @@ def test_inspect_many_tells_absent_from_docker_failing(stdout, stderr, expect):
             docker.inspect_many(["a-blue", "a-green"])
     else:
         assert set(docker.inspect_many(["a-blue", "a-green"])) == expect
+
+
+def test_upstream_restore_is_registered_before_the_write(env, monkeypatch):
+    """A signal that lands inside the write (after the rename) still gets the previous upstream back."""
+    env.deploy("v1")
+    path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
+    before = path.read_text()
+    from bluegreen import state
+
+    real_write = state.atomic_write
+    calls = []
+
+    def write_then_interrupt(p, data, **kw):
+        real_write(p, data, **kw)
+        calls.append(str(p))
+        if len(calls) == 1 and str(p) == str(path):
+            raise Interrupted("SIGTERM")  # the new file is in place, the write has not returned yet
+
+    monkeypatch.setattr(state, "atomic_write", write_then_interrupt)
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert "interrupted by SIGTERM" in exc.value.message
+    assert path.read_text() == before  # blue's upstream, not green's
+    assert "api-green" not in env.host.containers
+
+
+def test_undo_after_a_signal_waits_only_for_new_workers_and_briefly(env, monkeypatch):
+    """SIGTERM during the drain: the undo does not wait again for the old workers (they route to the kept
+    container), and gives the new ones a bounded grace, so it ends well inside a CI's kill grace."""
+    from bluegreen import deploy as dp
+
+    env.deploy("v1")
+    old, new = {101, 102}, {201}
+    dumps = iter([(1, set(old)), (1, old | new)])  # at the forward reload, then in the undo
+    monkeypatch.setattr(dp.Deployer, "_master_and_workers", lambda self, dump: next(dumps))
+    waited_for = []
+    drain_calls = [0]
+
+    def wait_for_workers(self, master, workers, timeout):
+        waited_for.append((set(workers), timeout))
+        drain_calls[0] += 1
+        if drain_calls[0] == 1:  # the forward drain: the signal arrives while it waits
+            raise Interrupted("SIGTERM")
+        return False, timeout
+
+    monkeypatch.setattr(dp.Deployer, "_wait_for_workers", wait_for_workers)
+    with pytest.raises(DeployFailed) as exc:
+        env.deploy("v2")
+    assert "interrupted by SIGTERM" in exc.value.message
+    assert waited_for[0] == (old, env.cfg.drain_timeout)
+    assert waited_for[1] == (new, dp.UNDO_DRAIN_ON_INTERRUPT)  # not the old workers, not DRAIN_TIMEOUT=60
+    assert dp.UNDO_DRAIN_ON_INTERRUPT <= 5
+    assert "api-green" not in env.host.containers
+
+
+def test_undo_after_a_failed_verify_waits_the_full_drain_for_new_workers(env, monkeypatch):
+    from bluegreen import deploy as dp
+
+    env.deploy("v1")
+    old, new = {101}, {201, 202}
+    dumps = iter([(1, set(old)), (1, old | new)])
+    monkeypatch.setattr(dp.Deployer, "_master_and_workers", lambda self, dump: next(dumps))
+    waited_for = []
+    monkeypatch.setattr(dp.Deployer, "_wait_for_workers",
+                        lambda self, master, workers, timeout: waited_for.append((set(workers), timeout)) or (True, 0.0))
+    env.route_to = 8081  # verify fails: nginx still routes to blue
+    with pytest.raises(DeployFailed):
+        env.deploy("v2")
+    assert waited_for[-1] == (new, env.cfg.drain_timeout)
