@@ -1,15 +1,19 @@
 """`bluegreen doctor [PROJECT]`: a checklist of everything a deploy relies on, each failing item with its fix.
 
-Facts are gathered through read-only commands; each `judge_*` function decides one item from facts alone.
-A FAIL is something that would make a deploy fail; a WARN needs a look but does not stop a deploy.
+Facts are gathered through read-only commands and `lstat`; each `judge_*` function decides one item from facts
+alone. A FAIL is something that would make a deploy fail, or that hands root to someone the trust model
+(docs/security.md) does not; a WARN needs a look but does not stop a deploy; an info line states a fact.
 """
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +29,7 @@ from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_pa
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.runner import Runner
 
-OK, WARN, FAIL = "ok", "WARN", "FAIL"
+OK, WARN, FAIL, INFO = "ok", "WARN", "FAIL", "info"
 MIN_PYTHON = (3, 9)
 
 
@@ -129,6 +133,192 @@ def server_block_state(dump: str, upstream: str, project: str) -> tuple[bool, bo
 
 def verdict(checks: list[Check]) -> int:
     return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK
+
+
+# -- pure: the trust model (docs/security.md) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Node:
+    """One path as `lstat` saw it, owner and group resolved to names."""
+
+    path: str
+    kind: str  # dir | file | symlink | fifo | socket | device | missing | unreadable
+    uid: int = -1
+    gid: int = -1
+    mode: int = 0  # permission bits, sticky bit included
+    nlink: int = 1
+    owner: str = ""
+    group: str = ""
+    group_members: tuple[str, ...] = ()  # every user in the group (secondary and primary members)
+    target: str = ""  # where a symlink points
+
+
+_ODD_KINDS = ("symlink", "fifo", "socket", "device")
+
+
+def untrusted_writers(node: Node, trusted: frozenset, *, ancestor: bool = False) -> list[str]:
+    """Who beyond `trusted` can change `node`: its owner (who can always chmod it), then group and others by mode.
+
+    For an ancestor directory with the sticky bit (/tmp) only its owner can replace the entry below it.
+    """
+    if node.kind in ("missing", "unreadable"):
+        return []
+    who = [f"{node.owner} (owner)"] if node.owner not in trusted else []
+    if node.kind == "symlink" or (ancestor and node.mode & stat.S_ISVTX):
+        return who  # a symlink's own mode means nothing; replacing it takes write access to its directory
+    if node.mode & stat.S_IWGRP:
+        members = [m for m in node.group_members if m not in trusted]
+        if members:
+            who.append(f"group {node.group} ({', '.join(members)})")
+    if node.mode & stat.S_IWOTH:
+        who.append("everyone")
+    return who
+
+
+def untrusted_readers(node: Node, trusted: frozenset) -> list[str]:
+    """Who beyond `trusted` can read the file `node`."""
+    who = [f"{node.owner} (owner)"] if node.owner not in trusted else []
+    if node.mode & stat.S_IRGRP:
+        members = [m for m in node.group_members if m not in trusted]
+        if members:
+            who.append(f"group {node.group} ({', '.join(members)})")
+    if node.mode & stat.S_IROTH:
+        who.append("everyone")
+    return who
+
+
+def _tighten(node: Node, trusted: frozenset, owner: str) -> str:
+    """The commands that leave `node` to root and `owner` only."""
+    steps = []
+    if node.owner not in trusted:
+        steps.append(f"sudo chown {owner} {node.path}")
+    if node.kind != "symlink" and node.mode & (stat.S_IWGRP | stat.S_IWOTH):
+        steps.append(f"sudo chmod go-w {node.path}")
+    return " && ".join(steps)
+
+
+def _listing(items: list[str], limit: int = 4) -> str:
+    shown = items[:limit] + ([f"and {len(items) - limit} more"] if len(items) > limit else [])
+    return "; ".join(shown)
+
+
+def judge_writers(name: str, what: str, nodes: list[tuple[Node, bool]], trusted: frozenset, owner: str, why: str) -> Check:
+    """FAIL when anyone beyond `trusted` can change one of `nodes` ((node, is_ancestor) pairs): `why` says what that gives them."""
+    problems, fixes = [], []
+    for node, ancestor in nodes:
+        who = untrusted_writers(node, trusted, ancestor=ancestor)
+        if who:
+            problems.append(f"{node.path} by {', '.join(who)}")
+            fixes.append(_tighten(node, trusted, owner) if "everyone" in who or node.owner not in trusted or not ancestor
+                         else f"sudo chmod g-w {node.path}")
+    if not problems:
+        return Check(name, OK, f"{what}: writable only by {', '.join(sorted(trusted))}")
+    fix = "; ".join(f for f in dict.fromkeys(fixes) if f)
+    return Check(name, FAIL, f"{what} can be changed by others: {_listing(problems)}. {why}",
+                 f"{fix or 'remove the extra write access'} (docs/security.md)")
+
+
+def judge_odd_files(found: list[Node], where: str) -> Check:
+    """FAIL for a symlink, FIFO, socket, device or hard-linked file below ROOT: bluegreen never reads or writes through one."""
+    name = "planted files"
+    if not found:
+        return Check(name, OK, f"no symlink, FIFO or hard link below {where}")
+    items = []
+    for node in found:
+        if node.kind == "symlink":
+            items.append(f"{node.path} is a symlink to {node.target}")
+        elif node.kind == "file":
+            items.append(f"{node.path} has {node.nlink} hard links")
+        else:
+            items.append(f"{node.path} is a {node.kind}")
+    return Check(name, FAIL, f"{_listing(items)}: bluegreen refuses to read or write through these, and a link planted "
+                             f"here could turn root against another file",
+                 f"remove {'it' if len(found) == 1 else 'them'} (`sudo rm {found[0].path}`, which removes a link, not its "
+                 f"target) and find out who can write {os.path.dirname(found[0].path)} (docs/security.md)")
+
+
+def judge_env_secrets(node: Node, trusted: frozenset, owner: str) -> Check:
+    """The env file: changing it is root-equivalent (IMAGE, DOCKER_ARGS); reading it gives the app's secrets."""
+    name = "env secrets"
+    writers = untrusted_writers(node, trusted)
+    if writers:
+        return Check(name, FAIL, f"{node.path} can be changed by {', '.join(writers)}: IMAGE and DOCKER_ARGS decide what "
+                                 f"runs, with which mounts and privileges, so that is root-equivalent",
+                     f"{_tighten(node, trusted, owner)} && sudo chmod 600 {node.path}")
+    readers = untrusted_readers(node, trusted)
+    if readers:
+        return Check(name, WARN, f"{node.path} holds the app's secrets and is readable by {', '.join(readers)}",
+                     f"sudo chmod 600 {node.path}")
+    return Check(name, OK, f"{node.path} is readable only by {', '.join(sorted(trusted))} (mode {node.mode & 0o777:03o})")
+
+
+def judge_log_dir(node: Node, trusted: frozenset, owner: str) -> Check:
+    """LOG_DIR is written by the app container: untrusted content, but the directory itself should be a plain one of ours."""
+    name = "LOG_DIR"
+    if node.kind == "missing":
+        return Check(name, OK, f"{node.path} does not exist yet (docker creates it at the first deploy)")
+    if node.kind == "symlink":
+        return Check(name, WARN, f"{node.path} is a symlink to {node.target}: the app's log volume and backup-logs follow it "
+                                 f"to wherever it points now",
+                     f"replace the link by a directory (`sudo rm {node.path} && sudo mkdir {node.path}`, then chown it to "
+                     f"the deploy user), or set LOG_DIR to the real directory once you know who owns it")
+    if node.kind != "dir":
+        return Check(name, WARN, f"{node.path} is a {node.kind}, not a directory: docker cannot mount it as the log volume",
+                     f"move it away and `sudo mkdir {node.path}`")
+    if node.owner not in trusted:
+        return Check(name, WARN, f"{node.path} is owned by {node.owner}, neither root nor the deploy root's owner: that user "
+                                 f"decides what backup-logs finds there",
+                     f"sudo chown {owner} {node.path}")
+    if node.mode & stat.S_IWOTH and not node.mode & stat.S_ISVTX:
+        return Check(name, WARN, f"{node.path} is writable by everyone: any user of this host can plant files that "
+                                 f"backup-logs reads", f"sudo chmod o-w {node.path}")
+    return Check(name, OK, f"{node.path} is a directory owned by {node.owner} (what the app writes there is untrusted)")
+
+
+def judge_root_equivalent(root: str, root_owner: str, docker_members: list[str] | None) -> Check:
+    """Who is root-equivalent on this host by design (informational: the trust model, not a problem)."""
+    parts = []
+    if root_owner and root_owner != "root":
+        parts.append(f"{root_owner} (owns {root}, whose nginx/conf.d nginx loads as root)")
+    if docker_members:
+        parts.append(f"the docker group: {', '.join(docker_members)}")
+    if not parts:
+        return Check("root-equiv", INFO, "only root can change what root runs here")
+    return Check("root-equiv", INFO, f"by design, root-equivalent: {'; '.join(parts)} (docs/security.md)")
+
+
+_COMMENT_RE = re.compile(r"#[^\n]*")
+_CONF_FILE_RE = re.compile(r"^# configuration file (/[^\n]*):[ \t]*$", re.MULTILINE)
+_INCLUDE_RE = re.compile(r"\binclude\s+([\"']?)([^;\"'\s]+)\1\s*;")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def nginx_loaded_paths(dump: str) -> tuple[list[str], list[str]]:
+    """(every file `nginx -T` says it loaded, every directory an `include` reads) from its output.
+
+    A glob that matches nothing loads no file today but loads whatever appears there later: its directory counts.
+    Relative includes are relative to nginx.conf's directory (the first file of the dump).
+    """
+    files = list(dict.fromkeys(_CONF_FILE_RE.findall(dump)))
+    base = os.path.dirname(files[0]) if files else "/etc/nginx"
+    dirs = []
+    for match in _INCLUDE_RE.finditer(_COMMENT_RE.sub("", dump)):
+        pattern = match.group(2)
+        directory = os.path.dirname(os.path.join(base, pattern))
+        if directory and not _GLOB_CHARS.search(directory):
+            dirs.append(os.path.normpath(directory))
+    dirs += [os.path.dirname(f) for f in files]
+    return files, list(dict.fromkeys(dirs))
+
+
+def ancestors(path: str) -> list[str]:
+    """`path`'s parent directories, outermost first ("/" included), not `path` itself."""
+    out = []
+    parent = os.path.dirname(path)
+    while parent and parent != path:
+        out.append(parent)
+        path, parent = parent, os.path.dirname(parent)
+    return out[::-1]
 
 
 # -- doing: gathering facts -------------------------------------------------------------------------------
@@ -266,6 +456,170 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
     if cfg.log_dir:
         checks.append(judge_disk("LOG_DIR", cfg.log_dir, _free_bytes(cfg.log_dir), min_free))
     checks.append(lock_check(settings, project))
+    checks += project_trust_checks(settings, project, cfg)
+    return checks
+
+
+# -- doing: the trust model's facts (lstat only: nothing is opened or followed) --------------------------
+
+MAX_NODES = 2000  # bound the walk of a hostile or huge tree
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return f"uid {uid}"
+
+
+_PASSWD: list = []
+
+
+def _group(gid: int) -> tuple[str, tuple[str, ...]]:
+    """The group's name and every user in it: listed members and those whose primary group it is."""
+    try:
+        entry = grp.getgrgid(gid)
+    except (KeyError, OverflowError):
+        return f"gid {gid}", ()
+    if not _PASSWD:
+        _PASSWD.append([(p.pw_name, p.pw_gid) for p in pwd.getpwall()])
+    members = list(entry.gr_mem) + [name for name, primary in _PASSWD[0] if primary == gid]
+    return entry.gr_name, tuple(dict.fromkeys(members))
+
+
+def lstat_node(path: str) -> Node:
+    """What is at `path` itself (a symlink is reported, never followed)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return Node(path, "missing")
+    except OSError:
+        return Node(path, "unreadable")
+    mode = st.st_mode
+    kind = ("dir" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "symlink" if stat.S_ISLNK(mode)
+            else "fifo" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode) else "device")
+    target = ""
+    if kind == "symlink":
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+    group, members = _group(st.st_gid)
+    return Node(path, kind, st.st_uid, st.st_gid, stat.S_IMODE(mode), st.st_nlink, _user(st.st_uid), group, members, target)
+
+
+def find_odd_files(tops: list[str], *, depth: int = 6) -> list[Node]:
+    """Symlinks, FIFOs, sockets, devices and hard-linked files at or below `tops` (never descending through a link)."""
+    found, seen = [], 0
+    pending = [(top, 0) for top in tops]
+    while pending and seen < MAX_NODES:
+        path, level = pending.pop()
+        node = lstat_node(path)
+        seen += 1
+        if node.kind in _ODD_KINDS or (node.kind == "file" and node.nlink > 1):
+            found.append(node)
+        elif node.kind == "dir" and level < depth:
+            try:
+                names = sorted(os.listdir(path))[:MAX_NODES]
+            except OSError:
+                continue
+            pending.extend((os.path.join(path, n), level + 1) for n in names)
+    return sorted(found, key=lambda n: n.path)
+
+
+def _entries(directory: str) -> list[str]:
+    try:
+        return [os.path.join(directory, n) for n in sorted(os.listdir(directory))[:MAX_NODES]]
+    except OSError:
+        return []
+
+
+def _nodes(paths: list[tuple[str, bool]]) -> list[tuple[Node, bool]]:
+    """lstat each (path, is_ancestor) once; a path seen both ways is judged strictly (not as an ancestor)."""
+    strict: dict[str, bool] = {}
+    for path, ancestor in paths:
+        strict[path] = strict.get(path, True) and ancestor
+    return [(lstat_node(p), a) for p, a in list(strict.items())[:MAX_NODES]]
+
+
+def trust_basis(settings: Settings) -> tuple[str, str, frozenset] | None:
+    """(absolute root, its owner, the users trusted with what root runs: root and that owner); None without a root."""
+    root = os.path.abspath(str(settings.root))
+    try:
+        owner = _user(os.stat(root).st_uid)  # the admin chose the root: a symlinked /opt/deploy is theirs to make
+    except OSError:
+        return None
+    return root, owner, frozenset({"root", owner})
+
+
+def _chain(path: str) -> list[tuple[str, bool]]:
+    """`path` (strict) with its ancestors, also those of its real location when a component is a symlink."""
+    out = [(a, True) for a in ancestors(path)]
+    real = os.path.realpath(path)
+    if real != path:
+        out += [(a, True) for a in ancestors(real)] + [(real, False)]
+    return out + [(path, False)]
+
+
+def trust_checks(settings: Settings, facts: HostFacts) -> list[Check]:
+    """The host-wide checks of docs/security.md: who can change the deploy root and what nginx loads."""
+    basis = trust_basis(settings)
+    if basis is None:
+        return []
+    root, owner, trusted = basis
+    upstreams = os.path.join(root, "nginx", "conf.d")
+    mine = [(p, False) for p in (os.path.join(root, "projects"), os.path.join(root, "nginx"), upstreams, os.path.join(root, "hooks"))]
+    checks = [judge_writers(
+        "deploy root", f"{root} (projects, nginx/conf.d, hooks)",
+        _nodes(_chain(root) + mine + [(p, False) for p in _entries(upstreams)]), trusted, owner,
+        "nginx loads its conf.d as root and hooks run as the user that deploys: whoever can change them is root-equivalent.")]
+
+    files, dirs = nginx_loaded_paths(facts.nginx_dump or "")
+    wanted: list[tuple[str, bool]] = []
+    for d in dict.fromkeys([str(settings.nginx_conf_dir), *dirs]):
+        if os.path.isabs(d):
+            wanted += _chain(os.path.normpath(d))
+    for f in files:
+        wanted.append((f, False))
+        real = os.path.realpath(f)
+        if real != f:  # Debian's sites-enabled/* link to sites-available/*: judge what nginx really reads
+            wanted += _chain(real)
+    covered = set(ancestors(root)) | {root}
+    outside = [(p, a) for p, a in wanted if p not in covered and not p.startswith(root + "/")]
+    checks.append(judge_writers(
+        "nginx config", f"what nginx loads ({len(files)} files; {settings.nginx_conf_dir})", _nodes(outside), trusted, owner,
+        "nginx's master runs as root and opens every access_log/error_log path these files name: whoever can change "
+        "them is root-equivalent."))
+
+    odd = find_odd_files([os.path.join(root, d) for d in ("projects", "nginx", "hooks")])
+    checks.append(judge_odd_files(odd, f"{root}/{{projects,nginx,hooks}}"))
+    try:
+        docker = list(_group(grp.getgrnam("docker").gr_gid)[1])
+    except KeyError:
+        docker = None
+    checks.append(judge_root_equivalent(root, owner, docker))
+    return checks
+
+
+def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig) -> list[Check]:
+    """The project's env file (secrets, and what runs), its hooks, and LOG_DIR."""
+    basis = trust_basis(settings)
+    if basis is None:
+        return []
+    _, owner, trusted = basis
+    checks = []
+    env = lstat_node(str(settings.env_file(project)))
+    if env.kind == "file":
+        checks.append(judge_env_secrets(env, trusted, owner))
+    hooks = str(settings.hooks_dir(project))
+    if lstat_node(hooks).kind == "missing":
+        checks.append(Check("hooks", OK, f"no hooks ({hooks} does not exist)"))
+    else:
+        checks.append(judge_writers(
+            "hooks", f"hooks in {hooks}", _nodes([(hooks, False)] + [(p, False) for p in _entries(hooks)]), trusted, owner,
+            "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user."))
+    if cfg.log_dir:
+        checks.append(judge_log_dir(lstat_node(cfg.log_dir), trusted, owner))
     return checks
 
 
@@ -311,6 +665,7 @@ def render(sections: list[tuple[str, list[Check]]]) -> list[str]:
 def run_doctor(*, settings: Settings, runner: Runner, project: str | None, min_free_mb: int, environ: Mapping[str, str], stdout: TextIO) -> int:
     min_free = min_free_mb * 2**20
     host, facts = host_checks(settings, runner, min_free=min_free)
+    host += trust_checks(settings, facts)
     sections = [(f"host (root {settings.root}):", host)]
     if project is not None:
         validate_project(project)

@@ -81,7 +81,7 @@ def test_route_header_in_a_comment_does_not_count():
 @pytest.fixture
 def deployed(project, tmp_path):
     """A project serving v1 through the stack's nginx, and a docker config with a login for its registry."""
-    project.write_env()
+    os.chmod(project.write_env(), 0o600)  # the app's secrets: doctor warns about a 0644 env file
     project.run(project.name, "v1", check=True)
     project.serve()
     cfg = tmp_path / "docker"
@@ -105,6 +105,10 @@ def test_a_healthy_deployed_project_is_ready(deployed):
     assert "Ready to deploy" in proc.stdout and "FAIL" not in proc.stdout and "WARN" not in proc.stdout, proc.stdout
     assert f"nginx routes to blue (127.0.0.1:{deployed.blue_port})" in proc.stdout
     assert f"held by {deployed.name}-blue (ours)" in proc.stdout
+    # The trust model (docs/security.md): a root-owned stack root, nothing planted, a 0600 env file.
+    for line in ("deploy root", "nginx config", "planted files", "env secrets", "hooks"):
+        assert re.search(rf"^ ok {line} ", proc.stdout, re.MULTILINE), (line, proc.stdout)
+    assert re.search(r"^ info root-equiv ", proc.stdout, re.MULTILINE), proc.stdout
 
 
 def test_finds_each_seeded_fault(deployed, tmp_path):

@@ -1,0 +1,221 @@
+"""`bluegreen doctor` against the trust model of docs/security.md: the pure judgements of who may change what
+root runs or nginx loads, then a real host seeded with each breach (a world-writable included directory, a
+directory nginx loads owned by another user, a symlinked hook, a hooks directory owned by another user, a 0644
+env file, a symlinked LOG_DIR) that doctor must name with its fix, and that passes once the fixes are applied."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import secrets
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import stack as stacklib
+from bluegreen import doctor
+from bluegreen.doctor import FAIL, INFO, OK, WARN, Node
+
+TRUSTED = frozenset({"root", "deploy"})
+
+
+def node(path="/opt/deploy/nginx/conf.d", kind="dir", mode=0o755, owner="root", group="root", members=("root",), **kw):
+    return Node(path, kind, mode=mode, owner=owner, group=group, group_members=tuple(members), **kw)
+
+
+# -- pure: who can write --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, ancestor, who", [
+    (node(), False, []),
+    (node(owner="deploy", group="deploy", members=("deploy",), mode=0o775), False, []),  # setup's layout
+    (node(owner="bob"), False, ["bob (owner)"]),  # an owner can always chmod
+    (node(mode=0o775, group="devs", members=("deploy", "alice")), False, ["group devs (alice)"]),
+    (node(mode=0o777), False, ["everyone"]),
+    (node(path="/tmp", mode=0o1777), True, []),  # sticky ancestor: nobody but its owner can replace our entry
+    (node(path="/srv", mode=0o1777), False, ["everyone"]),  # sticky but included: anyone can add a *.conf
+    (node(path="/opt", mode=0o777), True, ["everyone"]),
+    (node(kind="symlink", mode=0o777), False, []),  # a symlink's mode means nothing
+    (node(kind="missing", owner=""), False, []),
+])
+def test_untrusted_writers(n, ancestor, who):
+    assert doctor.untrusted_writers(n, TRUSTED, ancestor=ancestor) == who
+
+
+def test_a_world_writable_included_directory_is_a_failure_with_its_fix():
+    check = doctor.judge_writers("deploy root", "/opt/deploy", [(node(path="/opt", mode=0o755), True),
+                                                                 (node(mode=0o777), False)], TRUSTED, "deploy", "WHY")
+    assert check.status == FAIL
+    assert "/opt/deploy/nginx/conf.d by everyone" in check.detail and check.detail.endswith("WHY")
+    assert check.fix == "sudo chmod go-w /opt/deploy/nginx/conf.d (docs/security.md)"
+
+
+def test_a_directory_nginx_loads_owned_by_another_user_is_a_failure():
+    check = doctor.judge_writers("nginx config", "nginx", [(node(path="/etc/nginx/conf.d", owner="bob"), False)],
+                                 TRUSTED, "deploy", "WHY")
+    assert check.status == FAIL and "/etc/nginx/conf.d by bob (owner)" in check.detail
+    assert "sudo chown deploy /etc/nginx/conf.d" in check.fix
+
+
+def test_the_deploy_roots_owner_writing_the_upstream_directory_is_by_design():
+    # setup gives ROOT/nginx/conf.d to the deploy user: that makes it root-equivalent, which the info line
+    # says once; a WARN on every correctly set-up host would teach people to ignore warnings.
+    conf_d = node(owner="deploy", group="deploy", members=("deploy",), mode=0o755)
+    assert doctor.judge_writers("deploy root", "/opt/deploy", [(conf_d, False)], TRUSTED, "deploy", "WHY").status == OK
+    info = doctor.judge_root_equivalent("/opt/deploy", "deploy", ["ec2-user", "ci"])
+    assert info.status == INFO and "deploy (owns /opt/deploy" in info.detail and "docker group: ec2-user, ci" in info.detail
+    assert doctor.judge_root_equivalent("/opt/deploy", "root", []).detail == "only root can change what root runs here"
+
+
+def test_info_lines_neither_fail_nor_warn():
+    checks = [doctor.Check("root-equiv", INFO, "x"), doctor.Check("python", OK, "y")]
+    assert doctor.verdict(checks) == 0
+    lines = doctor.render([("host:", checks)])
+    assert lines[1].split()[0] == "info" and lines[-1] == "Ready to deploy: 2 checks, 0 warning(s)."
+
+
+# -- pure: planted files, secrets, LOG_DIR ---------------------------------------------------------------------------
+
+def test_planted_files_are_named_with_what_they_are():
+    assert doctor.judge_odd_files([], "/opt/deploy").status == OK
+    check = doctor.judge_odd_files([
+        Node("/opt/deploy/projects/api.lock", "symlink", target="/etc/shadow"),
+        Node("/opt/deploy/projects/api.active", "fifo"),
+        Node("/opt/deploy/projects/api.journal", "file", nlink=2),
+    ], "/opt/deploy")
+    assert check.status == FAIL
+    assert "/opt/deploy/projects/api.lock is a symlink to /etc/shadow" in check.detail
+    assert "api.active is a fifo" in check.detail and "api.journal has 2 hard links" in check.detail
+    assert "sudo rm /opt/deploy/projects/api.lock" in check.fix
+
+
+@pytest.mark.parametrize("mode, owner, group, members, status, words", [
+    (0o600, "root", "root", ("root",), OK, "readable only by"),
+    (0o640, "deploy", "deploy", ("deploy",), OK, "mode 640"),  # init's mode, group of the deploy user alone
+    (0o644, "root", "root", ("root",), WARN, "readable by everyone"),
+    (0o640, "root", "staff", ("alice",), WARN, "readable by group staff (alice)"),
+    (0o600, "bob", "bob", ("bob",), FAIL, "can be changed by bob (owner)"),
+    (0o666, "root", "root", ("root",), FAIL, "root-equivalent"),
+])
+def test_env_file_secrets_and_who_controls_what_runs(mode, owner, group, members, status, words):
+    check = doctor.judge_env_secrets(node("/opt/deploy/projects/api.env", "file", mode, owner, group, members), TRUSTED, "deploy")
+    assert check.status == status and words in check.detail
+    if status != OK:
+        assert "sudo chmod 600 /opt/deploy/projects/api.env" in check.fix
+
+
+@pytest.mark.parametrize("n, status, words", [
+    (node("/app/logs", "missing", owner=""), OK, "docker creates it"),
+    (node("/app/logs", owner="deploy"), OK, "owned by deploy"),
+    (node("/app/logs", "symlink", target="/etc"), WARN, "symlink to /etc"),
+    (node("/app/logs", "fifo"), WARN, "not a directory"),
+    (node("/app/logs", owner="bob"), WARN, "owned by bob"),
+    (node("/app/logs", mode=0o777), WARN, "writable by everyone"),
+    (node("/app/logs", mode=0o1777), OK, "owned by root"),
+])
+def test_log_dir(n, status, words):
+    check = doctor.judge_log_dir(n, TRUSTED, "deploy")
+    assert check.status == status and words in check.detail
+    if n.owner == "bob":
+        assert check.fix == "sudo chown deploy /app/logs"
+
+
+def test_what_nginx_loads_is_read_from_its_dump():
+    dump = (
+        "# configuration file /etc/nginx/nginx.conf:\n"
+        "http {\n    include mime.types;\n    include /opt/deploy/nginx/conf.d/*.conf;\n"
+        "    # include /never/*.conf;\n    include \"/etc/nginx/sites-enabled/*\";\n}\n"
+        "# configuration file /etc/nginx/mime.types:\ntypes {}\n"
+    )
+    files, dirs = doctor.nginx_loaded_paths(dump)
+    assert files == ["/etc/nginx/nginx.conf", "/etc/nginx/mime.types"]
+    assert dirs == ["/etc/nginx", "/opt/deploy/nginx/conf.d", "/etc/nginx/sites-enabled"]
+    assert doctor.nginx_loaded_paths("") == ([], [])
+    assert doctor.ancestors("/opt/deploy/nginx") == ["/", "/opt", "/opt/deploy"]
+
+
+def test_odd_files_are_found_without_following_links(tmp_path):
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "a.env").write_text("IMAGE=x\n")
+    os.link(tmp_path / "projects" / "a.env", tmp_path / "projects" / "b.env")
+    os.mkfifo(tmp_path / "projects" / "a.active")
+    outside = tmp_path / "outside"
+    (outside / "deep").mkdir(parents=True)
+    os.symlink("/nonexistent", outside / "deep" / "x")
+    os.symlink(outside, tmp_path / "projects" / "link")  # never descended into
+    found = doctor.find_odd_files([str(tmp_path / "projects")])
+    assert [(Path(n.path).name, n.kind) for n in found] == [("a.active", "fifo"), ("a.env", "file"), ("b.env", "file"), ("link", "symlink")]
+    assert found[-1].target == str(outside)
+
+
+# -- real: a host that breaks the model, then fixed with the printed fixes ------------------------------------------
+
+@pytest.fixture
+def host(stack, tmp_path):
+    """A root owned by root with one project, and a private nginx that includes ROOT/nginx/conf.d and its own sites dir."""
+    tmp_path.chmod(0o755)  # nginx workers run as nobody
+    root = tmp_path / "root"
+    for d in ("projects", "nginx/conf.d", "hooks"):
+        (root / d).mkdir(parents=True)
+    nginx = stacklib.Nginx(str(tmp_path / "nginx"), includes=[str(root / "nginx" / "conf.d" / "*.conf")])
+    nginx.start()
+    try:
+        yield root, nginx
+    finally:
+        nginx.stop()
+
+
+def run_doctor(stack, root: Path, nginx, project: str, expect: int) -> str:
+    env = dict(stack.base_env(), BLUEGREEN_ROOT=str(root), BLUEGREEN_NGINX=shlex.join(nginx.cmd),
+               BLUEGREEN_NGINX_CONF_DIR=nginx.sites_dir, DOCKER_CONFIG=str(root / "no-docker-config"))
+    proc = subprocess.run([sys.executable, stack.pyz, "doctor", project], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    out = re.sub(r" +", " ", proc.stdout)
+    assert proc.returncode == expect and "Traceback" not in proc.stderr, out + proc.stderr
+    return out
+
+
+def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
+    root, nginx = host
+    name = "trust-" + secrets.token_hex(3)
+    nobody = pwd.getpwnam("nobody")
+    conf_d, sites, hooks, logs = root / "nginx" / "conf.d", Path(nginx.sites_dir), root / "hooks" / name, root.parent / "logs"
+    env = root / "projects" / f"{name}.env"
+    env.write_text(f"IMAGE={stack.image_repo}\nBLUE_PORT={stacklib.free_port()}\nGREEN_PORT={stacklib.free_port() + 1}\n"
+                   f"LOG_DIR={logs}\nDB_PASSWORD=s3cret\n")
+    env.chmod(0o644)
+    conf_d.chmod(0o777)  # any user could add a *.conf that nginx's root master loads
+    os.chown(sites, nobody.pw_uid, nobody.pw_gid)  # another user owns a directory nginx loads
+    hooks.mkdir()
+    os.chown(hooks, nobody.pw_uid, nobody.pw_gid)  # and the hooks that run as the deploying user
+    os.symlink("/etc/passwd", hooks / "pre-deploy")
+    (root.parent / "real-logs").mkdir()
+    os.symlink(root.parent / "real-logs", logs)
+
+    out = run_doctor(stack, root, nginx, name, expect=1)
+    assert f"FAIL deploy root {root} (projects, nginx/conf.d, hooks) can be changed by others: {conf_d} by everyone." in out
+    assert f"fix: sudo chmod go-w {conf_d} (docs/security.md)" in out
+    assert f"FAIL nginx config what nginx loads (1 files; {sites}) can be changed by others: {sites} by nobody (owner)" in out
+    assert f"fix: sudo chown root {sites} (docs/security.md)" in out
+    assert f"FAIL planted files {hooks}/pre-deploy is a symlink to /etc/passwd" in out
+    assert f"fix: remove it (`sudo rm {hooks}/pre-deploy`" in out
+    assert f"FAIL hooks hooks in {hooks} can be changed by others: {hooks} by nobody (owner)" in out
+    assert f"WARN env secrets {env} holds the app's secrets and is readable by everyone\n fix: sudo chmod 600 {env}\n" in out
+    assert f"WARN LOG_DIR {logs} is a symlink to {root.parent / 'real-logs'}" in out
+    assert re.search(r"info root-equiv (only root can change|by design, root-equivalent)", out)
+    assert "s3cret" not in out
+    assert "4 problem(s) would make a deploy fail" in out
+
+    # The fixes doctor printed, applied as printed (as root, so without sudo).
+    for fix in (f"chmod go-w {conf_d}", f"chown root {sites}", f"rm {hooks}/pre-deploy", f"chown root {hooks}",
+                f"chmod 600 {env}", f"rm {logs}", f"mkdir {logs}"):
+        subprocess.run(shlex.split(fix), check=True)
+    out = run_doctor(stack, root, nginx, name, expect=0)
+    for line in ("deploy root", "nginx config", "planted files", "hooks", "env secrets", "LOG_DIR"):
+        assert re.search(rf"^ ok {line} ", out, re.MULTILINE), (line, out)
+    assert "FAIL" not in out
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
