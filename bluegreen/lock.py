@@ -12,7 +12,9 @@ from pathlib import Path
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from bluegreen import safefs
 from bluegreen.errors import LockedError
+from bluegreen.safefs import UnsafePath
 
 
 @dataclass(frozen=True)
@@ -27,13 +29,57 @@ class Holder:
         return f"pid {self.pid} (user {self.user} on {self.host}, deploying tag {self.tag}, since {self.since})"
 
 
-def read_holder(path: Path) -> Holder | None:
-    """Who wrote the lock file last; None if empty or unreadable (e.g. mid-write)."""
+MAX_LOCK_BYTES = 4096  # one JSON line of a few fields
+MAX_FREEZE_BYTES = 65536
+_BAD_JSON = (ValueError, KeyError, TypeError, OverflowError, RecursionError)
+
+
+def _state_root(path: Path, root: Path | None) -> Path:
+    # The lock and freeze files live in ROOT/projects: ROOT is trusted, `projects` is never followed.
+    return root if root is not None else Path(path).parent.parent
+
+
+def _holder_from(data: bytes) -> Holder | None:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8") or "null")
-        return Holder(int(data["pid"]), str(data["user"]), str(data["host"]), str(data["tag"]), str(data["since"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        obj = json.loads(data.decode("utf-8", errors="replace") or "null")
+        if not isinstance(obj, dict):
+            return None
+        pid = obj["pid"]
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            return None
+        fields = [obj[k] for k in ("user", "host", "tag", "since")]
+        if not all(isinstance(f, str) for f in fields):
+            return None
+        return Holder(pid, *(f[:200] for f in fields))
+    except _BAD_JSON:
         return None
+
+
+def read_holder(path: Path, *, root: Path | None = None) -> Holder | None:
+    """Who wrote the lock file last; None if empty, unreadable (e.g. mid-write) or not a safe regular file."""
+    try:
+        fd = safefs.open_regular(path, os.O_RDONLY, root=_state_root(path, root))
+    except (OSError, UnsafePath):
+        return None
+    try:
+        return _holder_from(os.pread(fd, MAX_LOCK_BYTES, 0))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _open_lock(path: Path, root: Path | None) -> int:
+    """The lock file's fd, created if missing; never through a symlink, never a FIFO or a hard link."""
+    try:
+        return safefs.open_regular(path, os.O_RDWR | os.O_CREAT, root=_state_root(path, root), mode=0o644, make_dirs=True)
+    except UnsafePath as exc:
+        raise UnsafePath(
+            exc.path, exc.found,
+            hint=f"Nothing was deployed; the version that was serving still serves. The deploy lock must be a "
+                 f"regular file bluegreen creates itself: if you did not put this there, remove it (`rm "
+                 f"{exc.path}`) and check who can write {os.path.dirname(exc.path)}",
+        ) from None
 
 
 @contextmanager
@@ -44,11 +90,13 @@ def project_lock(
     wait: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    root: Path | None = None,
 ) -> Iterator[None]:
-    """Hold an exclusive flock on `path`; wait up to `wait` seconds for it, else raise LockedError."""
+    """Hold an exclusive flock on `path`; wait up to `wait` seconds for it, else raise LockedError.
+
+    A lock path that is a symlink, FIFO, device or hard link raises safefs.UnsafePath (exit 2)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(str(path), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open_lock(path, root)
     try:
         start = clock()
         deadline = start + max(0.0, wait)
@@ -59,12 +107,13 @@ def project_lock(
             except BlockingIOError:
                 # A holder that never wrote its name is a reader (`status`, `doctor` peeking with a
                 # shared lock for a moment) or a deploy in its first instant: give it half a second.
-                grace = start + 0.5 if read_holder(path) is None else start
+                grace = start + 0.5 if _pread_holder(fd) is None else start
                 if clock() >= max(deadline, grace):
-                    raise LockedError(_locked_message(path, wait)) from None
+                    raise LockedError(_locked_message(_pread_holder(fd), wait)) from None
                 sleep(min(0.2, max(0.01, deadline - clock())))
         # The file's content is informational only: the flock is the lock. Written after
-        # acquiring so a reader sees the current holder (or nothing while we write).
+        # acquiring so a reader sees the current holder (or nothing while we write). The fd is the
+        # regular, single-link file checked at open: truncating it can only empty the lock file.
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(asdict(holder)).encode() + b"\n", 0)
         try:
@@ -75,8 +124,14 @@ def project_lock(
         os.close(fd)  # closing drops the flock
 
 
-def _locked_message(path: Path, wait: float) -> str:
-    holder = read_holder(path)
+def _pread_holder(fd: int) -> Holder | None:
+    try:
+        return _holder_from(os.pread(fd, MAX_LOCK_BYTES, 0))
+    except OSError:
+        return None
+
+
+def _locked_message(holder: Holder | None, wait: float) -> str:
     who = holder.describe() if holder else "another process (it has not said who yet)"
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
     return (
@@ -86,16 +141,18 @@ def _locked_message(path: Path, wait: float) -> str:
     )
 
 
-def current_holder(path: Path) -> Holder | None:
-    """Who holds the deploy lock right now, without taking it; None when it is free."""
+def current_holder(path: Path, *, root: Path | None = None) -> Holder | None:
+    """Who holds the deploy lock right now, without taking it; None when it is free or missing.
+
+    A lock path that is a symlink, FIFO, device or hard link raises safefs.UnsafePath."""
     try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
+        fd = safefs.open_regular(path, os.O_RDONLY, root=_state_root(path, root))
+    except FileNotFoundError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return read_holder(path) or Holder(0, "?", "?", "?", "?")
+        return _pread_holder(fd) or Holder(0, "?", "?", "?", "?")
     finally:
         os.close(fd)  # also drops the shared lock if we got it
     return None
@@ -111,19 +168,26 @@ class Freeze:
         return f"frozen by {self.user} since {self.since}: {self.message}"
 
 
-def read_freeze(path: Path) -> Freeze | None:
-    """The freeze on a project, or None. An unreadable freeze file still freezes."""
+def read_freeze(path: Path, *, root: Path | None = None) -> Freeze | None:
+    """The freeze on a project, or None. An unreadable or unsafe freeze file still freezes, and an unsafe
+    one (symlink, FIFO, device, hard link, too large) is never read: its content could be any file's."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
+        data = safefs.read_bytes(path, root=_state_root(path, root), max_bytes=MAX_FREEZE_BYTES)
+    except UnsafePath as exc:
+        return Freeze(f"(the freeze file {exc.path} is {exc.found}, so it was not read; remove it with "
+                      f"`bluegreen unlock` or `rm`, see docs/security.md)", "?", "?")
     except OSError as exc:
-        return Freeze(f"(freeze file unreadable: {exc.strerror})", "?", "?")
+        return Freeze(f"(freeze file unreadable: {exc.strerror or exc})", "?", "?")
+    if data is None:
+        return None
+    text = data.decode("utf-8", errors="replace")
     try:
-        data = json.loads(text)
-        return Freeze(str(data["message"]), str(data["user"]), str(data["since"]))
-    except (ValueError, KeyError, TypeError):
-        return Freeze(text.strip() or "(no message)", "?", "?")
+        obj = json.loads(text)
+        if isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("message", "user", "since")):
+            return Freeze(obj["message"], obj["user"], obj["since"])
+    except _BAD_JSON:
+        pass
+    return Freeze(text.strip() or "(no message)", "?", "?")
 
 
 def freeze_json(freeze: Freeze) -> str:

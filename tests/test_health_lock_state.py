@@ -13,7 +13,10 @@ import pytest
 from bluegreen import state
 from bluegreen.errors import LockedError
 from bluegreen.health import Probe, http_probe, wait_healthy
-from bluegreen.lock import Holder, project_lock, read_holder
+from bluegreen.lock import Holder, current_holder, project_lock, read_freeze, read_holder
+from bluegreen.safefs import UnsafePath
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class FakeClock:
@@ -212,3 +215,156 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         state.atomic_write(path, "new\n")
     assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["x.conf"]
+
+
+# -- planted symlinks, FIFOs, hard links and bad bytes in the lock, freeze and state files -------------------
+
+@pytest.fixture
+def planted(tmp_path):
+    """ROOT/projects and a decoy 'root-only' file in a 0700 directory outside ROOT."""
+    root = tmp_path / "root"
+    (root / "projects").mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    decoy = secret / "shadow"
+    decoy.write_text("root:secret-hash:19000::::::\n")
+    decoy.chmod(0o600)
+    return root, decoy
+
+
+def test_a_lock_symlink_is_refused_and_its_target_never_truncated(planted):
+    root, decoy = planted
+    lock = root / "projects" / "p.lock"
+    lock.symlink_to(decoy)
+    with pytest.raises(UnsafePath) as exc:
+        with project_lock(lock, HOLDER):
+            pytest.fail("the lock was taken through a symlink")
+    assert exc.value.exit_code == 2
+    assert str(lock) in exc.value.message and f"a symlink (to {decoy})" in exc.value.message
+    assert "still serves" in exc.value.message
+    assert decoy.read_text() == "root:secret-hash:19000::::::\n"
+    with pytest.raises(UnsafePath):
+        current_holder(lock)
+    assert read_holder(lock) is None
+
+
+def test_a_dangling_lock_symlink_creates_nothing(planted):
+    root, decoy = planted
+    lock = root / "projects" / "p.lock"
+    lock.symlink_to(decoy.parent / "new-cron-file")
+    with pytest.raises(UnsafePath):
+        with project_lock(lock, HOLDER):
+            pass
+    assert not (decoy.parent / "new-cron-file").exists()
+
+
+def test_a_projects_directory_symlink_is_refused_for_the_lock(planted):
+    root, decoy = planted
+    (root / "projects").rmdir()
+    (root / "projects").symlink_to(decoy.parent)
+    with pytest.raises(UnsafePath) as exc:
+        with project_lock(root / "projects" / "shadow", HOLDER):
+            pass
+    assert str(root / "projects") in exc.value.message
+    assert decoy.read_text() == "root:secret-hash:19000::::::\n"
+
+
+def test_a_hard_linked_lock_is_refused(planted):
+    root, decoy = planted
+    lock = root / "projects" / "p.lock"
+    os.link(decoy, lock)
+    with pytest.raises(UnsafePath) as exc:
+        with project_lock(lock, HOLDER):
+            pass
+    assert "hard link" in exc.value.message
+    assert decoy.read_text() == "root:secret-hash:19000::::::\n"
+
+
+def test_a_fifo_lock_or_freeze_never_blocks(planted):
+    root, _ = planted
+    os.mkfifo(root / "projects" / "p.lock")
+    os.mkfifo(root / "projects" / "p.freeze")
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bluegreen.lock import Holder, project_lock, read_freeze\n"
+        "from bluegreen.safefs import UnsafePath\n"
+        "d = Path(sys.argv[1])\n"
+        "print('freeze', read_freeze(d / 'p.freeze').message)\n"
+        "try:\n"
+        "    with project_lock(d / 'p.lock', Holder(1, 'u', 'h', 't', 's')):\n"
+        "        print('locked')\n"
+        "except UnsafePath as exc:\n"
+        "    print('refused', exc.found)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code, str(root / "projects")], env=env, capture_output=True,
+                          text=True, timeout=10)
+    assert proc.returncode == 0, proc.stderr
+    assert "freeze (the freeze file" in proc.stdout and "FIFO" in proc.stdout
+    assert "refused a FIFO" in proc.stdout
+
+
+def test_a_freeze_symlink_still_freezes_but_is_never_read(planted):
+    root, decoy = planted
+    freeze = root / "projects" / "p.freeze"
+    freeze.symlink_to(decoy)
+    found = read_freeze(freeze)
+    assert found is not None  # a planted freeze still refuses deploys (exit 3), ...
+    assert "secret-hash" not in found.describe()  # ... but what it points at is never printed
+    assert str(freeze) in found.message and "symlink" in found.message
+
+
+def test_a_freeze_file_is_read_bounded_and_any_json_shape_is_text(planted):
+    root, _ = planted
+    freeze = root / "projects" / "p.freeze"
+    for raw in (b'{"message": null, "user": 1, "since": []}', b"[" * 100000, b"\xff\xfe oops", b'{"message": 1e999}'):
+        freeze.write_bytes(raw)
+        assert read_freeze(freeze) is not None
+    freeze.write_bytes(b'{"message": "db migration", "user": "ops", "since": "2026-01-01"}')
+    assert read_freeze(freeze).describe() == "frozen by ops since 2026-01-01: db migration"
+    freeze.write_bytes(b"x" * (10 << 20))
+    assert "larger than" in read_freeze(freeze).message
+
+
+def test_a_lock_file_of_any_shape_never_breaks_the_holder_reader(planted):
+    root, _ = planted
+    lock = root / "projects" / "p.lock"
+    for raw in (b'{"pid": 1e999, "user": "u", "host": "h", "tag": "t", "since": "s"}', b"[" * 100000,
+                b'{"pid": "1", "user": null}', b"\xff", b'{"pid": true, "user": "u", "host": "h", "tag": "t", "since": "s"}'):
+        lock.write_bytes(raw)
+        assert read_holder(lock) is None
+
+
+def test_state_files_with_bad_bytes_or_planted_links_never_crash(planted):
+    root, decoy = planted
+    active = root / "projects" / "p.active"
+    active.write_bytes(b"\xff\xfeblue\n")
+    assert state.read_active(active) is None
+    assert state.read_text(active) == "\ufffd\ufffdblue\n"
+    active.write_bytes(b"blue" + b" " * (5 << 20))
+    assert state.read_active(active) is None  # huge: not a colour, read only its first bytes
+    active.unlink()
+    active.symlink_to(decoy)
+    with pytest.raises(UnsafePath):
+        state.read_active(active)
+    with pytest.raises(UnsafePath):
+        state.read_text(active)
+    active.unlink()
+    os.mkfifo(active)
+    with pytest.raises(UnsafePath):
+        state.read_active(active)  # returns at once: O_NONBLOCK, then fstat refuses the FIFO
+    active.unlink()
+    active.symlink_to(decoy)
+    state.write_active(active, "green")  # the link is replaced, its target untouched
+    assert state.read_active(active) == "green" and decoy.read_text() == "root:secret-hash:19000::::::\n"
+
+
+def test_state_root_guards_intermediate_directories(planted):
+    root, decoy = planted
+    (root / "nginx").symlink_to(decoy.parent)
+    with pytest.raises(UnsafePath):
+        state.read_text(root / "nginx" / "shadow", root=root)
+    with pytest.raises(UnsafePath):
+        state.atomic_write(root / "nginx" / "new.conf", "x", root=root)
+    assert sorted(os.listdir(decoy.parent)) == ["shadow"]
