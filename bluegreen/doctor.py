@@ -156,10 +156,11 @@ class Node:
 _ODD_KINDS = ("symlink", "fifo", "socket", "device")
 
 
-def untrusted_writers(node: Node, trusted: frozenset, *, ancestor: bool = False) -> list[str]:
+def untrusted_writers(node: Node, trusted: frozenset, *, ancestor: bool = False, any_group: bool = False) -> list[str]:
     """Who beyond `trusted` can change `node`: its owner (who can always chmod it), then group and others by mode.
 
     For an ancestor directory with the sticky bit (/tmp) only its owner can replace the entry below it.
+    `any_group`: a group write bit counts whoever is in the group (hooks: what a deploy as root refuses).
     """
     if node.kind in ("missing", "unreadable"):
         return []
@@ -168,8 +169,8 @@ def untrusted_writers(node: Node, trusted: frozenset, *, ancestor: bool = False)
         return who  # a symlink's own mode means nothing; replacing it takes write access to its directory
     if node.mode & stat.S_IWGRP:
         members = [m for m in node.group_members if m not in trusted]
-        if members:
-            who.append(f"group {node.group} ({', '.join(members)})")
+        if members or any_group:
+            who.append(f"group {node.group} ({', '.join(members or node.group_members) or 'no members'})")
     if node.mode & stat.S_IWOTH:
         who.append("everyone")
     return who
@@ -202,11 +203,12 @@ def _listing(items: list[str], limit: int = 4) -> str:
     return "; ".join(shown)
 
 
-def judge_writers(name: str, what: str, nodes: list[tuple[Node, bool]], trusted: frozenset, owner: str, why: str) -> Check:
+def judge_writers(name: str, what: str, nodes: list[tuple[Node, bool]], trusted: frozenset, owner: str, why: str,
+                  *, any_group: bool = False) -> Check:
     """FAIL when anyone beyond `trusted` can change one of `nodes` ((node, is_ancestor) pairs): `why` says what that gives them."""
     problems, fixes = [], []
     for node, ancestor in nodes:
-        who = untrusted_writers(node, trusted, ancestor=ancestor)
+        who = untrusted_writers(node, trusted, ancestor=ancestor, any_group=any_group)
         if who:
             problems.append(f"{node.path} by {', '.join(who)}")
             fixes.append(_tighten(node, trusted, owner) if "everyone" in who or node.owner not in trusted or not ancestor
@@ -617,7 +619,8 @@ def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig) -
     else:
         checks.append(judge_writers(
             "hooks", f"hooks in {hooks}", _nodes([(hooks, False)] + [(p, False) for p in _entries(hooks)]), trusted, owner,
-            "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user."))
+            "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user.",
+            any_group=True))
     if cfg.log_dir:
         checks.append(judge_log_dir(lstat_node(cfg.log_dir), trusted, owner))
     return checks

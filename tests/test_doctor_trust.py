@@ -46,6 +46,15 @@ def test_untrusted_writers(n, ancestor, who):
     assert doctor.untrusted_writers(n, TRUSTED, ancestor=ancestor) == who
 
 
+def test_a_group_writable_hook_fails_even_when_its_group_is_trusted():
+    # A deploy as root refuses a group-writable hook whoever is in the group: doctor says so before it does.
+    hook = node("/opt/deploy/hooks/api/pre-deploy", "file", mode=0o775, owner="deploy", group="deploy", members=("deploy",))
+    assert doctor.untrusted_writers(hook, TRUSTED) == []
+    assert doctor.untrusted_writers(hook, TRUSTED, any_group=True) == ["group deploy (deploy)"]
+    check = doctor.judge_writers("hooks", "hooks", [(hook, False)], TRUSTED, "deploy", "WHY", any_group=True)
+    assert check.status == FAIL and "sudo chmod go-w /opt/deploy/hooks/api/pre-deploy" in check.fix
+
+
 def test_a_world_writable_included_directory_is_a_failure_with_its_fix():
     check = doctor.judge_writers("deploy root", "/opt/deploy", [(node(path="/opt", mode=0o755), True),
                                                                  (node(mode=0o777), False)], TRUSTED, "deploy", "WHY")
