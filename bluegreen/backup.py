@@ -9,16 +9,16 @@ import fcntl
 import fnmatch
 import gzip
 import os
+import secrets
 import stat
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from bluegreen import safefs
 from bluegreen.errors import BluegreenError, LockedError, UsageError
-from bluegreen.state import fsync_dir
 
 DAY = 86400.0
 CHUNK = 1 << 20
@@ -51,6 +51,17 @@ def expired_backups(entries: list[Entry], *, now: float, keep_days: float) -> li
 
 
 # -- doing ----------------------------------------------------------------------------------------------
+#
+# LOG_DIR is written by the app container and the backup directory by the deploy user, while this may run
+# as root: both are opened once without following a link, and every entry is then listed, opened, compared
+# and removed relative to those fds, never by path again. A log is opened O_NOFOLLOW|O_NONBLOCK (a FIFO or
+# symlink swapped in after the listing never blocks nor leads elsewhere), must still be the regular file that
+# was listed, and is read only up to the size it had when opened.
+
+MAX_ENTRIES = 100_000  # one run looks at this many directory entries at most; the rest wait for the next run
+MAX_PROBLEMS = 50
+TEMP_PREFIX = ".bluegreen-backup."  # shown in the message; the count says how many there were
+
 
 class DestinationError(Exception):
     """Writing into the backup directory failed: every further file would fail the same way."""
@@ -60,24 +71,67 @@ class DestinationError(Exception):
         self.cause = cause
 
 
-def _entries(directory: Path) -> list[Entry]:
-    found = []
-    with os.scandir(directory) as it:
-        for item in it:
+class _SourceError(Exception):
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A regular file as listed: what it must still be when it is opened and when it is removed."""
+
+    name: str
+    ino: int
+    dev: int
+
+
+def shown(path: Path | str) -> str:
+    """A path for output: the names are the container's choice, so never raw control or undecodable bytes."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def _entries_fd(dir_fd: int, problems: list[str], where: Path) -> tuple[list[Entry], dict[str, Listed]]:
+    found: list[Entry] = []
+    ids: dict[str, Listed] = {}
+    with os.scandir(dir_fd) as it:
+        for n, item in enumerate(it):
+            if n >= MAX_ENTRIES:
+                problems.append(f"{shown(where)} has more than {MAX_ENTRIES} entries; the rest wait for the next run")
+                break
             try:
                 st = item.stat(follow_symlinks=False)
-            except FileNotFoundError:
+            except OSError:
                 continue
-            found.append(Entry(item.name, st.st_mtime, stat.S_ISREG(st.st_mode)))
-    return found
+            regular = stat.S_ISREG(st.st_mode)
+            found.append(Entry(item.name, st.st_mtime, regular))
+            if regular:
+                ids[item.name] = Listed(item.name, st.st_ino, st.st_dev)
+    return found, ids
 
 
-def _gunzip_stream(path: Path) -> Iterator[bytes]:
-    with gzip.open(path, "rb") as fh:  # gzip checks its own CRC-32 and length at the end
-        while True:
-            chunk = fh.read(CHUNK)
+def _entries(directory: Path) -> list[Entry]:
+    fd = safefs.open_dir(directory, check_owner=False)
+    if fd is None:
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(directory))
+    try:
+        return _entries_fd(fd, [], directory)[0]
+    finally:
+        os.close(fd)
+
+
+def _gunzip_fd(fd: int, limit: int) -> Iterator[bytes]:
+    """The decompressed content of the open gzip file `fd`, at most `limit` + 1 bytes (a bomb stops there)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    raw = os.fdopen(os.dup(fd), "rb")
+    with raw, gzip.GzipFile(fileobj=raw, mode="rb") as fh:  # gzip checks its own CRC-32 and length at the end
+        total = 0
+        while total <= limit:
+            chunk = fh.read(min(CHUNK, limit + 1 - total))
             if not chunk:
                 return
+            total += len(chunk)
             yield chunk
 
 
@@ -89,116 +143,164 @@ def _digest(chunks: Iterator[bytes]) -> tuple[int, int]:
     return crc, size
 
 
-class _SourceError(Exception):
-    def __init__(self, cause: OSError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
+def _name_max(dir_fd: int) -> int:
+    try:
+        return os.fpathconf(dir_fd, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
-def compress(src: Path, backup_dir: Path) -> Path:
-    """Write SRC.gz into `backup_dir` (temp file, fsync, verify, link into place) and return its path.
+def compress(src_fd: int, name: str, backup_fd: int, backup_dir: Path) -> str:
+    """Write NAME.gz from the open log `src_fd` into the opened backup directory (temp file, fsync, verify,
+    link into place) and return the backup's name.
 
-    Raises OSError for trouble reading `src`, DestinationError for trouble writing the backup.
-    The source is not touched here.
-    """
-    st = src.stat()
-    source = open(src, "rb")  # open first: an unreadable file fails before anything is written
+    Reads at most the size the log had when opened. Raises OSError for trouble reading the log,
+    DestinationError for trouble writing the backup. The log is not touched here."""
+    st = os.fstat(src_fd)
+    remaining = st.st_size
 
     def read() -> bytes:
+        nonlocal remaining
+        if remaining <= 0:
+            return b""
         try:
-            return source.read(CHUNK)
+            chunk = os.read(src_fd, min(CHUNK, remaining))
         except OSError as exc:
             raise _SourceError(exc) from None
+        remaining -= len(chunk)
+        return chunk
 
+    # The temp name is ours alone (O_EXCL, never a link) and never longer than the log's name allows.
+    tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}.gz.tmp"
     try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=backup_fd)
+    except OSError as exc:
+        raise DestinationError(exc) from None
+    try:
+        crc, size = 0, 0
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{src.name}.", suffix=".gz.tmp", dir=str(backup_dir))
+            # Buffered writes surface ENOSPC late (at a flush or at close), so the whole block counts as writing.
+            with os.fdopen(os.dup(fd), "wb") as raw:
+                os.fchmod(raw.fileno(), st.st_mode & 0o644)  # never group- or world-writable
+                with gzip.GzipFile(filename=name, mode="wb", fileobj=raw, mtime=int(st.st_mtime)) as gz:
+                    for chunk in iter(read, b""):
+                        crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+                        _write(gz, chunk)
+                raw.flush()
+                os.fsync(raw.fileno())
+        except _SourceError as exc:
+            raise exc.cause from None
         except OSError as exc:
             raise DestinationError(exc) from None
-        tmp = Path(tmp_name)
         try:
-            crc, size = 0, 0
-            try:
-                # Buffered writes surface ENOSPC late (at a flush or at close), so the whole block counts as writing.
-                with os.fdopen(fd, "wb") as raw:
-                    os.fchmod(raw.fileno(), st.st_mode & 0o666)
-                    with gzip.GzipFile(filename=src.name, mode="wb", fileobj=raw, mtime=int(st.st_mtime)) as gz:
-                        for chunk in iter(read, b""):
-                            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
-                            _write(gz, chunk)
-                    raw.flush()
-                    os.fsync(raw.fileno())
-            except _SourceError as exc:
-                raise exc.cause from None
-            except OSError as exc:
-                raise DestinationError(exc) from None
-            try:
-                ok = _digest(_gunzip_stream(tmp)) == (crc, size)
-            except (OSError, EOFError, zlib.error):
-                ok = False
-            if not ok:
-                raise DestinationError(OSError(errno.EIO, "the compressed copy did not read back intact", str(tmp)))
-            os.utime(tmp, (st.st_atime, st.st_mtime))  # retention counts from the log's own date
-            dest = _place(tmp, backup_dir, src.name + ".gz", (crc, size))
-        finally:
-            tmp.unlink(missing_ok=True)
+            ok = _digest(_gunzip_fd(fd, size)) == (crc, size)
+        except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
+            ok = False
+        if not ok:
+            raise DestinationError(OSError(errno.EIO, "the compressed copy did not read back intact", str(backup_dir / tmp)))
+        try:
+            os.utime(fd, (st.st_atime, st.st_mtime))  # retention counts from the log's own date
+        except OSError as exc:
+            raise DestinationError(exc) from None
+        return _place(tmp, backup_fd, backup_dir, name + ".gz", (crc, size))
     finally:
-        source.close()
-    return dest
+        os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=backup_fd)
+        except OSError:
+            pass
+
+
+def _remove_stale_temps(backup_fd: int) -> None:
+    """Temp files of a run that was killed: this run holds the lock, so no live run owns one."""
+    try:
+        names = [n for n in os.listdir(backup_fd)[:MAX_ENTRIES] if n.startswith(TEMP_PREFIX) and n.endswith(".gz.tmp")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            if stat.S_ISREG(os.stat(name, dir_fd=backup_fd, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=backup_fd)
+        except OSError:
+            pass
 
 
 def _write(gz: gzip.GzipFile, chunk: bytes) -> None:
     gz.write(chunk)
 
 
-def _place(tmp: Path, backup_dir: Path, name: str, digest: tuple[int, int]) -> Path:
-    """Hard-link the finished temp file to NAME (or NAME.1.gz, ... if taken by other content).
+def _same_backup(backup_fd: int, name: str, digest: tuple[int, int]) -> bool:
+    """Is `name` in the backup directory a regular file holding exactly `digest`? Never through a link."""
+    try:
+        fd = safefs.open_in(backup_fd, name, os.O_RDONLY)
+    except (OSError, BluegreenError):
+        return False
+    try:
+        return _digest(_gunzip_fd(fd, digest[1])) == digest
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
+        return False
+    finally:
+        os.close(fd)
 
-    A link never replaces an existing backup; an identical existing one (a run that stopped between
-    writing the backup and removing the original) counts as done.
+
+def _place(tmp: str, backup_fd: int, backup_dir: Path, name: str, digest: tuple[int, int]) -> str:
+    """Hard-link the finished temp file to NAME (or NAME.1.gz, ... if taken by other content) in the opened
+    backup directory, and return the name used.
+
+    A link never replaces an existing entry (a planted symlink included: it is neither written through nor
+    removed); an identical existing backup (a run that stopped before removing the original) counts as done.
     """
     stem = name[: -len(".gz")]
     for n in range(1000):
-        dest = backup_dir / (name if n == 0 else f"{stem}.{n}.gz")
+        dest = name if n == 0 else f"{stem}.{n}.gz"
         try:
-            os.link(str(tmp), str(dest))
+            os.link(tmp, dest, src_dir_fd=backup_fd, dst_dir_fd=backup_fd, follow_symlinks=False)
         except FileExistsError:
-            try:
-                if _digest(_gunzip_stream(dest)) == digest:
-                    return dest
-            except (OSError, EOFError, zlib.error):
-                pass
+            if _same_backup(backup_fd, dest, digest):
+                return dest
             continue
         except OSError as exc:
             raise DestinationError(exc) from None
         try:
-            fsync_dir(backup_dir)
+            os.fsync(backup_fd)
         except OSError as exc:
-            raise DestinationError(exc) from None
+            if exc.errno not in (errno.EINVAL, errno.EROFS, errno.EBADF):  # filesystems that refuse a directory fsync
+                raise DestinationError(exc) from None
         return dest
     raise DestinationError(OSError(errno.EEXIST, "too many backups with this name", str(backup_dir / name)))
 
 
-def _lock(backup_dir: Path) -> int:
+def _lock(backup_fd: int, backup_dir: Path) -> None:
     """An exclusive flock on the backup directory, so a manual run and the daily one never overlap."""
-    fd = os.open(str(backup_dir), os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(backup_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
         raise LockedError(
-            f"Another backup-logs is already working on {backup_dir}; nothing was changed. It releases the lock "
+            f"Another backup-logs is already working on {shown(backup_dir)}; nothing was changed. It releases the lock "
             f"when it exits; run again afterwards."
         ) from None
-    return fd
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _open_dir(option: str, d: Path) -> int:
+    """The directory, opened once; a link at its last component (or anything but a directory) is refused."""
+    try:
+        fd = safefs.open_dir(d, check_owner=False)
+    except safefs.UnsafePath as exc:
+        raise UsageError(f"{option}: {exc.message} If you made that link yourself, give the directory it points to "
+                         f"instead.") from None
+    except OSError as exc:
+        raise UsageError(f"{option} {shown(d)}: cannot open it ({exc.strerror or exc}). Nothing was changed.") from None
+    if fd is None:
+        raise UsageError(f"{option} {shown(d)}: no such directory. `bluegreen setup` creates it. Nothing was changed.")
+    return fd
 
 
 def backup_logs(
@@ -212,83 +314,138 @@ def backup_logs(
     now: Callable[[], float] = time.time,
 ) -> int:
     """Compress rolled logs into `backup`, remove each original once its copy is safe, prune old backups."""
-    if older_than < 0 or keep_days <= 0:
-        raise UsageError("--older-than must be zero or more days and --keep-days more than zero. Nothing was changed.")
-    if "/" in pattern or pattern in ("", LIVE_LOG):
-        raise UsageError(f"--pattern: a file name pattern such as app-*.log, got {pattern!r}. Nothing was changed.")
+    if not (0 <= older_than < 1e6) or not (0 < keep_days < 1e6):  # NaN fails both; a huge bound is a typo
+        raise UsageError("--older-than must be zero or more days and --keep-days more than zero (both under a "
+                         "million). Nothing was changed.")
+    if "/" in pattern or pattern in ("", LIVE_LOG) or not pattern.isprintable() or len(pattern) > 255:
+        raise UsageError(f"--pattern: a file name pattern such as app-*.log, got {ascii(pattern)[:100]}. Nothing was changed.")
     logs_dir, backup_dir = Path(logs), Path(backup)
-    for name, d in (("--logs", logs_dir), ("--backup", backup_dir)):
-        if not d.is_dir():
-            raise UsageError(f"{name} {d}: no such directory. `bluegreen setup` creates it. Nothing was changed.")
-    if logs_dir.resolve() == backup_dir.resolve():
-        raise UsageError("--logs and --backup are the same directory; nothing was changed.")
-    lock = _lock(backup_dir)
+    logs_fd = _open_dir("--logs", logs_dir)
     try:
-        return _run(logs_dir, backup_dir, older_than, keep_days, pattern, stdout, now())
+        backup_fd = _open_dir("--backup", backup_dir)
+        try:
+            a, b = os.fstat(logs_fd), os.fstat(backup_fd)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                raise UsageError("--logs and --backup are the same directory; nothing was changed.")
+            _lock(backup_fd, backup_dir)
+            return _run(logs_fd, backup_fd, logs_dir, backup_dir, older_than, keep_days, pattern, stdout, now())
+        finally:
+            os.close(backup_fd)  # closing the last fd releases the flock
     finally:
-        os.close(lock)
+        os.close(logs_fd)
 
 
-def _run(logs_dir: Path, backup_dir: Path, older_than: float, keep_days: float, pattern: str, stdout: TextIO, now: float) -> int:
+def _open_log(logs_fd: int, item: Listed, src: Path) -> int:
+    """The listed log, opened without following a link or blocking; UnsafePath if it is no longer that file."""
+    fd = safefs.open_in(logs_fd, item.name, os.O_RDONLY, display=src)
+    st = os.fstat(fd)
+    if (st.st_ino, st.st_dev) != (item.ino, item.dev):
+        os.close(fd)
+        raise safefs.UnsafePath(src, "another file than the one listed a moment before (replaced meanwhile)",
+                                hint="It was left in place for the next run")
+    return fd
+
+
+def _run(logs_fd: int, backup_fd: int, logs_dir: Path, backup_dir: Path, older_than: float, keep_days: float,
+         pattern: str, stdout: TextIO, now: float) -> int:
     problems: list[str] = []
     compressed = deleted = 0
     try:
-        todo = rolled_logs(_entries(logs_dir), now=now, older_than_days=older_than, pattern=pattern)
+        entries, ids = _entries_fd(logs_fd, problems, logs_dir)
+        todo = rolled_logs(entries, now=now, older_than_days=older_than, pattern=pattern)
     except OSError as exc:
-        todo = []
-        problems.append(f"cannot list {logs_dir} ({exc.strerror or exc})")
+        todo, ids = [], {}
+        problems.append(f"cannot list {shown(logs_dir)} ({exc.strerror or exc})")
+    name_max = _name_max(backup_fd)
+    _remove_stale_temps(backup_fd)
     stopped = ""
     for i, name in enumerate(todo):
         src = logs_dir / name
+        if len(name.encode("utf-8", "surrogateescape")) + len(".999.gz") > name_max:
+            problems.append(f"{shown(src)}: its name is too long to add .gz within this filesystem's limit of {name_max} "
+                            f"bytes; left in place (rename it to back it up)")
+            continue
         try:
-            before = src.stat()
-            dest = compress(src, backup_dir)
-        except DestinationError as exc:
-            full = exc.cause.errno in (errno.ENOSPC, errno.EDQUOT)
-            what = "the disk is full" if full else (exc.cause.strerror or str(exc.cause))
-            stopped = (f"stopped at {name}: cannot write into {backup_dir} ({what}); it and the {len(todo) - i - 1} "
-                       f"file(s) after it were left in {logs_dir}")
-            break
+            fd = _open_log(logs_fd, ids[name], src)
         except FileNotFoundError:
             continue  # removed meanwhile (logback's own cleanup): nothing to keep
-        except OSError as exc:
-            problems.append(f"{src}: cannot read it ({exc.strerror or exc}); left in place")
+        except safefs.UnsafePath as exc:
+            problems.append(f"{shown(src)} is {exc.found}, not the regular file listed; left in place, never read")
             continue
-        after = src.stat()
-        if (after.st_size, after.st_mtime) != (before.st_size, before.st_mtime):
-            problems.append(f"{src} changed while it was compressed (still written to?); left in place, its copy is {dest}")
+        except OSError as exc:
+            problems.append(f"{shown(src)}: cannot read it ({exc.strerror or exc}); left in place")
             continue
         try:
-            src.unlink()
+            before = os.fstat(fd)
+            try:
+                dest = compress(fd, name, backup_fd, backup_dir)
+            except DestinationError as exc:
+                full = exc.cause.errno in (errno.ENOSPC, errno.EDQUOT)
+                what = "the disk is full" if full else (exc.cause.strerror or str(exc.cause))
+                stopped = (f"stopped at {shown(name)}: cannot write into {shown(backup_dir)} ({what}); it and the "
+                           f"{len(todo) - i - 1} file(s) after it were left in {shown(logs_dir)}")
+                break
+            except OSError as exc:
+                problems.append(f"{shown(src)}: cannot read it ({exc.strerror or exc}); left in place")
+                continue
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (after.st_size, after.st_mtime) != (before.st_size, before.st_mtime):
+            problems.append(f"{shown(src)} changed while it was compressed (still written to?); left in place, its "
+                            f"copy is {shown(backup_dir / dest)}")
+            continue
+        try:
+            # Remove the name only if it still is the file that was copied (the directory is the container's).
+            now_there = os.stat(name, dir_fd=logs_fd, follow_symlinks=False)
+            if (now_there.st_ino, now_there.st_dev) != (before.st_ino, before.st_dev):
+                problems.append(f"{shown(src)} was replaced while it was compressed; left in place, the copy of the "
+                                f"original is {shown(backup_dir / dest)}")
+                continue
+            os.unlink(name, dir_fd=logs_fd)
         except OSError as exc:
-            problems.append(f"{src}: backed up to {dest} but cannot be removed ({exc.strerror or exc}); remove it by hand")
+            problems.append(f"{shown(src)}: backed up to {shown(backup_dir / dest)} but cannot be removed "
+                            f"({exc.strerror or exc}); remove it by hand")
             continue
         compressed += 1
-        print(f"backed up {src} -> {dest} ({_size(before.st_size)} -> {_size(dest.stat().st_size)})", file=stdout)
-    try:
-        expired = expired_backups(_entries(backup_dir), now=now, keep_days=keep_days)
-    except OSError as exc:
-        expired = []
-        problems.append(f"cannot list {backup_dir} ({exc.strerror or exc}); no old backup was deleted")
-    for name in expired:
         try:
-            (backup_dir / name).unlink()
+            packed = _size(os.stat(dest, dir_fd=backup_fd, follow_symlinks=False).st_size)
+        except OSError:
+            packed = "?"
+        print(f"backed up {shown(src)} -> {shown(backup_dir / dest)} ({_size(before.st_size)} -> {packed})", file=stdout)
+    try:
+        listed, backups = _entries_fd(backup_fd, problems, backup_dir)
+        expired = expired_backups(listed, now=now, keep_days=keep_days)
+    except OSError as exc:
+        expired, backups = [], {}
+        problems.append(f"cannot list {shown(backup_dir)} ({exc.strerror or exc}); no old backup was deleted")
+    for name in expired:
+        # unlink by the directory fd removes that name only: a symlink put there meanwhile is removed itself,
+        # its target never (and a symlink is never listed as a backup to begin with).
+        try:
+            st = os.stat(name, dir_fd=backup_fd, follow_symlinks=False)
+            if (st.st_ino, st.st_dev) != (backups[name].ino, backups[name].dev):
+                continue  # replaced since the listing: not the expired backup any more
+            os.unlink(name, dir_fd=backup_fd)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            problems.append(f"{backup_dir / name}: cannot delete it ({exc.strerror or exc})")
+            problems.append(f"{shown(backup_dir / name)}: cannot delete it ({exc.strerror or exc})")
             continue
         deleted += 1
-        print(f"deleted   {backup_dir / name} (older than {keep_days:g} days)", file=stdout)
+        print(f"deleted   {shown(backup_dir / name)} (older than {keep_days:g} days)", file=stdout)
     if stopped:
         problems.insert(0, stopped)
-    print(f"backup-logs: {compressed} log(s) compressed into {backup_dir}, {deleted} old backup(s) deleted, "
+    print(f"backup-logs: {compressed} log(s) compressed into {shown(backup_dir)}, {deleted} old backup(s) deleted, "
           f"{len(problems)} problem(s).", file=stdout)
     if problems:
+        listed = problems[:MAX_PROBLEMS]
+        if len(problems) > MAX_PROBLEMS:
+            listed.append(f"... and {len(problems) - MAX_PROBLEMS} more")
         raise BluegreenError(
             "backup-logs could not finish; no log was lost (an original is removed only after its compressed "
-            "copy is complete on disk):\n" + "\n".join(f"  - {p}" for p in problems) +
-            f"\nFix the cause (free disk space, or make {backup_dir} writable and the logs readable for this "
+            "copy is complete on disk):\n" + "\n".join(f"  - {p}" for p in listed) +
+            f"\nFix the cause (free disk space, or make {shown(backup_dir)} writable and the logs readable for this "
             f"user), then run `backup-logs` again: it picks up what is left."
         )
     return 0

@@ -8,14 +8,14 @@ from __future__ import annotations
 import getpass
 import os
 import pwd
-import shlex
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
 from bluegreen import nginx as ngx
-from bluegreen import state, template
+from bluegreen import safefs, state, template
 from bluegreen.config import Settings
 from bluegreen.errors import BluegreenError, CommandError, ExecutableNotFound, UsageError
 from bluegreen.host import add_include, include_line, includes_dir, invocation, nginx_conf_path, self_command, upstream_dir
@@ -57,6 +57,7 @@ class Facts:
     schedule_files: tuple[tuple[Path, str | None], ...]  # current content of the files the schedule needs
     timer_enabled: bool
     seed_crontab_lines: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what setup found and leaves alone (hard-linked files, odd names)
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,91 @@ def choose_schedule(requested: str, *, cron_dir_exists: bool, systemd_running: b
     )
 
 
+# -- pure: the schedule files, written as root, so every value is validated and escaped for its format --------
+
+# Characters that need no quoting in /bin/sh or in a systemd command line (shlex's set without `%`).
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@+=:,./-]+\Z")
+# What useradd accepts: the cron user field and systemd's User= must be one plain word.
+_USER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?\Z")
+# Debian's cron (vixie 3.0) cuts a command at 1000 bytes, which could cut a path short: stay well below.
+MAX_CRON_COMMAND = 900
+MAX_PATH = 1024
+
+
+def check_value(option: str, value: str, *, absolute: bool = True) -> str:
+    """`value` if it is safe to write into a root-run schedule (printable, absolute, bounded); else UsageError."""
+    shown = ascii(value)[:200]
+    if not value or not value.isprintable():
+        raise UsageError(
+            f"{option}: {shown} contains a line break, a control character or bytes that are not valid text. It "
+            f"would be written into the daily backup job that runs as root, so setup refuses it: give a plain "
+            f"path. Nothing was changed."
+        )
+    if absolute and not os.path.isabs(value):
+        raise UsageError(f"{option}: give an absolute path, got {shown}. Nothing was changed.")
+    if len(value.encode("utf-8")) > MAX_PATH:
+        raise UsageError(f"{option}: a path of at most {MAX_PATH} bytes, got {len(value.encode('utf-8'))}. Nothing was changed.")
+    return value
+
+
+def check_user(name: str) -> str:
+    """A user name that is one plain word in a cron line and in systemd's User=."""
+    if not _USER_NAME.match(name):
+        raise UsageError(f"--owner: {ascii(name)[:100]} cannot be written as the user of a cron job or a systemd "
+                         f"unit; use a plain user name (letters, digits, `_ . -`). Nothing was changed.")
+    return name
+
+
+def _sh_word(text: str) -> str:
+    return text if _PLAIN_WORD.match(text) else "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def cron_word(arg: str) -> str:
+    """`arg` as one /bin/sh word in a cron command: shell-quoted, each `%` as `\\%` outside any quotes.
+
+    cron turns a bare `%` into a newline (the rest becomes stdin) and `\\%` into `%`; splitting at `%` and
+    quoting the pieces keeps a `\\` of the value from ever standing right before a `%`."""
+    if arg == "":
+        return "''"
+    return "\\%".join(_sh_word(piece) if piece else "" for piece in arg.split("%"))
+
+
+def cron_command(argv: list[str]) -> str:
+    return " ".join(cron_word(a) for a in argv)
+
+
+def systemd_word(arg: str) -> str:
+    """`arg` as one word of a systemd Exec line: `%` is a specifier (`%%`), `$` expands (`$$`), and inside
+    double quotes `\\` and `"` are C-escaped."""
+    if _PLAIN_WORD.match(arg):
+        return arg
+    escaped = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{escaped}"'
+
+
+def systemd_command(argv: list[str]) -> str:
+    return " ".join(systemd_word(a) for a in argv)
+
+
 def schedule_texts(settings: Settings, schedule: str, *, owner: Owner, command: list[str], logs: str, backup: str, older_than: float, keep_days: float) -> dict:
-    """The file(s) the schedule needs, keyed by path."""
-    values = dict(USER=owner.name, COMMAND=" ".join(shlex.quote(a) for a in command), LOGS=logs, BACKUP=backup,
-                  OLDER_THAN=f"{older_than:g}", KEEP_DAYS=f"{keep_days:g}")
+    """The file(s) the schedule needs, keyed by path; every value validated, then escaped for its format."""
+    check_user(owner.name)
+    for option, value in (("--logs", logs), ("--backup", backup), ("the backup command", command[0] if command else "")):
+        check_value(option, value)
+    for arg in command[1:]:
+        check_value("the backup command", arg, absolute=False)
+    common = dict(USER=owner.name, OLDER_THAN=f"{older_than:g}", KEEP_DAYS=f"{keep_days:g}")
     if schedule == "cron":
-        return {settings.cron_dir / CRON_FILE: template.render("cron", **values)}
+        line = cron_command(command)
+        if len(line.encode("utf-8")) > MAX_CRON_COMMAND:
+            raise UsageError(
+                f"The backup command would be {len(line.encode('utf-8'))} bytes long; cron cuts commands at 1000 "
+                f"bytes, which could cut a path short. Use shorter --logs, --backup and --pyz paths. Nothing was changed."
+            )
+        # Comment lines: cron ignores them whole, and the values hold no line break.
+        return {settings.cron_dir / CRON_FILE: template.render("cron", COMMAND=line, LOGS=logs, BACKUP=backup, **common)}
     if schedule == "systemd":
+        values = dict(COMMAND=systemd_command(command), LOGS=logs.replace("%", "%%"), BACKUP=backup.replace("%", "%%"), **common)
         return {
             settings.systemd_dir / SERVICE_UNIT: template.render("backup-logs.service", **values),
             settings.systemd_dir / TIMER_UNIT: template.render("backup-logs.timer", **values),
@@ -173,7 +252,7 @@ def resolve_owner(name: str | None, environ: dict) -> Owner:
         name = sudo_user if sudo_user and sudo_user != "root" else _current_user()
     try:
         entry = pwd.getpwnam(name)
-    except KeyError:
+    except (KeyError, ValueError, UnicodeError):
         raise UsageError(f"--owner: there is no user {name!r} on this host. Nothing was changed.") from None
     return Owner(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
@@ -185,14 +264,82 @@ def _current_user() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def _dir_fact(path: Path) -> DirFact:
+MAX_FILES = 10000  # entries looked at in one directory: the owner can fill it with anything
+
+
+def shown(path: Path | str) -> str:
+    """A path for a message: names under the deploy root are the owner's choice, so never raw control bytes."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def guarded_top(path: Path, root: Path) -> Path | None:
+    """The trusted directory `path` is reached from: the deploy root when `path` is in it (every directory
+    below it is opened without following links), else None (its parent is the admin's choice; the last
+    component is still never followed)."""
+    full, top = os.path.abspath(str(path)), os.path.abspath(str(root))
+    return Path(top) if full == top or full.startswith(top.rstrip("/") + "/") else None
+
+
+def _refused(exc: safefs.UnsafePath) -> UsageError:
+    return UsageError(f"{exc.message} setup changed nothing; run it again once that is fixed.")
+
+
+def _dir_fact(path: Path, top: Path | None = None) -> DirFact:
+    """Owner of directory `path`, reached without following a link below `top`; refuses a link or a file."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
+        fd = safefs.open_dir(path, root=top)
+    except safefs.UnsafePath as exc:
+        raise _refused(exc) from None
+    except OSError as exc:
+        raise BluegreenError(f"setup cannot read {shown(path)} ({exc.strerror or exc}). Nothing was changed; run setup "
+                             f"as root (`sudo {invocation()} setup`).", exit_code=2) from None
+    if fd is None:
         return DirFact(path, False)
-    if not path.is_dir():
-        raise UsageError(f"{path} exists but is not a directory; move it away, then run setup again. Nothing was changed.")
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
     return DirFact(path, True, st.st_uid, st.st_gid)
+
+
+def _file_facts(directory: Path, top: Path | None) -> tuple[list[DirFact], list[str]]:
+    """The regular files directly in `directory` (listed through its fd), and warnings for those setup leaves."""
+    try:
+        fd = safefs.open_dir(directory, root=top)
+    except safefs.UnsafePath as exc:
+        raise _refused(exc) from None
+    if fd is None:
+        return [], []
+    files: list[DirFact] = []
+    warnings: list[str] = []
+    try:
+        with os.scandir(fd) as it:
+            for n, entry in enumerate(it):
+                if n >= MAX_FILES:
+                    warnings.append(f"{shown(directory)} has more than {MAX_FILES} entries; only the first were looked at")
+                    break
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # symlinks, FIFOs, devices: never given away, never followed
+                path = directory / entry.name
+                if st.st_nlink > 1:
+                    warnings.append(f"left {shown(path)} as it is: it has {st.st_nlink} hard links, and giving it to "
+                                    f"the owner would give away every other name of that file too; remove it if you did "
+                                    f"not make it")
+                elif not entry.name.isprintable():
+                    warnings.append(f"left {shown(path)} as it is: its name has control characters; remove it if you "
+                                    f"did not make it")
+                else:
+                    files.append(DirFact(path, True, st.st_uid, st.st_gid))
+    except OSError as exc:
+        raise BluegreenError(f"setup cannot list {shown(directory)} ({exc.strerror or exc}). Nothing was changed.", exit_code=2) from None
+    finally:
+        os.close(fd)
+    return sorted(files, key=lambda f: str(f.path)), warnings
 
 
 def read_facts(
@@ -222,17 +369,19 @@ def read_facts(
     if resolved == "systemd":
         enabled = runner.run(["systemctl", "is-enabled", TIMER_UNIT], check=False, mutates=False, timeout=30)
         timer_enabled = enabled.ok and enabled.stdout.strip() == "enabled"
-    files = []
-    for d in (settings.root / "projects", settings.root / "nginx" / "conf.d"):
-        if d.is_dir():
-            for f in sorted(d.iterdir()):
-                st = f.lstat()
-                if stat.S_ISREG(st.st_mode):
-                    files.append(DirFact(f, True, st.st_uid, st.st_gid))
+    root = Path(os.path.abspath(str(settings.root)))
+    dir_facts = tuple(_dir_fact(d, guarded_top(d, root)) for d in dirs)
+    files: list[DirFact] = []
+    warnings: list[str] = []
+    for d in (root / "projects", root / "nginx" / "conf.d"):
+        found, notes = _file_facts(d, root)
+        files.extend(found)
+        warnings.extend(notes)
     facts = Facts(
         owner=owner,
-        dirs=tuple(_dir_fact(d) for d in dirs),
+        dirs=dir_facts,
         files=tuple(files),
+        warnings=tuple(warnings),
         nginx_conf=conf,
         nginx_conf_text=conf_text,
         include_in_dump=in_dump,
@@ -252,19 +401,33 @@ def _seed_crontab_lines(runner: Runner, owner: Owner) -> tuple[str, ...]:
         return ()
     if not result.ok:
         return ()
-    return tuple(ln for ln in result.stdout.splitlines() if "find /app/" in ln and not ln.lstrip().startswith("#"))
+    # The owner wrote this crontab: show at most a few lines, bounded, without control characters.
+    lines = [ln for ln in result.stdout[:1 << 20].split("\n") if "find /app/" in ln and not ln.lstrip().startswith("#")]
+    return tuple(_printable(ln.strip(), 200) for ln in lines[:5])
+
+
+def _printable(text: str, limit: int) -> str:
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
 def apply_step(step: Step, *, runner: Runner, settings: Settings, owner: Owner) -> str:
-    """Carry out one step; returns the result note."""
+    """Carry out one step; returns the result note. Directories and files under the deploy root, LOG_DIR
+    and the backup directory are reached and chowned through fds opened without following links."""
+    root = Path(os.path.abspath(str(settings.root)))
     if step.kind == "mkdir":
-        step.path.mkdir(parents=True, exist_ok=True)
-        st = step.path.stat()
-        if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):  # chown needs root; skip it when already right
-            os.chown(str(step.path), owner.uid, owner.gid)
+        fd = safefs.open_dir(step.path, root=guarded_top(step.path, root), create=True, mode=0o755)
+        if fd is None:  # cannot happen with create=True; keeps the type checker and a reader honest
+            raise BluegreenError(f"setup could not create {shown(step.path)}.")
+        try:
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):  # chown needs root; skip it when already right
+                os.fchown(fd, owner.uid, owner.gid)
+        finally:
+            os.close(fd)
         return "created"
     if step.kind == "chown":
-        os.chown(str(step.path), owner.uid, owner.gid)
+        safefs.chown_nofollow(step.path, owner.uid, owner.gid, root=guarded_top(step.path, root))
         return "owner set"
     if step.kind == "write":
         step.path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,12 +486,13 @@ def setup_host(
     """Bring the host to the seed's layout; print each change, or that there was nothing to change."""
     if schedule not in SCHEDULES:
         raise UsageError(f"--schedule: one of {', '.join(SCHEDULES)}, got {schedule!r}.")
-    for name, value in (("--logs", logs), ("--backup", backup)):
-        if not os.path.isabs(value):
-            raise UsageError(f"{name}: give an absolute directory, got {value!r}. Nothing was changed.")
-    if older_than < 0 or keep_days <= 0:
-        raise UsageError("--older-than must be zero or more days and --keep-days more than zero. Nothing was changed.")
+    for name, value in (("--logs", logs), ("--backup", backup)) + ((("--pyz", pyz),) if pyz else ()):
+        check_value(name, value, absolute=name != "--pyz")
+    if not (0 <= older_than < 1e6) or not (0 < keep_days < 1e6):  # NaN fails both; a huge bound is a typo
+        raise UsageError("--older-than must be zero or more days and --keep-days more than zero (both under a "
+                         "million). Nothing was changed.")
     who = resolve_owner(owner, environ)
+    check_user(who.name)
     root = Path(os.path.abspath(str(settings.root)))
     dirs = (root, root / "projects", root / "nginx", root / "nginx" / "conf.d", Path(logs), Path(backup))
     command = [*self_command(settings, pyz), "backup-logs", "--logs", logs, "--backup", backup,
@@ -341,6 +505,8 @@ def setup_host(
     )
     wanted = Wanted(include=include_line(settings), upstream_dir=upstream_dir(settings), schedule_files=wanted_files)
     steps, ok = plan_setup(facts, wanted)
+    for line in facts.warnings:
+        print(f"warning: {line}.", file=stderr)
     for line in facts.seed_crontab_lines:
         print(f"warning: {who.name}'s crontab still has the seed's line `{line.strip()}`; the backup now runs from "
               f"{'/etc/cron.d/' + CRON_FILE if facts.schedule == 'cron' else 'bluegreen setup'}, so remove it "
@@ -373,6 +539,12 @@ def setup_host(
             ) from None
         except BluegreenError as exc:
             raise BluegreenError(f"{exc.message} {_done_note(done)}", exit_code=exc.exit_code) from None
+        except OSError as exc:
+            where = f" ({shown(exc.filename)})" if exc.filename else ""
+            raise BluegreenError(
+                f"setup could not {step.text}: {exc.strerror or exc}{where}. {_done_note(done)} Fix that (a full disk, "
+                f"a read-only filesystem), then run setup again; it picks up where it stopped."
+            ) from None
         done.append(step.text)
         print(f"  changed  {step.text}: {note}", file=stdout)
     me = invocation()
