@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from bluegreen import safefs
+from bluegreen.safefs import UnsafePath
 
 RESULT_DEPLOYED = "deployed"  # exit 0
 RESULT_FAILED = "failed"  # exit 1: the previous version still serves
@@ -38,42 +42,117 @@ class Entry:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
 
-def append(path: Path, entry: Entry) -> str | None:
-    """Append one line; returns None, or why it could not be written (it never raises)."""
+READ_BYTES = 1 << 20  # history, rollback and prune look at the last MiB (thousands of attempts)
+TAIL_BYTES = 65536  # status looks at the last 64 KiB
+_BAD_JSON = (ValueError, TypeError, OverflowError, RecursionError)
+
+
+def _journal_root(path: Path, root: Path | None) -> Path:
+    # ROOT/projects/PROJECT.journal: ROOT is trusted, `projects` is never followed.
+    return root if root is not None else Path(path).parent.parent
+
+
+def append(path: Path, entry: Entry, *, root: Path | None = None) -> str | None:
+    """Append one line; returns None, or why it could not be written (it never raises).
+
+    A journal that is a symlink, FIFO, device or hard link is never written through: that is reported."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        line = (entry.to_json() + "\n").encode("utf-8")
         # One write() of one line with O_APPEND: concurrent writers never interleave inside a
         # line, and a crash can at worst leave a torn last line, which read() skips.
-        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (entry.to_json() + "\n").encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        safefs.append(path, line, root=_journal_root(path, root), mode=0o644, make_dirs=True)
         return None
+    except UnsafePath as exc:
+        return f"did not append to the journal: {exc.message}"
     except OSError as exc:
         return f"could not append to {path}: {exc.strerror or exc}"
+    except _BAD_JSON as exc:
+        return f"could not append to {path}: {exc}"
 
 
-def read(path: Path) -> list[Entry]:
-    """Every readable entry, oldest first; torn or foreign lines are skipped."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+def read(path: Path, *, root: Path | None = None, max_bytes: int = READ_BYTES) -> list[Entry]:
+    """Readable entries of the journal's last `max_bytes`, oldest first; torn or foreign lines are skipped.
+
+    Raises safefs.UnsafePath (exit 2) when the journal is a symlink, FIFO, device or hard link."""
+    found = safefs.read_tail(path, root=_journal_root(path, root), max_bytes=max_bytes)
+    if found is None:
         return []
-    return list(parse_lines(text.splitlines()))
+    data, cut = found
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if cut:
+        lines = lines[1:]  # the first line is probably cut
+    return list(parse_lines(lines))
+
+
+def read_tail(path: Path, *, root: Path | None = None, max_bytes: int = TAIL_BYTES) -> list[Entry]:
+    """Like read() over the last `max_bytes`, but never raises: an unsafe or unreadable journal is empty."""
+    try:
+        return read(path, root=root, max_bytes=max_bytes)
+    except (UnsafePath, OSError):
+        return []
+
+
+def _str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _opt_str(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _number(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) < 1e12
+    except OverflowError:
+        return False
+
+
+def _exit_code(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -1024 < value < 1024
+
+
+def _steps(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
+
+
+_CHECKS = {
+    "time": _str, "host": _str, "user": _str, "project": _str, "action": _str, "tag": _str,
+    "image": _str, "digest": _str, "from_colour": _opt_str, "to_colour": _opt_str, "from_tag": _opt_str,
+    "result": _str, "exit_code": _exit_code, "failed_step": _opt_str, "message": _str,
+    "duration": _number, "steps": _steps,
+}
+_REQUIRED = ("time", "host", "user", "project", "action", "tag")
+
+
+def parse_line(line: object) -> Entry | None:
+    """One journal line as an Entry, or None when it is not one (any shape, any bytes): never raises."""
+    try:
+        if not isinstance(line, str):
+            return None
+        data = json.loads(line)
+        if not isinstance(data, dict) or not all(k in data for k in _REQUIRED):
+            return None
+        fields = {}
+        for key, check in _CHECKS.items():
+            if key in data:
+                if not check(data[key]):
+                    return None
+                fields[key] = data[key]
+        if "duration" in fields:
+            fields["duration"] = float(fields["duration"])
+        return Entry(**fields)
+    except _BAD_JSON:
+        return None
 
 
 def parse_lines(lines: Iterable[str]) -> Iterable[Entry]:
-    known = set(Entry.__dataclass_fields__)
+    """The entries among `lines`; lines of any other shape are skipped."""
     for line in lines:
-        try:
-            data = json.loads(line)
-            if not isinstance(data, dict):
-                continue
-            yield Entry(**{k: v for k, v in data.items() if k in known})
-        except (ValueError, TypeError):
-            continue
+        entry = parse_line(line)
+        if entry is not None:
+            yield entry
 
 
 def successful_tags(entries: list[Entry]) -> list[str]:
@@ -93,14 +172,24 @@ def rollback_target(entries: list[Entry], serving_tag: str | None) -> str | None
     return None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _clean(text: str | None, limit: int = 200) -> str:
+    """A journal field fit for a terminal line: no control characters (escape sequences), bounded length."""
+    return _CONTROL.sub("?", (text or "")[:limit])
+
+
 def render(entries: list[Entry]) -> str:
     """Newest first, one line each, readable at a glance."""
     lines = []
     for e in reversed(entries):
-        move = f"{e.from_colour or '-'}->{e.to_colour or '-'}"
-        head = f"{e.time}  {e.action:<8} {e.tag:<16} {e.result:<9} {move:<11} {e.duration:6.1f}s  {e.user}@{e.host}"
+        move = f"{_clean(e.from_colour, 20) or '-'}->{_clean(e.to_colour, 20) or '-'}"
+        head = (f"{_clean(e.time, 40)}  {_clean(e.action, 20):<8} {_clean(e.tag, 140):<16} {_clean(e.result, 20):<9} "
+                f"{move:<11} {e.duration:6.1f}s  {_clean(e.user, 64)}@{_clean(e.host, 128)}")
         if e.result != RESULT_DEPLOYED:
-            first = e.message.splitlines()[0] if e.message else ""
-            head += f"\n    {('step ' + e.failed_step + ': ') if e.failed_step else ''}{first[:200]}"
+            first = e.message.splitlines()[0] if e.message.splitlines() else ""
+            step = f"step {_clean(e.failed_step, 40)}: " if e.failed_step else ""
+            head += f"\n    {step}{_clean(first)}"
         lines.append(head)
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""Pure tests: the health poller (fake clock), the lock, atomic state files."""
+"""Pure tests: the health poller (fake clock), the lock, atomic state files, the journal; planted links,
+FIFOs, hard links and bad bytes in all of them."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import threading
 
 import pytest
 
-from bluegreen import state
+from bluegreen import journal, state
 from bluegreen.errors import LockedError
 from bluegreen.health import Probe, http_probe, wait_healthy
 from bluegreen.lock import Holder, current_holder, project_lock, read_freeze, read_holder
@@ -368,3 +370,101 @@ def test_state_root_guards_intermediate_directories(planted):
     with pytest.raises(UnsafePath):
         state.atomic_write(root / "nginx" / "new.conf", "x", root=root)
     assert sorted(os.listdir(decoy.parent)) == ["shadow"]
+
+
+# -- the journal: planted links, any shape of line, bounded reads ---------------------------------------------
+
+GOOD = {"time": "2026-01-01T00:00:00+00:00", "host": "h", "user": "ci", "project": "p", "action": "deploy",
+        "tag": "v1", "result": "deployed", "exit_code": 0, "duration": 1.5, "steps": {"pull": 0.5}}
+
+WRONG_SHAPES = [
+    {**GOOD, "tag": None},
+    {**GOOD, "tag": 7},
+    {**GOOD, "message": None},
+    {**GOOD, "message": ["a"]},
+    {**GOOD, "duration": "fast"},
+    {**GOOD, "duration": 10 ** 400},
+    {**GOOD, "duration": None},
+    {**GOOD, "exit_code": 10 ** 30},
+    {**GOOD, "exit_code": True},
+    {**GOOD, "steps": {"pull": "x"}},
+    {**GOOD, "steps": [1]},
+    {**GOOD, "failed_step": 3, "result": "failed"},
+    {**GOOD, "from_colour": {"x": 1}},
+    {k: v for k, v in GOOD.items() if k != "time"},
+]
+WRONG_TEXT = ["[" * 100000, '{"time": ' * 50000, "1e999", '{"duration": 1e999}', json.dumps({**GOOD, "tag": "v9"}).replace("1.5", "1e999"),
+              "\ud800", "null", "[]", '"str"', "\x00", "9" * 5000]
+
+
+def _journal_lines():
+    return [json.dumps(GOOD)] + [json.dumps(bad) for bad in WRONG_SHAPES] + WRONG_TEXT + [json.dumps({**GOOD, "tag": "v2"})]
+
+
+def test_journal_lines_of_the_wrong_shape_are_skipped_never_raised():
+    entries = list(journal.parse_lines(_journal_lines()))
+    assert [e.tag for e in entries] == ["v1", "v2"]
+    assert journal.rollback_target(entries, "v2") == "v1"
+    assert "v1" in journal.render(entries) and "v2" in journal.render(entries)
+
+
+def test_history_and_status_survive_a_journal_of_the_wrong_shape(tmp_path):
+    root = tmp_path / "root"
+    (root / "projects").mkdir(parents=True)
+    (root / "projects" / "p.env").write_text("IMAGE=registry.example/p\nLOG_DIR=\n")
+    raw = "\n".join(_journal_lines()).encode("utf-8", "surrogatepass") + b"\n\xff\xfe not utf-8\n"
+    (root / "projects" / "p.journal").write_bytes(raw)
+    env = dict(os.environ, PYTHONPATH=REPO, BLUEGREEN_ROOT=str(root))
+    proc = subprocess.run([sys.executable, "-m", "bluegreen", "history", "p"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "internal error" not in proc.stderr and "v1" in proc.stdout and "v2" in proc.stdout
+
+
+def test_render_never_prints_terminal_escapes_from_the_journal():
+    entry = journal.Entry(time="t", host="h\x1b]0;pwned\x07", user="u", project="p", action="deploy", tag="v1",
+                          result="failed", message="boom \x1b[2J cleared")
+    out = journal.render([entry])
+    assert "\x1b" not in out and "\x07" not in out and "boom ? cleared"[:5] in out
+
+
+def test_a_journal_symlink_is_never_appended_through(planted):
+    root, decoy = planted
+    path = root / "projects" / "p.journal"
+    path.symlink_to(decoy)
+    entry = journal.Entry(time="t", host="h", user="u", project="p", action="deploy", tag="v1")
+    problem = journal.append(path, entry)
+    assert problem is not None and "symlink" in problem and str(path) in problem
+    assert decoy.read_text() == "root:secret-hash:19000::::::\n"
+    with pytest.raises(UnsafePath):
+        journal.read(path)
+    assert journal.read_tail(path) == []
+
+
+def test_a_hard_linked_journal_is_never_appended_to(planted):
+    root, decoy = planted
+    path = root / "projects" / "p.journal"
+    os.link(decoy, path)
+    entry = journal.Entry(time="t", host="h", user="u", project="p", action="deploy", tag="v1")
+    assert "hard link" in (journal.append(path, entry) or "")
+    assert decoy.read_text() == "root:secret-hash:19000::::::\n"
+
+
+def test_journal_reads_are_bounded_and_never_block(planted):
+    root, _ = planted
+    path = root / "projects" / "p.journal"
+    path.symlink_to("/dev/zero")
+    code = (
+        "import sys\nfrom bluegreen import journal\n"
+        "print(journal.read_tail(sys.argv[1]))\n"
+        "try:\n    journal.read(sys.argv[1])\nexcept Exception as exc:\n    print(type(exc).__name__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True, timeout=20)
+    assert proc.stdout.split() == ["[]", "UnsafePath"], proc.stderr
+    path.unlink()
+    lines = [json.dumps({**GOOD, "tag": f"v{i}"}) for i in range(3000)]
+    path.write_text("\n".join(lines) + "\n")
+    tail = journal.read(path, max_bytes=4096)
+    assert 0 < len(tail) < 40 and tail[-1].tag == "v2999"
+    assert len(journal.read(path)) == 3000
