@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import http.client
-import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Mapping
+
+from bluegreen import http_client
 
 
 @dataclass(frozen=True)
@@ -29,45 +27,24 @@ class HealthResult:
     died: str | None = None  # set when the container stopped while we waited
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect is an answer in itself (often to a login page): report it, do not follow it.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
-        return None
-
-
-# No proxy: an http_proxy in a CI environment must never intercept requests to 127.0.0.1.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-
 def http_probe(url: str, *, timeout: float, host: str = "", headers: Mapping[str, str] | None = None) -> Probe:
-    """GET `url` once; never raises for network or HTTP errors."""
-    req = urllib.request.Request(url, method="GET")
+    """GET `url` once, all of it (connect, headers, body) within `timeout`; never raises for network or HTTP errors.
+
+    No proxy, no redirect followed (a 3xx is an answer: often a login page), at most 64 KiB read.
+    """
+    sent = dict(headers or {})
     if host:
-        req.add_header("Host", host)
-    for key, value in (headers or {}).items():
-        req.add_header(key, value)
+        sent["Host"] = host
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            resp.read(65536)
-            return Probe(resp.status, f"HTTP {resp.status}", dict(resp.headers.items()))
-    except urllib.error.HTTPError as exc:
-        hdrs = dict(exc.headers.items()) if exc.headers else {}
-        exc.close()
-        return Probe(exc.code, f"HTTP {exc.code}", hdrs)
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ConnectionRefusedError):
-            return Probe(None, "connection refused")
-        if isinstance(reason, socket.timeout):
-            return Probe(None, f"no answer within {timeout:g}s")
-        return Probe(None, str(reason))
-    except (socket.timeout, TimeoutError):
-        return Probe(None, f"no answer within {timeout:g}s")
-    except (ConnectionResetError, http.client.RemoteDisconnected):
-        # Typical while an app (or docker's port proxy in front of it) is still starting.
-        return Probe(None, "connection closed without an answer")
-    except (ConnectionError, http.client.HTTPException, OSError) as exc:
-        return Probe(None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        resp = http_client.request("GET", url, timeout=timeout, headers=sent)
+    except http_client.HttpError as exc:
+        return Probe(None, exc.detail)
+    except Exception as exc:  # noqa: BLE001 - a probe must never break the step that polls it
+        return Probe(None, f"the request failed ({type(exc).__name__})")
+    detail = f"HTTP {resp.status}"
+    if resp.truncated:
+        detail += f" (answer larger than {http_client.MAX_ANSWER // 1024} KiB: cut there, not read further)"
+    return Probe(resp.status, detail, resp.headers)
 
 
 def wait_healthy(

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
-import urllib.error
-import urllib.request
 
+from bluegreen import http_client
 from bluegreen.journal import RESULT_DEPLOYED, Entry
 
 _ICONS = {RESULT_DEPLOYED: ":white_check_mark:", "failed": ":x:", "refused": ":no_entry:", "attention": ":rotating_light:"}
-# No proxy handling surprises and no redirects: a webhook either answers or it does not.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# No proxy (http_proxy/https_proxy are ignored, as for every request bluegreen makes) and no redirect:
+# a webhook either answers or it does not. A host that reaches its webhook only through a proxy needs a
+# relay it can reach directly.
 
 
 def payload(entry: Entry) -> dict:
@@ -45,29 +44,28 @@ def payload(entry: Entry) -> dict:
     }
 
 
-def send(url: str, body: dict, *, timeout: float = 3.0) -> str | None:
-    """POST `body`; returns None, or why it failed, in words that never contain the URL."""
+def send(url: str, body: dict, *, timeout: float = 3.0, context: object | None = None) -> str | None:
+    """POST `body`, all of it (DNS, connect, TLS, answer) within `timeout`; returns None, or why it failed.
+
+    The words never contain the URL or a Location header (both can hold the webhook's secret). `context`
+    is an ssl.SSLContext (tests pass one trusting their own CA); by default the system's CAs and SNI.
+    """
     data = json.dumps(body).encode("utf-8")
-    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            resp.read(4096)
-        return None
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return f"the webhook answered HTTP {exc.code}"
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, socket.timeout):
-            return f"no answer within {timeout:g}s"
-        return f"could not reach the webhook ({type(reason).__name__ if not isinstance(reason, str) else 'error'}: {_strip(reason)})"
-    except (socket.timeout, TimeoutError):
-        return f"no answer within {timeout:g}s"
-    except Exception as exc:  # a broken endpoint (bad status line, cut body...) must not break a deploy
+        resp = http_client.request("POST", url, timeout=timeout, body=data,
+                                   headers={"Content-Type": "application/json"}, context=context)
+    except http_client.HttpError as exc:
+        if exc.kind == http_client.TIMEOUT:
+            return exc.detail
+        if exc.kind in (http_client.REFUSED, http_client.DNS, http_client.NETWORK, http_client.TLS):
+            return f"could not reach the webhook ({exc.detail})"
+        return f"could not send ({exc.detail})"
+    except Exception as exc:  # noqa: BLE001 - a broken endpoint must never break a deploy
         return f"could not send ({type(exc).__name__})"
-
-
-def _strip(reason: object) -> str:
-    # OSError strings can carry a host name but never the path or query that hold the secret.
-    text = str(getattr(reason, "strerror", None) or reason)
-    return text.split("://")[0] if "://" in text else text
+    if 300 <= resp.status < 400:
+        # Following it would turn the POST into a GET without the body (what urllib did): not a delivery.
+        return (f"the webhook answered with a redirect (HTTP {resp.status}), which bluegreen does not follow; "
+                f"set NOTIFY_WEBHOOK_URL to the address it redirects to")
+    if not 200 <= resp.status < 300:
+        return f"the webhook answered HTTP {resp.status}"
+    return None
