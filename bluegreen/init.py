@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from bluegreen import nginx as ngx
-from bluegreen import state, template
-from bluegreen.config import Settings, parse_env, project_from_entries, validate_project
+from bluegreen import safefs, state, template
+from bluegreen.config import _IMAGE_RE, RESERVED_KEYS, Settings, parse_env, project_from_entries, validate_project
 from bluegreen.errors import BluegreenError, CommandError, ConfigError, ExecutableNotFound, UsageError
 from bluegreen.host import invocation, upstream_dir
 from bluegreen.runner import Runner, indent
 
 _SERVER_NAME_RE = re.compile(r"_|(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
-_LISTEN_RE = re.compile(r"(?:(\d{1,3}(?:\.\d{1,3}){3}|\[[0-9a-fA-F:]+\]|\*):)?(\d{1,5})")
+_LISTEN_RE = re.compile(r"(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3}|\[[0-9a-fA-F:]+\]|\*):)?([0-9]{1,5})")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CI_WORKFLOWS = ".github/workflows"
 CI_DOCKERFILE = "infra/docker/backend.Dockerfile"
 
@@ -32,6 +33,7 @@ class FileSpec:
     note: str
     mode: int = 0o644
     keep_existing: bool = False  # deploy-managed state (the upstream file): written only when missing
+    root: Path | None = None  # trusted directory above `path`: nothing below it is followed (see safefs)
 
 
 # -- pure: parsing options and rendering ------------------------------------------------------------
@@ -39,9 +41,27 @@ class FileSpec:
 def parse_ports(text: str) -> tuple[int, int]:
     """`8081,8082` -> (8081, 8082): BLUE_PORT and GREEN_PORT."""
     parts = [p.strip() for p in (text or "").split(",")]
-    if len(parts) != 2 or not all(p.isdigit() and 1 <= int(p) <= 65535 for p in parts) or parts[0] == parts[1]:
+    # [0-9] and not str.isdigit(): '²' is a digit to isdigit() but not to int().
+    if len(parts) != 2 or not all(_PORT_RE.fullmatch(p) and 1 <= int(p) <= 65535 for p in parts) or int(parts[0]) == int(parts[1]):
         raise UsageError(f"--ports: give two different port numbers as BLUE,GREEN (e.g. 8081,8082), got {text!r}.")
     return int(parts[0]), int(parts[1])
+
+
+def validate_image(image: str) -> str:
+    """--image: one repository name without tag (config's IMAGE rule), nothing that could end the env file's line."""
+    if not image or _CONTROL_RE.search(image) or any(c.isspace() for c in image):
+        raise UsageError(
+            f"--image: give one image repository name without spaces or line breaks (ghcr.io/acme/user-api), "
+            f"got {image!r}; nothing was written."
+        )
+    if not _IMAGE_RE.fullmatch(image):
+        tagged = "@" in image or ":" in image.rsplit("/", 1)[-1]
+        raise UsageError(
+            f"--image: IMAGE: give the repository without a tag or digest, e.g. ghcr.io/acme/user-api (the tag is "
+            f"deploy's second argument), got {image!r}; nothing was written." if tagged else
+            f"--image: {image!r} is not a valid image repository name (e.g. ghcr.io/acme/user-api); nothing was written."
+        )
+    return image
 
 
 def parse_listen(text: str) -> tuple[str, str]:
@@ -100,6 +120,7 @@ def project_files(
 ) -> list[FileSpec]:
     """The three server-side files of a project; the env file is checked with the real loader."""
     validate_project(project)
+    validate_image(image)
     validate_server_name(server_name)
     listen, nginx_url = parse_listen(listen)
     upstream_path = settings.upstream_file(project)
@@ -112,16 +133,19 @@ def project_files(
     )
     env_path = settings.env_file(project)
     try:
-        project_from_entries(project, env_path.name, parse_env(env, env_path.name))
+        entries = parse_env(env, env_path.name)
+        project_from_entries(project, env_path.name, entries)
     except ConfigError as exc:
         raise UsageError(f"{exc.message} (from the options given to init; nothing was written)") from None
+    _check_reads_back(entries, image)
     return [
-        FileSpec(env_path, env, f"IMAGE={image}, ports {ports[0]}/{ports[1]}; add SPRING_PROFILES and the app's settings here", mode=0o640),
+        FileSpec(env_path, env, f"IMAGE={image}, ports {ports[0]}/{ports[1]}; add SPRING_PROFILES and the app's settings here",
+                 mode=0o640, root=settings.root),
         FileSpec(
             upstream_path,
             render_placeholder_upstream(project=project, upstream=upstream, blue_port=ports[0], token=token),
             "placeholder that routes nowhere until the first deploy; deploys rewrite it",
-            keep_existing=True,
+            keep_existing=True, root=settings.root,
         ),
         FileSpec(
             server_path,
@@ -129,6 +153,18 @@ def project_files(
             f"listen {listen}, server_name {server_name}, proxy_pass http://{upstream}",
         ),
     ]
+
+
+def _check_reads_back(entries: list, image: str) -> None:
+    """The rendered env file must hold bluegreen's own keys once each and IMAGE exactly as given: an option
+    that smuggled a line in (a newline, a quote) is refused here even if a validator above missed it."""
+    keys = [e.key for e in entries]
+    images = [e.value for e in entries if e.key == "IMAGE"]
+    if len(keys) != len(set(keys)) or any(k not in RESERVED_KEYS for k in keys) or images != [image]:
+        raise UsageError(
+            "The options given to init do not read back as given from the env file (a newline or quote in "
+            "one of them?); nothing was written. Give plain values: --image REPOSITORY, --server-name HOST."
+        )
 
 
 def secret_prefix(project: str) -> str:
@@ -150,11 +186,11 @@ def ci_files(repo: Path, project: str) -> list[FileSpec]:
     ]
 
 
-def conflicts(files: list[FileSpec], read=state.read_text) -> list[Path]:
+def conflicts(files: list[FileSpec], read=None) -> list[Path]:
     """Existing files that init would replace with different content."""
     found = []
     for spec in files:
-        current = read(spec.path)
+        current = _read(spec.path, spec.root) if read is None else read(spec.path)
         if current is not None and current != spec.text and not spec.keep_existing:
             found.append(spec.path)
     return found
@@ -170,8 +206,11 @@ class Written:
 
 
 def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
-    """Write each file atomically; refuse (before writing anything) to replace a file without force."""
-    clashes = conflicts(files)
+    """Write each file atomically; refuse (before writing anything) to replace a file without force.
+
+    Every file goes through safefs: a planted symlink at a file, its .bak or a directory below the deploy
+    root is never followed (raises safefs.UnsafePath, exit 2)."""
+    clashes = conflicts(files, read=_read)
     if clashes and not force:
         raise UsageError(
             f"{', '.join(map(str, clashes))} already exist{'s' if len(clashes) == 1 else ''} with other content; "
@@ -181,18 +220,21 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
     done: list[Written] = []
     try:
         for spec in files:
-            previous = state.read_text(spec.path)
+            previous = _read(spec.path, spec.root)
             if previous is not None and (previous == spec.text or spec.keep_existing):
                 done.append(Written(spec, previous, "kept" if previous != spec.text else "unchanged"))
                 continue
-            spec.path.parent.mkdir(parents=True, exist_ok=True)
+            if spec.root is None:
+                spec.path.parent.mkdir(parents=True, exist_ok=True)  # a trusted place (--repo, nginx's conf dir)
             status = "wrote"
+            owner = _parent_owner(spec)
             if previous is not None:
                 backup = spec.path.with_name(spec.path.name + ".bak")
-                shutil.copy2(str(spec.path), str(backup))
+                # Replaced atomically, never written through: a planted FILE.bak symlink (to a cron
+                # directory, say) is swapped for a regular file holding the previous content.
+                safefs.atomic_write(backup, previous.encode("utf-8", errors="surrogateescape"), root=spec.root, mode=_mode_of(spec) & spec.mode, owner=owner)
                 status = f"replaced (previous kept as {backup.name})"
-            state.atomic_write(spec.path, spec.text, mode=spec.mode)
-            _own_like_parent(spec.path)
+            safefs.atomic_write(spec.path, spec.text, root=spec.root, mode=spec.mode, owner=owner, make_dirs=True)
             done.append(Written(spec, previous, status))
     except OSError as exc:
         undo(done)
@@ -201,16 +243,39 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
             f"was removed again. Run init as a user who may write there (sudo for {spec.path.parent}), or "
             f"point BLUEGREEN_ROOT / BLUEGREEN_NGINX_CONF_DIR elsewhere."
         ) from None
+    except safefs.UnsafePath:
+        undo(done)
+        raise
     return done
 
 
-def _own_like_parent(path: Path) -> None:
-    """As root, give a new file its directory's owner, so the deploy user (who owns ROOT) can use it."""
+def _read(path: Path, root: Path | None = None) -> str | None:
+    # Strict UTF-8: an env file with other bytes is compared (and kept as .bak) byte for byte, not mangled.
+    data = safefs.read_bytes(path, root=root)
+    return None if data is None else data.decode("utf-8", errors="surrogateescape")
+
+
+def _mode_of(spec: FileSpec) -> int:
+    """The permission bits of the file being replaced (the .bak of a 0600 env file stays 0600)."""
+    st = safefs.lstat(spec.path, root=spec.root)
+    return (st.st_mode & 0o777) if st is not None else spec.mode
+
+
+def _parent_owner(spec: FileSpec) -> tuple[int, int] | None:
+    """As root, a new file gets its directory's owner, so the deploy user (who owns ROOT) can use it.
+
+    Set on the temp file before the rename (fchown), so no chown ever follows a name an attacker could swap."""
     if os.geteuid() != 0:
-        return
-    parent = path.parent.stat()
-    if parent.st_uid != 0 or parent.st_gid != 0:
-        os.chown(str(path), parent.st_uid, parent.st_gid)
+        return None
+    fd = safefs.open_dir(spec.path.parent, root=spec.root) if spec.root is not None else None
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(str(spec.path.parent))
+    except OSError:
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return (st.st_uid, st.st_gid) if (st.st_uid, st.st_gid) != (0, 0) else None
 
 
 def undo(done: list[Written]) -> None:
@@ -218,9 +283,10 @@ def undo(done: list[Written]) -> None:
         if item.status in ("kept", "unchanged"):
             continue
         if item.previous is None:
-            item.spec.path.unlink(missing_ok=True)
+            safefs.unlink(item.spec.path, root=item.spec.root)
         else:
-            state.atomic_write(item.spec.path, item.previous, mode=item.spec.mode)
+            safefs.atomic_write(item.spec.path, item.previous.encode("utf-8", errors="surrogateescape"),
+                                root=item.spec.root, mode=item.spec.mode, owner=_parent_owner(item.spec))
 
 
 def _missing_upstream(error: str, upstream: str) -> bool:
@@ -242,7 +308,7 @@ def init_project(
     """Write the project's files, check them with `nginx -t`, print what was done and what comes next."""
     validate_project(project)
     blue_green = parse_ports(ports)
-    existing = ngx.parse_upstream(state.read_text(settings.upstream_file(project)))
+    existing = ngx.parse_upstream(state.read_text(settings.upstream_file(project), root=settings.root))
     token = existing.token if existing and existing.token else ngx.new_token()
     files = project_files(
         settings, project=project, image=image, ports=blue_green, listen=listen, server_name=server_name,

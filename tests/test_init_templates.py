@@ -225,3 +225,81 @@ def test_ci_files_are_not_overwritten_without_force(ci_repo):
         assert code == 2 and "already exist" in err and wf.read_text().endswith("# local edit\n")
     finally:
         wf.write_text(original)
+
+
+# -- hostile options and planted files ------------------------------------------------------------------
+
+def _init_env(tmp_path: Path) -> dict:
+    return {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "true"}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--image", "ghcr.io/acme/api\nDB_PASSWORD=leak"],
+    ["--image", "ghcr.io/acme/api\rX=1"],
+    ["--image", "ghcr.io/acme/api\u2028X=1"],
+    ["--image", "ghcr.io/acme/api #x"],
+    ["--image", "ghcr.io/acme/api", "--server-name", "a.example.com\nX=1"],
+    ["--image", "ghcr.io/acme/api", "--server-name", "a.example.com\x1b"],
+    ["--image", "ghcr.io/acme/api", "--listen", "80\nX=1"],
+    ["--image", "ghcr.io/acme/api", "--listen", "\uff18\uff10"],  # fullwidth 80: a digit to \d, not to nginx
+    ["--image", "ghcr.io/acme/api", "--ports", "\u00b2,8082"],  # '²'.isdigit() is True, int('²') raises
+])
+def test_options_that_could_add_lines_are_refused_before_anything_is_written(tmp_path, argv):
+    code, out, err = run(["init", "user-api", *argv], _init_env(tmp_path))
+    assert code == 2, (out, err)
+    assert "internal error" not in err and "Traceback" not in err
+    assert not (tmp_path / "root").exists() and not (tmp_path / "conf.d").exists()
+
+
+def test_a_planted_bak_symlink_is_replaced_never_written_through(tmp_path):
+    env = _init_env(tmp_path)
+    assert run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)[0] == 0
+    env_file = tmp_path / "root" / "projects" / "user-api.env"
+    env_file.write_text(env_file.read_text() + "DB_PASSWORD=s3cret\n")
+    env_file.chmod(0o600)
+    cron = tmp_path / "etc-cron.d"
+    cron.mkdir(mode=0o700)
+    bak = env_file.with_name("user-api.env.bak")
+    bak.symlink_to(cron / "evil")  # the deploy user's plant: the .bak would become a root cron file
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/other", "--force"], env)
+    assert code == 0, err
+    assert list(cron.iterdir()) == []
+    assert not bak.is_symlink() and "DB_PASSWORD=s3cret" in bak.read_text()
+    assert bak.stat().st_mode & 0o777 == 0o600  # never more readable than the env file it copies
+    assert "IMAGE=ghcr.io/acme/other" in env_file.read_text()
+
+
+def test_a_planted_env_symlink_is_refused_and_its_target_untouched(tmp_path):
+    env = _init_env(tmp_path)
+    projects = tmp_path / "root" / "projects"
+    projects.mkdir(parents=True)
+    secret = tmp_path / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "shadow").write_text("root:hash\n")
+    (projects / "user-api.env").symlink_to(secret / "shadow")
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/api", "--force"], env)
+    assert code == 2 and "symlink" in err and "user-api.env" in err and "hash" not in err + out
+    assert (secret / "shadow").read_text() == "root:hash\n" and sorted(p.name for p in secret.iterdir()) == ["shadow"]
+    assert not (tmp_path / "conf.d" / "user-api.conf").exists() and not (projects / "user-api.env.bak").exists()
+
+
+def test_a_projects_directory_symlink_is_refused(tmp_path):
+    env = _init_env(tmp_path)
+    (tmp_path / "root").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (tmp_path / "root" / "projects").symlink_to(elsewhere)
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)
+    assert code == 2 and "symlink" in err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_force_keeps_bytes_that_are_not_utf8_in_the_bak(tmp_path):
+    env = _init_env(tmp_path)
+    assert run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)[0] == 0
+    env_file = tmp_path / "root" / "projects" / "user-api.env"
+    raw = env_file.read_bytes() + b"LEGACY=\xff\xfe\n"
+    env_file.write_bytes(raw)
+    code, _, err = run(["init", "user-api", "--image", "ghcr.io/acme/other", "--force"], env)
+    assert code == 0, err
+    assert env_file.with_name("user-api.env.bak").read_bytes() == raw
