@@ -5,15 +5,16 @@ from __future__ import annotations
 import datetime
 import getpass
 import os
+import re
 import socket
 import time
 from dataclasses import replace
 from typing import Callable, Mapping, TextIO
 
-from bluegreen import hooks, journal, notify
+from bluegreen import health, hooks, journal, notify
 from bluegreen import docker as dk
 from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
-from bluegreen.deploy import Deployer, Plan, Progress, read_current, read_plan, say
+from bluegreen.deploy import Deployer, Plan, Progress, os_problem, read_current, read_plan, say
 from bluegreen.errors import (
     EXIT_ATTENTION,
     EXIT_FAILED,
@@ -23,9 +24,11 @@ from bluegreen.errors import (
     DeployFailed,
     Interrupted,
     LockedError,
+    NeedsAttention,
     UsageError,
 )
 from bluegreen.lock import Holder, project_lock, read_freeze
+from bluegreen.nginx import route_variable
 from bluegreen.runner import Runner, SubprocessRunner
 
 
@@ -64,6 +67,7 @@ def deploy_project(
     stderr: TextIO,
     environ: Mapping[str, str],
     action: str = "deploy",
+    digest: str = "",
     runner: Runner | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> int:
@@ -84,39 +88,72 @@ def deploy_project(
     for warning in cfg.warnings:
         say(stderr, f"warning: {warning}")
     if dry_run:
-        return _print_plan(settings, cfg, tag, stdout, stderr)
+        return _print_plan(settings, cfg, tag, stdout, stderr, digest)
 
     runner = runner or SubprocessRunner()
     progress = Progress(stderr, clock, pause_at=environ.get("BLUEGREEN_FAULT_PAUSE", ""))
     started = clock()
+    holder = Holder(pid=os.getpid(), user=entry.user, host=entry.host, tag=tag, since=entry.time)
+    inside = [False]
+    try:
+        with project_lock(settings.lock_file(project), holder, wait=wait):
+            inside[0] = True
+            # Everything about this attempt, its journal entry, hooks and notification included, happens
+            # while it holds the lock: the next deploy never sees a half-reported one.
+            summary = _attempt(settings=settings, cfg=cfg, tag=tag, digest=digest, entry=entry, runner=runner,
+                               progress=progress, started=started, clock=clock, environ=environ, stderr=stderr,
+                               action=action)
+    except LockedError as exc:
+        if inside[0]:
+            raise
+        # Another deploy holds the lock: a refused attempt, journaled without touching anything else.
+        entry = _finish(entry, None, progress, clock() - started, exc.exit_code, exc.message)
+        _record(settings, cfg, entry, stderr)
+        _notify(cfg, entry, stderr)
+        raise
+    say(stdout, summary)
+    return EXIT_OK
+
+
+def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, entry: journal.Entry, runner: Runner,
+             progress: Progress, started: float, clock: Callable[[], float], environ: Mapping[str, str], stderr: TextIO,
+             action: str) -> str:
+    """The attempt under the lock: freeze, plan, pre-deploy hook, deploy; then journal, hooks and notify."""
+    project = cfg.project
     deployer: Deployer | None = None
     plan: Plan | None = None
     try:
-        holder = Holder(pid=os.getpid(), user=entry.user, host=entry.host, tag=tag, since=entry.time)
-        with project_lock(settings.lock_file(project), holder, wait=wait):
-            freeze = read_freeze(settings.freeze_file(project))
-            if freeze is not None:
-                raise LockedError(
-                    f"{project} is {freeze.describe()}. Nothing was changed; the serving version keeps serving. "
-                    f"When the freeze is over: `bluegreen unlock {project}`."
-                )
-            # Plan under the lock: the previous deploy may have just switched colours.
-            plan, warnings = read_plan(settings, cfg, tag)
-            for warning in warnings:
-                say(stderr, f"warning: {warning}")
-            entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
-            _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
-            verb = "Rolling back" if action == "rollback" else "Deploying"
-            progress.say(f"{verb} {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
-            deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock)
-            summary = deployer.run(plan)
-    except BluegreenError as exc:
-        entry = _finish(entry, deployer, progress, clock() - started, exc.exit_code, exc.message)
+        freeze = read_freeze(settings.freeze_file(project))
+        if freeze is not None:
+            raise LockedError(
+                f"{project} is {freeze.describe()}. Nothing was changed; the serving version keeps serving. "
+                f"When the freeze is over: `bluegreen unlock {project}`."
+            )
+        refuse_route_clash(settings, project)
+        # Plan under the lock (the previous deploy may have just switched colours), from where nginx
+        # really routes now when a probe through it can tell.
+        plan, warnings = read_plan(settings, cfg, tag, probe=health.http_probe, digest=digest)
+        for warning in warnings:
+            say(stderr, f"warning: {warning}")
+        entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
+        _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
+        verb = "Rolling back" if action == "rollback" else "Deploying"
+        progress.say(f"{verb} {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
+        deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock)
+        summary = deployer.run(plan)
+    except BaseException as exc:
+        error = _as_error(exc, deployer)
+        entry = _finish(entry, deployer, progress, clock() - started, error.exit_code, error.message)
         _record(settings, cfg, entry, stderr)
-        if plan is not None and not isinstance(exc, LockedError):
-            _hook(settings, cfg, "on-failure", runner, environ, stderr, entry)
-        _notify(cfg, entry, stderr)
-        raise
+        try:
+            if plan is not None and not isinstance(error, LockedError):
+                _hook(settings, cfg, "on-failure", runner, environ, stderr, entry)
+            _notify(cfg, entry, stderr)
+        except Interrupted as again:  # a second signal: the failure is recorded, report it as it is
+            say(stderr, f"warning: interrupted by {again.signame} during the on-failure hook or notification.")
+        if error is exc:
+            raise
+        raise error from exc
     entry = _finish(entry, deployer, progress, clock() - started, EXIT_OK, summary)
     _record(settings, cfg, entry, stderr)
     try:
@@ -124,12 +161,42 @@ def deploy_project(
         _notify(cfg, entry, stderr)
     except Interrupted as exc:  # the deploy itself is done and recorded: say so, do not fail it
         say(stderr, f"warning: interrupted by {exc.signame} during the post-deploy hook or notification.")
-    say(stdout, summary)
-    return EXIT_OK
+    return summary
 
 
-def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO) -> int:
-    plan, warnings = read_plan(settings, cfg, tag)
+def _as_error(exc: BaseException, deployer: Deployer | None) -> BaseException:
+    """Any failure of an attempt as a BluegreenError, so that it is journaled, notified and reported alike."""
+    if isinstance(exc, BluegreenError):
+        return exc
+    if deployer is None:  # before the first step: nothing of this deploy was changed
+        if isinstance(exc, Interrupted):
+            return DeployFailed(f"Interrupted by {exc.signame} before the deploy started. Nothing was changed.")
+        if isinstance(exc, OSError):
+            return DeployFailed(f"{os_problem(exc)} This happened before the deploy started: nothing was changed. "
+                                f"Fix the cause (free space, permissions), then deploy again.")
+    if isinstance(exc, Exception):
+        return NeedsAttention(
+            f"bluegreen failed unexpectedly ({type(exc).__name__}: {exc}). The step in progress was undone where "
+            f"possible; check what serves with `bluegreen status` and report this with the output of --verbose."
+        )
+    return exc  # SystemExit, a second KeyboardInterrupt: let it through as it is
+
+
+def refuse_route_clash(settings: Settings, project: str) -> None:
+    """Two projects whose names map to one nginx route variable (user-api, user.api) would share one route map."""
+    mine = route_variable(project)
+    for other in settings.projects():
+        if other != project and route_variable(other) == mine:
+            raise UsageError(
+                f"{project} and {other} both map to the nginx variable {mine} (nginx variable names allow only "
+                f"letters, digits and '_'), so their route proofs would clash. Nothing was changed. Rename one of "
+                f"the projects (its env file under {settings.root / 'projects'})."
+            )
+
+
+def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO, digest: str = "") -> int:
+    refuse_route_clash(settings, cfg.project)
+    plan, warnings = read_plan(settings, cfg, tag, probe=health.http_probe, digest=digest)
     for warning in warnings:
         say(stderr, f"warning: {warning}")
     freeze = read_freeze(settings.freeze_file(cfg.project))
@@ -249,14 +316,31 @@ def rollback_project(
             + f"Nothing was changed. Name a tag with `bluegreen rollback {project} --to TAG`, or list the images "
             f"with `docker images {cfg.image}`."
         )
-    say(stderr, f"Rolling back {project} from {serving or 'nothing'} to {target}.")
+    digest = recorded_digest(entries, target)
+    # A tag may have moved since (`latest`, a re-pushed v1): the rollback goes to the image that tag
+    # deployed then, by the digest the journal recorded.
+    pinned = f" (the image it deployed then: {cfg.image}@{digest})" if digest else (
+        " (no digest was recorded for it, so it is pulled by tag as it is now)" if not target.startswith("sha256:") else "")
+    say(stderr, f"Rolling back {project} from {serving or 'nothing'} to {target}{pinned}.")
     return deploy_project(settings=settings, project=project, tag=target, wait=wait, dry_run=dry_run, stdout=stdout,
-                          stderr=stderr, environ=environ, action="rollback", runner=runner)
+                          stderr=stderr, environ=environ, action="rollback", digest=digest, runner=runner)
+
+
+def recorded_digest(entries: list[journal.Entry], tag: str) -> str:
+    """The registry digest the newest successful deploy of `tag` recorded ("" if none)."""
+    for entry in reversed(entries):
+        if entry.result == journal.RESULT_DEPLOYED and entry.tag == tag:
+            digest = entry.digest if isinstance(entry.digest, str) else ""
+            return digest if _DIGEST_RE.fullmatch(digest) else ""
+    return ""
+
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def serving_tag(settings: Settings, cfg: ProjectConfig, runner: Runner) -> str | None:
     """The tag label of the container nginx routes to, if it runs."""
-    colour, _, _ = read_current(settings, cfg)
+    colour, _, _ = read_current(settings, cfg, probe=health.http_probe)
     if colour is None:
         return None
     found = dk.Docker(runner, settings.docker_cmd).inspect(dk.container_name(cfg.project, colour))

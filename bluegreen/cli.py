@@ -14,7 +14,7 @@ from typing import Iterator, Sequence, TextIO
 from bluegreen import __version__, attempt, journal
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
-from bluegreen.deploy import read_current, say
+from bluegreen.deploy import os_problem, read_current, say
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, ConfigError, Interrupted, UsageError
 from bluegreen.lock import Freeze, freeze_json, read_freeze
 from bluegreen.runner import RecordingRunner, SubprocessRunner
@@ -440,20 +440,16 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
     except OSError as exc:
         if verbose:
             traceback.print_exc(file=stderr)
-        print(
-            f"bluegreen: {exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''}. Any deploy step "
-            f"in progress was undone. Check the permissions of the deploy root (or run as its owner), then retry.",
-            file=stderr,
-        )
+        # Deploys turn OSErrors into their own messages (what serves, what was undone); this is any other
+        # command, stopped by the file system: say which file and why, and claim nothing else.
+        say(stderr, f"bluegreen: {os_problem(exc)} The lines above say what was done before it. Fix the "
+                    f"cause (free disk space, the file's permissions or owner), then run the command again.")
         return EXIT_FAILED
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --verbose
         if verbose:
             traceback.print_exc(file=stderr)
-        print(
-            f"bluegreen: internal error ({type(exc).__name__}: {exc}). Steps in progress were undone where "
-            f"possible; check `docker ps` and `nginx -t` for this project, and rerun with --verbose to report it.",
-            file=stderr,
-        )
+        say(stderr, f"bluegreen: internal error ({type(exc).__name__}: {exc}). Steps in progress were undone where "
+                    f"possible; check `bluegreen status` and `nginx -t`, and rerun with --verbose to report it.")
         return EXIT_ATTENTION
 
 

@@ -29,6 +29,8 @@ from bluegreen.runner import Runner, display, indent
 
 # Seconds the undo after a signal waits for nginx workers that may route to the new container.
 UNDO_DRAIN_ON_INTERRUPT = 3.0
+# Seconds the probe through nginx before a deploy may take to show where nginx routes.
+OBSERVE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Plan:
     active_path: Path
     docker_cmd: tuple[str, ...]
     nginx_cmd: tuple[str, ...]
+    route_seen: bool = False  # `current` is what a probe through nginx showed, not only what the files say
 
     @property
     def target_name(self) -> str:
@@ -95,9 +98,23 @@ class Plan:
         ]
 
 
-def current_colour(cfg: ProjectConfig, *, active: str | None, upstream: Upstream | None, upstream_path: Path) -> tuple[str | None, list[str]]:
-    """Which colour serves: what nginx routes to (the truth for traffic), else the .active file."""
+def current_colour(cfg: ProjectConfig, *, active: str | None, upstream: Upstream | None, upstream_path: Path,
+                   observed: int | None = None) -> tuple[str | None, list[str]]:
+    """Which colour serves: where a probe through nginx was routed (`observed`), else what the upstream
+    file routes to, else the .active file."""
     warnings: list[str] = []
+    seen = cfg.colour_of_port(observed) if observed else None
+    if seen is not None:
+        if upstream is None or upstream.port != observed:
+            warnings.append(
+                f"nginx routes {cfg.project} to {seen} (127.0.0.1:{observed}, seen through nginx), but {upstream_path} "
+                f"{'routes to 127.0.0.1:' + str(upstream.port) if upstream and upstream.port else 'routes nowhere'}: "
+                f"nginx has not loaded that file (a deploy was interrupted between writing it and reloading nginx, "
+                f"or it was edited by hand). Going by what nginx really routes to: {seen} keeps serving until the switch."
+            )
+        if active and active != seen:
+            warnings.append(f"{cfg.project}.active says {active} but nginx routes to {seen}; trusting nginx.")
+        return seen, warnings
     routed = cfg.colour_of_port(upstream.port) if upstream else None
     if upstream and upstream.port and routed is None:
         warnings.append(
@@ -112,11 +129,26 @@ def current_colour(cfg: ProjectConfig, *, active: str | None, upstream: Upstream
     return routed or (active if not upstream else None), warnings
 
 
-def read_current(settings: Settings, cfg: ProjectConfig) -> tuple[str | None, Upstream | None, list[str]]:
-    """current_colour from the files on disk, with the parsed upstream."""
+def observe_route(cfg: ProjectConfig, upstream: Upstream | None, probe: Callable[..., health.Probe]) -> int | None:
+    """The port nginx routes the project to right now, from the route header of a probe through nginx;
+    None when it cannot tell (no token yet, a server block without the header line, nginx down)."""
+    if upstream is None or not upstream.token:
+        return None
+    answer = probe(
+        f"{cfg.nginx_url}{cfg.health_path}", timeout=min(cfg.health_request_timeout, OBSERVE_TIMEOUT),
+        host=cfg.server_name, headers={ngx.PROBE_HEADER: upstream.token},
+    )
+    return ngx.route_port(_header(answer, ngx.ROUTE_HEADER))
+
+
+def read_current(settings: Settings, cfg: ProjectConfig,
+                 probe: Callable[..., health.Probe] | None = None) -> tuple[str | None, Upstream | None, list[str]]:
+    """current_colour from the files on disk (and, given a probe, from where nginx really routes)."""
     path = settings.upstream_file(cfg.project)
     upstream = parse_upstream(state.read_text(path))
-    colour, warnings = current_colour(cfg, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream, upstream_path=path)
+    observed = observe_route(cfg, upstream, probe) if probe else None
+    colour, warnings = current_colour(cfg, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream,
+                                      upstream_path=path, observed=observed)
     return colour, upstream, warnings
 
 
@@ -127,33 +159,43 @@ def plan_deploy(
     *,
     active: str | None,
     upstream: Upstream | None,
+    observed: int | None = None,
+    digest: str = "",
     token_factory: Callable[[], str] = new_token,
 ) -> tuple[Plan, list[str]]:
-    """Decide the target colour and everything the deploy will write and run."""
-    current, warnings = current_colour(cfg, active=active, upstream=upstream, upstream_path=settings.upstream_file(cfg.project))
+    """Decide the target colour and everything the deploy will write and run.
+
+    `observed`: the port a probe through nginx was routed to; `digest`: deploy IMAGE@digest, labelled `tag`.
+    """
+    current, warnings = current_colour(cfg, active=active, upstream=upstream, upstream_path=settings.upstream_file(cfg.project),
+                                       observed=observed)
+    seen = current is not None and observed is not None and cfg.colour_of_port(observed) == current
     target = "green" if current == "blue" else "blue"
     plan = Plan(
         cfg=cfg,
         tag=tag,
-        ref=image_ref(cfg.image, tag),
+        ref=f"{cfg.image}@{digest}" if digest else image_ref(cfg.image, tag),
         current=current,
         target=target,
         upstream_name=upstream.name if upstream else cfg.project,
         token=upstream.token if upstream and upstream.token else token_factory(),
-        routed_port=upstream.port if upstream else 0,
+        routed_port=observed if seen else (upstream.port if upstream else 0),
         upstream_path=settings.upstream_file(cfg.project),
         active_path=settings.active_file(cfg.project),
         docker_cmd=settings.docker_cmd,
         nginx_cmd=settings.nginx_cmd,
+        route_seen=seen,
     )
     return plan, warnings
 
 
-def read_plan(settings: Settings, cfg: ProjectConfig, tag: str) -> tuple[Plan, list[str]]:
-    """plan_deploy from the files on disk."""
+def read_plan(settings: Settings, cfg: ProjectConfig, tag: str, *, probe: Callable[..., health.Probe] | None = None,
+              digest: str = "") -> tuple[Plan, list[str]]:
+    """plan_deploy from the files on disk and, given a probe, from where nginx really routes now."""
     path = settings.upstream_file(cfg.project)
-    return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)),
-                       upstream=parse_upstream(state.read_text(path)))
+    upstream = parse_upstream(state.read_text(path))
+    return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream,
+                       observed=observe_route(cfg, upstream, probe) if probe else None, digest=digest)
 
 
 class Progress:
@@ -305,6 +347,7 @@ class Deployer:
         self.old = old
         self._refuse_serving_leftover(plan, leftover)
         serving = self.serving_note(plan, old)
+        self._refuse_unproven_leftover(plan, leftover, serving)
 
         try:
             self._pull(plan, serving)
@@ -323,6 +366,11 @@ class Deployer:
                 f"{exc.message}\nEverything this deploy had changed was put back. {serving} Check `docker info` "
                 f"and `nginx -t`, then deploy again."
             ) from exc
+        except OSError as exc:  # a file no step had a better message for (full disk, permissions)
+            raise DeployFailed(
+                f"{os_problem(exc)} Everything this deploy had changed was put back. {serving} Fix the cause (free "
+                f"disk space, the file's permissions), then deploy again."
+            ) from exc
 
         new_desc = f"{cfg.project} {plan.tag} now serves from {plan.target_name} on 127.0.0.1:{plan.target_port}"
         try:
@@ -333,6 +381,11 @@ class Deployer:
                 f"{new_desc}, but the deploy was interrupted by {exc.signame} while retiring the old container. "
                 f"Check `docker ps` and stop {plan.current_name} if it still runs; then check {plan.active_path} "
                 f"says {plan.target}."
+            ) from exc
+        except OSError as exc:
+            raise NeedsAttention(
+                f"{new_desc}, but then: {os_problem(exc)} Check that {plan.current_name or 'no old container'} is "
+                f"stopped (`docker ps`) and that {plan.active_path} says {plan.target}."
             ) from exc
         was = f" (was {old.labels.get(dk.LABEL_TAG, '?')} in {old.name})" if old is not None and old.running else ""
         return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
@@ -361,6 +414,25 @@ class Deployer:
                 f"is running, so it may be what serves. Nothing was changed. To move ports, change one colour's "
                 f"port at a time: first the port of the colour that is not serving, deploy, then the other."
             )
+
+    @staticmethod
+    def _refuse_unproven_leftover(plan: Plan, leftover: dk.Container | None, serving: str) -> None:
+        """Never remove a running container that nginx may route to.
+
+        The upstream file says what nginx will route to after its next reload, not what it routes to now (a
+        deploy killed between writing the file and reloading, a hand edit). Only a probe through nginx shows
+        the live route; without one, a running container in the idle slot is left alone.
+        """
+        if leftover is None or not leftover.running or plan.route_seen:
+            return
+        raise DeployFailed(
+            f"{plan.target_name} is running, and bluegreen could not see where nginx routes {plan.cfg.project} now "
+            f"(a probe of {plan.verify_url()} with the probe token got no route header: nginx is down, or the server "
+            f"block lacks `{ngx.add_header_line(plan.cfg.project)}`), so it cannot rule out that nginx still routes "
+            f"to {plan.target_name}. Nothing was changed. {serving} Add that line to the server block (and check "
+            f"`{plan.cfg.nginx_url}` answers), or, if you are sure {plan.target_name} takes no traffic, "
+            f"`docker stop {plan.target_name}`; then deploy again."
+        )
 
     def _start(self, plan: Plan, tx: Transaction, serving: str, leftover: dk.Container | None) -> None:
         cfg = plan.cfg
@@ -638,6 +710,12 @@ class Deployer:
                     f"{new_desc}, but recording it in {plan.active_path} failed ({exc}). Write `{plan.target}` "
                     f"into that file (the upstream file already points at {plan.target})."
                 ) from exc
+
+
+def os_problem(exc: OSError) -> str:
+    """`No space left on device: /opt/deploy/projects/x.journal.`, for a message."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{what}: {exc.filename}." if exc.filename else f"{what}."
 
 
 def _header(probe: health.Probe, name: str) -> str:

@@ -39,6 +39,14 @@ def add_header_line(project: str) -> str:
     return f"add_header {ROUTE_HEADER} {route_variable(project)} always;"
 
 
+def route_port(value: str) -> int | None:
+    """The port of a route header value `127.0.0.1:PORT` (what the managed map answers); None otherwise.
+
+    Anything else (empty, several addresses, a name) proves nothing about where nginx routes."""
+    match = re.fullmatch(r"127\.0\.0\.1:([0-9]{1,5})", value.strip())
+    return int(match.group(1)) if match and 0 < int(match.group(1)) < 65536 else None
+
+
 def new_token() -> str:
     return secrets.token_hex(16)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
-from typing import Sequence, TextIO
+from typing import Mapping, Sequence, TextIO
 
 from bluegreen import docker as dk
 from bluegreen import journal
 from bluegreen.attempt import now_iso, user_name
 from bluegreen.config import COLOURS, Settings, load_project, validate_project
 from bluegreen.deploy import read_current
-from bluegreen.errors import EXIT_FAILED, EXIT_OK, UsageError
+from bluegreen.errors import EXIT_FAILED, EXIT_OK, BluegreenError, UsageError
+from bluegreen.health import http_probe
 from bluegreen.lock import Holder, project_lock
 from bluegreen.runner import RecordingRunner, Runner, SubprocessRunner, display
 
@@ -25,16 +26,45 @@ class PrunePlan:
 
 
 def plan_prune(*, image: str, containers: Sequence[dk.Container], serving: str | None, image_tags: Sequence[str],
-               successful: Sequence[str], keep: int) -> PrunePlan:
-    """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other successful tags."""
+               successful: Sequence[str], keep: int, others: Mapping[str, Sequence[str]] | None = None,
+               keep_all_images: str = "") -> PrunePlan:
+    """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other successful
+    tags, never a tag another project with the same IMAGE may serve or roll back to (`others`: project -> tags)."""
     # The routed container's tag is kept even if it is stopped: `docker start` must still work.
     serving_tag = next((c.labels.get(dk.LABEL_TAG) for c in containers if c.name == serving), None)
     targets = [t for t in successful if t != serving_tag][:keep]
     kept = ([f"{serving_tag} (serving)"] if serving_tag else []) + [f"{t} (rollback target)" for t in targets]
-    doomed_containers = [c.name for c in containers if not c.running and c.name != serving]
     keep_tags = set(targets) | ({serving_tag} if serving_tag else set())
+    for other, tags in sorted((others or {}).items()):
+        mine = [t for t in tags if t not in keep_tags]
+        kept += [f"{t} (used by {other})" for t in mine]
+        keep_tags |= set(mine)
+    doomed_containers = [c.name for c in containers if not c.running and c.name != serving]
+    if keep_all_images:
+        return PrunePlan(doomed_containers, [], kept + [f"every image of {image} ({keep_all_images})"])
     doomed_images = [f"{image}:{t}" for t in image_tags if t not in keep_tags and t != "<none>"]
     return PrunePlan(doomed_containers, doomed_images, kept)
+
+
+def other_projects_tags(settings: Settings, project: str, image: str, keep: int,
+                        docker: dk.Docker) -> tuple[dict[str, list[str]], str]:
+    """Tags of `image` that the other projects under the root serve or may roll back to, and a reason to keep
+    every image when another project's config cannot be read (it may use the same image)."""
+    found: dict[str, list[str]] = {}
+    for other in settings.projects():
+        if other == project:
+            continue
+        try:
+            other_cfg = load_project(settings, other)
+        except BluegreenError:
+            return found, f"{other}'s env file cannot be read, so it may use this image too"
+        if other_cfg.image != image:
+            continue
+        containers = docker.inspect_many([dk.container_name(other, c) for c in COLOURS]).values()
+        tags = [t for t in (c.labels.get(dk.LABEL_TAG) for c in containers) if t]
+        tags += journal.successful_tags(journal.read(settings.journal_file(other)))[:keep]
+        found[other] = list(dict.fromkeys(tags))
+    return found, ""
 
 
 def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout: TextIO, environ: dict,
@@ -49,13 +79,15 @@ def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout:
     holder = Holder(pid=os.getpid(), user=user_name(environ), host=socket.gethostname(), tag="(prune)", since=now_iso())
     # Under the deploy lock: a deploy starting now must not lose the image it is about to run.
     with project_lock(settings.lock_file(project), holder):
-        colour, _, _ = read_current(settings, cfg)
+        colour, _, _ = read_current(settings, cfg, probe=http_probe)
         serving = dk.container_name(project, colour) if colour else None
         containers = list(docker.inspect_many([dk.container_name(project, col) for col in COLOURS]).values())
         listed = run.run([*settings.docker_cmd, "image", "ls", cfg.image, "--format", "{{.Tag}}"], mutates=False, timeout=60)
         tags = sorted(set(listed.stdout.split()))
+        others, keep_all = other_projects_tags(settings, project, cfg.image, keep, docker)
         plan = plan_prune(image=cfg.image, containers=containers, serving=serving, image_tags=tags,
-                          successful=journal.successful_tags(journal.read(settings.journal_file(project))), keep=keep)
+                          successful=journal.successful_tags(journal.read(settings.journal_file(project))), keep=keep,
+                          others=others, keep_all_images=keep_all)
         print(f"keeping: {', '.join(plan.kept) or 'nothing'}", file=stdout)
         failures = []
         for name in plan.containers:

@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 from bluegreen import docker as dk
 from bluegreen import journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
-from bluegreen.deploy import current_colour
+from bluegreen.deploy import current_colour, observe_route
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.nginx import parse_upstream
@@ -49,17 +49,31 @@ class ProjectStatus:
     last_deploy: dict | None = None
     drift: list = field(default_factory=list)  # Drift
     error: str | None = None  # the env file could not be loaded
+    nginx_route: int | None = None  # the port a probe through nginx was routed to (None: could not tell)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, active: str | None,
-               upstream_port: int | None, colours: Sequence[ColourState]) -> list[Drift]:
-    """Plain-words disagreements between the active file, the upstream file and the containers (pure)."""
+               upstream_port: int | None, colours: Sequence[ColourState], nginx_route: int | None = None) -> list[Drift]:
+    """Plain-words disagreements between nginx's live route, the active file, the upstream file and the
+    containers (pure). `serving` is the colour nginx routes to (seen through nginx when `nginx_route` is set)."""
     by_colour = {c.colour: c for c in colours}
     out: list[Drift] = []
     p = cfg.project
+    if nginx_route and serving and upstream_port != nginx_route:
+        live = by_colour[serving]
+        pending = cfg.colour_of_port(upstream_port) if upstream_port else None
+        after = (f"{by_colour[pending].container}, which is {by_colour[pending].state}" if pending
+                 else "a port neither colour has" if upstream_port else "nowhere")
+        out.append(Drift(
+            f"nginx routes to {live.container} (127.0.0.1:{nginx_route}, seen through nginx), but the upstream file "
+            f"routes {'to 127.0.0.1:' + str(upstream_port) if upstream_port else 'nowhere'}: nginx has not loaded that "
+            f"file (a deploy was interrupted between writing it and reloading nginx, or it was edited by hand); a "
+            f"reload of nginx would switch traffic to {after}",
+            f"bluegreen deploy {p} <tag>  (deploys from what nginx really routes to and rewrites the file)",
+        ))
     if upstream_port and serving is None:
         out.append(Drift(
             f"the upstream file points at port {upstream_port}, which is neither BLUE_PORT ({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port})",
@@ -114,7 +128,11 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
     path = settings.upstream_file(name)
     upstream = parse_upstream(state.read_text(path))
     active = state.read_active(settings.active_file(name))
-    serving, _ = current_colour(cfg, active=active, upstream=upstream, upstream_path=path)
+    # What nginx really routes to (a probe through it), not only what the upstream file says it will.
+    nginx_route = observe_route(cfg, upstream, probe) if live_health else None
+    serving, _ = current_colour(cfg, active=active, upstream=upstream, upstream_path=path, observed=nginx_route)
+    if nginx_route is not None and cfg.colour_of_port(nginx_route) is None:
+        nginx_route = None
     colours = []
     for colour in COLOURS:
         cname = dk.container_name(name, colour)
@@ -148,7 +166,8 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
         freeze=asdict(freeze) if freeze else None,
         last_deploy=asdict(last) if last else None,
         drift=find_drift(cfg, settings, serving=serving, active=active,
-                         upstream_port=upstream.port if upstream else None, colours=colours),
+                         upstream_port=upstream.port if upstream else None, colours=colours, nginx_route=nginx_route),
+        nginx_route=nginx_route,
     )
 
 
@@ -191,6 +210,8 @@ def render(ps: ProjectStatus, settings: Settings) -> str:
     lines = [f"{ps.project}"]
     lines.append(f"  serving     {ps.serving or 'nothing'}" + (f" (tag {ps.tag}, digest {ps.digest or 'unknown'})" if ps.serving else ""))
     lines.append(f"  upstream    {settings.upstream_file(ps.project)} -> " + (f"127.0.0.1:{ps.upstream_port}" if ps.upstream_port else "nowhere"))
+    lines.append("  nginx route " + (f"127.0.0.1:{ps.nginx_route} (seen through nginx)" if ps.nginx_route else
+                                     "not seen (nginx did not answer with the route header; see doctor)"))
     lines.append(f"  active file {ps.active_file or '(none)'}")
     for c in ps.colours:
         extra = f" tag {c.tag}, started {c.started_at}" if c.tag else ""
