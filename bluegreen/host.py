@@ -3,13 +3,16 @@ includes the managed upstream directory, and how this very program is invoked.""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
+import stat
 import sys
 from pathlib import Path
 
 import bluegreen
+from bluegreen import safefs
 from bluegreen.config import Settings
 from bluegreen.errors import BluegreenError
 from bluegreen.runner import Runner
@@ -53,6 +56,33 @@ def add_include(config: str, line: str, source: str) -> str:
         f"the http block by hand (or point BLUEGREEN_NGINX_CONF at the file that holds the http block), then "
         f"run setup again."
     )
+
+
+MAX_CONFIG_BYTES = 8 << 20
+_HOST_HINT = "Check the path (BLUEGREEN_NGINX_CONF, or the -c of BLUEGREEN_NGINX): it must name nginx's real configuration file"
+
+
+def read_config_file(path: Path, *, max_bytes: int = MAX_CONFIG_BYTES) -> str | None:
+    """A root-owned host file the admin chose (nginx.conf, a cron file): None when missing.
+
+    Symlinks are followed (the admin's own, e.g. a config-managed nginx.conf), but a FIFO never blocks,
+    only regular files are read, at most `max_bytes`; bytes that are not UTF-8 survive a write-back
+    (surrogateescape). Raises safefs.UnsafePath for anything else."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket
+            raise safefs.UnsafePath(path, "a socket, not a regular file", hint=_HOST_HINT) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise safefs.UnsafePath(path, safefs.describe_stat(st), hint=_HOST_HINT)
+        return safefs.read_fd(fd, max_bytes, path).decode("utf-8", errors="surrogateescape")
+    finally:
+        os.close(fd)
 
 
 def nginx_conf_path(settings: Settings, runner: Runner) -> Path:

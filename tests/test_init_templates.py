@@ -303,3 +303,25 @@ def test_force_keeps_bytes_that_are_not_utf8_in_the_bak(tmp_path):
     code, _, err = run(["init", "user-api", "--image", "ghcr.io/acme/other", "--force"], env)
     assert code == 0, err
     assert env_file.with_name("user-api.env.bak").read_bytes() == raw
+
+
+def test_host_config_files_are_read_bounded_and_never_block(tmp_path):
+    from bluegreen import host
+    from bluegreen.safefs import UnsafePath
+
+    conf = tmp_path / "nginx.conf"
+    conf.write_bytes(b"http {\n}\n# \xff\n")
+    (tmp_path / "managed.conf").symlink_to(conf)  # the admin's own symlink is followed
+    assert host.read_config_file(tmp_path / "managed.conf").startswith("http {")
+    assert host.read_config_file(tmp_path / "missing") is None
+    with pytest.raises(UnsafePath):
+        host.read_config_file(Path("/dev/zero"))
+    with pytest.raises(UnsafePath):
+        host.read_config_file(conf, max_bytes=4)
+    fifo = tmp_path / "fifo.conf"
+    import os
+    os.mkfifo(fifo)
+    code = "import sys; from bluegreen import host\ntry:\n    host.read_config_file(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__)"
+    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=10,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.strip() == "UnsafePath", proc.stderr
