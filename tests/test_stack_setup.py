@@ -6,16 +6,20 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import stack as stacklib
 from bluegreen import setup
 from bluegreen.config import load_settings
 from bluegreen.errors import BluegreenError, UsageError
 from bluegreen.host import add_include, includes_dir
+from bluegreen.template import load as load_template
 
 OWNER = setup.Owner("ec2-user", 1000, 1000)
 
@@ -86,6 +90,172 @@ def test_cron_file_runs_the_pyz_as_the_owner_once_a_day(tmp_path):
     text = texts[tmp_path / "bluegreen"]
     jobs = [ln for ln in text.splitlines() if ln and not ln.startswith("#") and "=" not in ln.split()[0]]
     assert jobs == ["0 2 * * * ec2-user /usr/bin/python3 /opt/deploy/bluegreen.pyz backup-logs"]
+
+
+# -- pure: values written into the root-run schedule ------------------------------------------------------------
+
+HOSTILE = [
+    "/app/logs%x", "/app/%logs%", "/a\\%b", "/a\\", "/a b/c", "/a'b\"c", "/$HOME/x", "/a;touch /tmp/p", "/a`id`",
+    "/a$(id)", "/~x", "/a*", "/%%", "/\\%%\\", "/a#b", "/é/日本", "/a=b", "/-x", "/a\\nb", "/a%Hb", "/${PATH}",
+]
+
+
+def cron_unescape(command: str) -> str:
+    """What cronie and vixie cron hand to /bin/sh: `\\%` becomes `%`, a bare `%` ends the command."""
+    out, escaped = [], False
+    for ch in command:
+        if escaped:
+            if ch == "%":
+                out[-1] = "%"
+            else:
+                out.append(ch)
+            escaped = False
+            continue
+        if ch == "\\":
+            escaped = True
+            out.append(ch)
+            continue
+        if ch == "%":
+            break
+        out.append(ch)
+    return "".join(out)
+
+
+def cron_jobs(text: str) -> list[str]:
+    return [ln for ln in text.split("\n") if ln.strip() and not ln.lstrip().startswith("#") and "=" not in ln.split()[0]]
+
+
+def systemd_split(line: str) -> list[str]:
+    """A model of how systemd reads an Exec line: `%%` is `%` (another specifier expands), words split on
+    whitespace, single or double quotes with C escapes, `$$` is `$` (`$NAME` / `${NAME}` expand)."""
+    words: list[str] = []
+    word: list[str] = []
+    i, quoted, started = 0, None, False
+    while i < len(line):
+        ch = line[i]
+        if ch == "%":
+            assert line[i + 1] == "%", f"specifier %{line[i + 1]} would expand"
+            word.append("%")
+            i += 2
+            started = True
+            continue
+        if ch == "$":
+            if line[i + 1] == "$":
+                word.append("$")
+                i += 2
+                started = True
+                continue
+            assert not (line[i + 1].isalpha() or line[i + 1] in "_{"), "an environment variable would expand"
+        if ch == "\\":
+            nxt = line[i + 1]
+            assert nxt in "\\\"'", f"an escape \\{nxt} would change the value"
+            word.append(nxt)
+            i += 2
+            started = True
+            continue
+        if ch in "\"'" and quoted in (None, ch):
+            quoted = ch if quoted is None else None
+            started = True
+        elif ch.isspace() and quoted is None:
+            if started:
+                words.append("".join(word))
+            word, started = [], False
+        else:
+            word.append(ch)
+            started = True
+        i += 1
+    assert quoted is None
+    if started:
+        words.append("".join(word))
+    return words
+
+
+def _render(schedule: str, tmp: Path, logs: str, backup: str, pyz: str = "/opt/deploy/bluegreen.pyz") -> tuple[list[str], str]:
+    settings = load_settings(None, {"BLUEGREEN_ROOT": "/opt/deploy", "BLUEGREEN_CRON_DIR": str(tmp),
+                                    "BLUEGREEN_SYSTEMD_DIR": str(tmp)}, euid=0)
+    argv = ["/usr/bin/python3", pyz, "backup-logs", "--logs", logs, "--backup", backup, "--older-than", "1", "--keep-days", "90"]
+    texts = setup.schedule_texts(settings, schedule, owner=OWNER, command=argv, logs=logs, backup=backup, older_than=1, keep_days=90)
+    name = "bluegreen" if schedule == "cron" else setup.SERVICE_UNIT
+    return argv, texts[tmp / name]
+
+
+def _cron_argv(text: str) -> list[str]:
+    jobs = cron_jobs(text)
+    assert len(jobs) == 1, text
+    fields = jobs[0].split(None, 6)
+    assert fields[:6] == ["0", "2", "*", "*", "*", "ec2-user"], jobs
+    return shlex.split(cron_unescape(fields[6]))
+
+
+def _systemd_argv(text: str) -> list[str]:
+    template_lines = load_template("backup-logs.service").count("\n")
+    assert text.count("\n") == template_lines, text  # no value added a line
+    (exec_line,) = [ln for ln in text.split("\n") if ln.startswith("ExecStart=")]
+    description = [ln for ln in text.split("\n") if ln.startswith("Description=")][0]
+    assert "%" not in description.replace("%%", ""), description  # every % of a path is doubled there too
+    return systemd_split(exec_line[len("ExecStart="):])
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_but_valid_paths_round_trip_through_cron_and_systemd(tmp_path, value):
+    for logs, backup in ((value, "/app/backup"), ("/app/logs", value)):
+        argv, text = _render("cron", tmp_path, logs, backup)
+        assert _cron_argv(text) == argv, text
+        argv, text = _render("systemd", tmp_path, logs, backup, pyz=value)
+        assert _systemd_argv(text) == argv, text
+
+
+def test_the_cron_command_round_trips_through_a_real_sh(tmp_path):
+    """Not a model: /bin/sh itself splits what cron would hand it."""
+    for value in HOSTILE:
+        argv, text = _render("cron", tmp_path, value, "/b%\\%")
+        command = cron_unescape(cron_jobs(text)[0].split(None, 6)[6])
+        assert command.startswith("/usr/bin/python3 ")
+        printer = "printf '%s\\0'" + command[len("/usr/bin/python3"):]
+        out = subprocess.run(["/bin/sh", "-c", printer], capture_output=True, timeout=10, check=True).stdout
+        assert out.decode("utf-8").split("\0")[:-1] == argv[1:], (value, command)
+
+
+@pytest.mark.parametrize("value", ["/app/logs\n* * * * * root touch /tmp/pwned", "/a\rb", "/a\x00b", "/a\x1b[31m",
+                                   "/a\u2028b", "/a\x85b", "/a\udcffb", "relative/logs", "", "/" + "a" * 1100])
+def test_control_characters_relative_and_overlong_paths_are_refused(tmp_path, value):
+    for schedule in ("cron", "systemd"):
+        with pytest.raises(UsageError, match="Nothing was changed"):
+            _render(schedule, tmp_path, value, "/app/backup")
+        with pytest.raises(UsageError, match="Nothing was changed"):
+            _render(schedule, tmp_path, "/app/logs", value)
+
+
+def test_a_command_cron_would_cut_short_is_refused(tmp_path):
+    long = "/" + "d" * 450
+    with pytest.raises(UsageError, match="cron cuts commands at 1000"):
+        _render("cron", tmp_path, long, long)
+    argv, text = _render("systemd", tmp_path, long, long)  # systemd has no such limit
+    assert _systemd_argv(text) == argv
+
+
+def test_user_names_that_are_not_one_plain_word_are_refused(tmp_path):
+    settings = load_settings(None, {"BLUEGREEN_ROOT": "/opt/deploy", "BLUEGREEN_CRON_DIR": str(tmp_path)}, euid=0)
+    for name in ("a b", "a\nb", "a%b", "-x", ""):
+        with pytest.raises(UsageError, match="plain user name"):
+            setup.schedule_texts(settings, "cron", owner=setup.Owner(name, 1, 1), command=["/usr/bin/python3"],
+                                 logs="/a", backup="/b", older_than=1, keep_days=90)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.text(min_size=1, max_size=120), st.sampled_from(["cron", "systemd"]))
+def test_any_accepted_path_renders_one_line_whose_command_round_trips(tmp_path_factory, text, schedule):
+    value = "/" + text
+    tmp = tmp_path_factory.getbasetemp()
+    try:
+        argv, rendered = _render(schedule, tmp, value, "/app/backup%x")
+    except UsageError as exc:  # refused only for what cannot be written safely
+        assert not value.isprintable() or "cron cuts" in exc.message
+        return
+    if schedule == "cron":
+        assert _cron_argv(rendered) == argv
+    else:
+        assert _systemd_argv(rendered) == argv
 
 
 # -- real: a bare host ------------------------------------------------------------------------------------------
