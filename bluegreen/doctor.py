@@ -24,7 +24,7 @@ from bluegreen import nginx as ngx
 from bluegreen import state
 from bluegreen.config import ProjectConfig, Settings, load_project, registry_host, validate_project
 from bluegreen.deploy import port_in_use
-from bluegreen.errors import EXIT_FAILED, EXIT_OK, BluegreenError, CommandError, ConfigError
+from bluegreen.errors import EXIT_FAILED, EXIT_OK, BluegreenError, CommandError
 from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_path, upstream_dir
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.runner import Runner
@@ -232,7 +232,7 @@ def judge_odd_files(found: list[Node], where: str) -> Check:
         elif node.kind == "file":
             items.append(f"{node.path} has {node.nlink} hard links")
         else:
-            items.append(f"{node.path} is a {node.kind}")
+            items.append(f"{node.path} is a {'FIFO' if node.kind == 'fifo' else node.kind}")
     return Check(name, FAIL, f"{_listing(items)}: bluegreen refuses to read or write through these, and a link planted "
                              f"here could turn root against another file",
                  f"remove {'it' if len(found) == 1 else 'them'} (`sudo rm {found[0].path}`, which removes a link, not its "
@@ -391,7 +391,10 @@ def host_checks(settings: Settings, runner: Runner, *, min_free: int) -> tuple[l
 
     if dump is not None:
         conf = nginx_conf_path(settings, runner)
-        text = nginx_dump if nginx_dump is not None else (state.read_text(conf) if conf.exists() else None) or ""
+        try:
+            text = nginx_dump if nginx_dump is not None else (state.read_text(conf) if conf.exists() else None) or ""
+        except BluegreenError:  # nginx.conf a FIFO or huge: nginx -t has failed already and says why
+            text = ""
         if includes_dir(text, upstream_dir(settings)):
             checks.append(Check("include", OK, f"nginx includes {upstream_dir(settings)}"))
         else:
@@ -421,15 +424,20 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
     me = invocation()
     try:
         cfg = load_project(settings, project)
-    except ConfigError as exc:
-        return [Check("env file", FAIL, exc.message, f"edit {settings.env_file(project)} (reference: docs/env-reference.md)")]
+    except BluegreenError as exc:  # a bad setting, or an env file that is a symlink, FIFO or too large
+        return [Check("env file", FAIL, exc.message, f"edit {settings.env_file(project)} (reference: docs/env-reference.md)")] \
+            + project_trust_checks(settings, project, None)
     checks = [Check("env file", OK, f"{settings.env_file(project)}: IMAGE={cfg.image}, ports {cfg.blue_port}/{cfg.green_port}")]
     for warning in cfg.warnings:
         checks.append(Check("env file", WARN, warning, f"fix the key in {settings.env_file(project)}"))
 
-    upstream = ngx.parse_upstream(state.read_text(settings.upstream_file(project)))
-    active = state.read_active(settings.active_file(project))
-    checks.append(judge_upstream(project, upstream, active, cfg, settings.upstream_file(project), settings.active_file(project)))
+    try:
+        upstream = ngx.parse_upstream(state.read_text(settings.upstream_file(project), root=settings.root))
+        active = state.read_active(settings.active_file(project), root=settings.root)
+        checks.append(judge_upstream(project, upstream, active, cfg, settings.upstream_file(project), settings.active_file(project)))
+    except BluegreenError as exc:  # a planted symlink or FIFO: name it and go on with the other checks
+        upstream = None
+        checks.append(_unsafe("upstream", exc))
     name = upstream.name if upstream else project
     if facts.nginx_dump is not None:
         proxies, reports = server_block_state(facts.nginx_dump, name, project)
@@ -603,7 +611,7 @@ def trust_checks(settings: Settings, facts: HostFacts) -> list[Check]:
     return checks
 
 
-def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig) -> list[Check]:
+def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig | None) -> list[Check]:
     """The project's env file (secrets, and what runs), its hooks, and LOG_DIR."""
     basis = trust_basis(settings)
     if basis is None:
@@ -621,9 +629,17 @@ def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig) -
             "hooks", f"hooks in {hooks}", _nodes([(hooks, False)] + [(p, False) for p in _entries(hooks)]), trusted, owner,
             "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user.",
             any_group=True))
-    if cfg.log_dir:
+    if cfg is not None and cfg.log_dir:
         checks.append(judge_log_dir(lstat_node(cfg.log_dir), trusted, owner))
     return checks
+
+
+def _unsafe(name: str, exc: BluegreenError) -> Check:
+    """A state file the safe-file layer refused: a deploy would refuse it too."""
+    return Check(name, FAIL, exc.message.split(": bluegreen refuses", 1)[0] + ": a deploy refuses to use it",
+                 "if you did not put it there, remove it (`sudo rm PATH` removes a link, not its target; a deploy "
+                 "writes the file again) and find out who can write its directory (docs/security.md)".replace(
+                     "PATH", getattr(exc, "path", "it")))
 
 
 def lock_check(settings: Settings, project: str) -> Check:
@@ -640,7 +656,10 @@ def lock_check(settings: Settings, project: str) -> Check:
     if freeze is not None:
         return Check("lock", FAIL, f"deploys of {project} are {freeze.describe()}",
                      f"when it is safe again: {invocation()} unlock {project}")
-    holder = current_holder(lock)
+    try:
+        holder = current_holder(lock, root=settings.root)
+    except BluegreenError as exc:
+        return _unsafe("lock", exc)
     if holder is not None:
         return Check("lock", FAIL, f"a deploy is running now: {holder.describe()}",
                      "wait for it to finish, or deploy with --wait SECONDS to queue behind it")

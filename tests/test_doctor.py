@@ -170,7 +170,7 @@ def test_finds_each_seeded_fault(deployed, tmp_path):
     assert "FAIL disk docker" in out and "FAIL disk LOG_DIR" not in out  # LOG_DIR is empty in the test env
 
     # 8. a broken env file: named file and key.
-    Path(p.env_file).write_text(Path(p.env_file).read_text() + "HEALTH_TIMEOUT=soon\n")
+    p.write_env(HEALTH_TIMEOUT="soon")
     out = doctor_run(p, check=1).stdout
     assert f"FAIL env file {p.name}.env: HEALTH_TIMEOUT: must be a number of seconds" in out
 

@@ -98,7 +98,7 @@ def test_planted_files_are_named_with_what_they_are():
     ], "/opt/deploy")
     assert check.status == FAIL
     assert "/opt/deploy/projects/api.lock is a symlink to /etc/shadow" in check.detail
-    assert "api.active is a fifo" in check.detail and "api.journal has 2 hard links" in check.detail
+    assert "api.active is a FIFO" in check.detail and "api.journal has 2 hard links" in check.detail
     assert "sudo rm /opt/deploy/projects/api.lock" in check.fix
 
 
@@ -228,3 +228,30 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
         assert re.search(rf"^ ok {line} ", out, re.MULTILINE), (line, out)
     assert "FAIL" not in out
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
+
+
+def test_planted_state_files_are_listed_not_a_reason_to_stop(stack, host, tmp_path):
+    # Before: doctor stopped at the first planted file with exit 2 (the safe-file layer's refusal) and
+    # checked nothing else; a FIFO must not block it either.
+    root, nginx = host
+    name = "planted-" + secrets.token_hex(3)
+    vault = tmp_path / "vault"
+    vault.mkdir(mode=0o700)
+    decoy = vault / "root-only"
+    decoy.write_text("root's file\n")
+    decoy.chmod(0o600)
+    projects = root / "projects"
+    env = projects / f"{name}.env"
+    env.write_text(f"IMAGE={stack.image_repo}\nBLUE_PORT={stacklib.free_port()}\nGREEN_PORT={stacklib.free_port() + 1}\nLOG_DIR=\n")
+    env.chmod(0o600)
+    os.symlink(decoy, projects / f"{name}.lock")
+    os.mkfifo(projects / f"{name}.active")
+    os.symlink(decoy, root / "nginx" / "conf.d" / f"{name}-upstream.conf")
+
+    out = run_doctor(stack, root, nginx, name, expect=1)
+    assert f"FAIL planted files {root}/nginx/conf.d/{name}-upstream.conf is a symlink to {decoy}; " \
+           f"{projects}/{name}.active is a FIFO; {projects}/{name}.lock is a symlink to {decoy}: " in out
+    assert f"FAIL upstream {root}/nginx/conf.d/{name}-upstream.conf is a symlink (to {decoy}): a deploy refuses to use it" in out
+    assert f"FAIL lock {projects}/{name}.lock is a symlink (to {decoy}): a deploy refuses to use it" in out
+    assert "ok env secrets" in out and "ok blue port" in out  # the other checks still ran
+    assert decoy.read_text() == "root's file\n" and stat.S_IMODE(decoy.stat().st_mode) == 0o600
