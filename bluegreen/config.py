@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from bluegreen import dockerargs, safefs
+from bluegreen import settings as table
 from bluegreen.errors import ConfigError, UsageError
 
 DEFAULT_ROOT = "/opt/deploy"
@@ -20,77 +22,42 @@ COLOURS = ("blue", "green")
 _PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
-_IMAGE_RE = re.compile(
-    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?/)?"  # optional registry host[:port]/
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-    r"(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-)
+_IMAGE_RE = re.compile(table._IMAGE_RE)
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
-# Keys bluegreen reads itself; every other key is application environment.
-RESERVED_KEYS = (
-    "IMAGE",
-    "SPRING_PROFILES",
-    "HEALTH_PATH",
-    "HEALTH_TIMEOUT",
-    "HEALTH_INTERVAL",
-    "HEALTH_INITIAL_DELAY",
-    "HEALTH_REQUEST_TIMEOUT",
-    "HEALTH_HOST",
-    "HEALTH_EXPECT",
-    "BLUE_PORT",
-    "GREEN_PORT",
-    "APP_PORT",
-    "STOP_TIMEOUT",
-    "LOG_DIR",
-    "DOCKER_ARGS",
-    "DRAIN_TIMEOUT",
-    "VERIFY_TIMEOUT",
-    "NGINX_URL",
-    "SERVER_NAME",
-    "NOTIFY_WEBHOOK_URL",
-    "HOOK_TIMEOUT",
-)
+# Keys bluegreen reads itself (the table in bluegreen/settings.py); every other key is application environment.
+RESERVED_KEYS = table.KEYS
 # App keys that look like a reserved key but are legitimate application settings.
 _NOT_MISSPELLINGS = {"SPRING_PROFILES_ACTIVE"}
-# docker run options that would break how bluegreen names, publishes or keeps containers.
-# docker run options bluegreen manages itself (name, published port, environment, lifetime).
-_MANAGED_LONG = ("--name", "--publish", "--publish-all", "--rm", "--env-file", "--env", "--detach")
-_MANAGED_SHORT = ("-p", "-P", "-e", "-d")  # also when glued to their value (-p8080:80, -eKEY=x)
 
 
 def docker_args_problem(args: Sequence[str]) -> str | None:
-    """Why DOCKER_ARGS may not be used as given, or None."""
-    for i, arg in enumerate(args):
-        name = arg.split("=", 1)[0]
-        if name in _MANAGED_LONG or any(arg.startswith(short) for short in _MANAGED_SHORT):
-            what = "app environment belongs in the env file itself (as KEY=VALUE lines), never in argv" \
-                if name in ("--env", "--env-file") or arg.startswith("-e") else \
-                "bluegreen manages the container's name, published port and lifetime"
-            return f"{name if name.startswith('--') else arg[:2]} may not be set here: {what}."
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-        if name in ("--network", "--net") and value == "host":
-            return "host networking would bypass the loopback-only port that nginx proxies to."
-    return None
+    """Why DOCKER_ARGS may not be used as given, or None (docker's own flag grammar: see dockerargs)."""
+    return dockerargs.problem(args)
+
+
+def _quoted(text: str) -> str:
+    # A name from the command line, quoted back escaped and bounded (it can be anything a shell passes).
+    return repr(text) if len(text) <= 80 else f"{text[:40]!r}... ({len(text)} characters)"
 
 
 def validate_project(name: str) -> str:
     """Refuse project names that could escape the root or break nginx/docker."""
-    if not _PROJECT_RE.fullmatch(name or ""):
+    if not isinstance(name, str) or not _PROJECT_RE.fullmatch(name) or ".." in name:
         raise UsageError(
-            f"Invalid project name {name!r}: use letters, digits, '-', '_' and '.', starting with a "
-            f"letter or digit, at most 64 characters (e.g. user-api). Nothing was changed."
+            f"Invalid project name {_quoted(str(name))}: use letters, digits, '-', '_' and '.', starting with a "
+            f"letter or digit, no '..', at most 64 characters (e.g. user-api). Nothing was changed."
         )
     return name
 
 
 def validate_tag(tag: str) -> str:
     """Accept a docker tag or a sha256 digest; refuse anything that could act as an option."""
-    if _TAG_RE.fullmatch(tag or "") or _DIGEST_RE.fullmatch(tag or ""):
+    if isinstance(tag, str) and ((_TAG_RE.fullmatch(tag) and ".." not in tag) or _DIGEST_RE.fullmatch(tag)):
         return tag
     raise UsageError(
-        f"Invalid tag {tag!r}: a tag is letters, digits, '_', '.' and '-' (not starting with '.' or '-', "
-        f"at most 128 characters), or a digest sha256:<64 hex>. Nothing was changed."
+        f"Invalid tag {_quoted(str(tag))}: a tag is letters, digits, '_', '.' and '-' (not starting with '.' or '-', "
+        f"no '..', at most 128 characters), or a digest sha256:<64 hex>. Nothing was changed."
     )
 
 
@@ -189,30 +156,42 @@ class EnvEntry:
     line: int
 
 
+_BLANKS = " \t"  # only these surround keys and values: other Unicode spaces may be part of a secret
+
+
 def parse_env(text: str, source: str) -> list[EnvEntry]:
-    """Parse KEY=VALUE lines: `#` comments, blank lines, optional `export `, optional quotes."""
+    """Parse KEY=VALUE lines: `#` comments, blank lines, optional `export `, optional quotes.
+
+    Lines end at \n only (a \r before it is dropped): a value holding U+2028, \x0b or \x85 stays one value.
+    Errors name the file, the line and (when it is a valid name) the key, never any part of a value.
+    """
     entries: list[EnvEntry] = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark from a Windows editor
+        text = text[1:]
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        if raw.endswith("\r"):
+            raw = raw[:-1]
+        line = raw.strip(_BLANKS)
         if not line or line.startswith("#"):
             continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
+        if line.startswith(("export ", "export\t")):
+            line = line[len("export"):].lstrip(_BLANKS)
         key, sep, value = line.partition("=")
-        key = key.strip()
+        key = key.strip(_BLANKS)
         if not sep:
-            raise ConfigError(f"{source}:{lineno}: expected KEY=VALUE, got {_redact_line(raw)!r}.")
+            # Named only when it is one of ours: a line of a pasted PEM body is a valid name too.
+            named = f" {key}:" if key in table.BY_KEY else ""
+            raise ConfigError(
+                f"{source}:{lineno}:{named} expected KEY=VALUE, but the line has no '=' (its text is not shown: it "
+                f"may be part of a secret; a value cannot span lines). Nothing was changed."
+            )
         if not _KEY_RE.fullmatch(key):
-            # The "key" may be a stray line of a multi-line secret (a PEM body): show only its start.
-            raise ConfigError(f"{source}:{lineno}: {_redact_line(key)!r} is not a valid variable name (letters, digits, '_').")
-        entries.append(EnvEntry(key, _unquote(value.strip(), source, lineno, key), lineno))
+            raise ConfigError(
+                f"{source}:{lineno}: the text before '=' is not a valid variable name (letters, digits and '_', not "
+                f"starting with a digit); it is not shown, as it may be part of a secret. Nothing was changed."
+            )
+        entries.append(EnvEntry(key, _unquote(value.strip(_BLANKS), source, lineno, key), lineno))
     return entries
-
-
-def _redact_line(raw: str) -> str:
-    # A malformed line may still hold a secret: show only its first characters.
-    raw = raw.strip()
-    return raw if len(raw) <= 12 else raw[:12] + "..."
 
 
 def _unquote(value: str, source: str, lineno: int, key: str) -> str:
@@ -220,45 +199,52 @@ def _unquote(value: str, source: str, lineno: int, key: str) -> str:
         quote = value[0]
         end = value.find(quote, 1)
         if end == -1:
-            raise ConfigError(f"{source}:{lineno}: {key}: the value opens a {quote} quote that never closes.")
-        rest = value[end + 1:].strip()
+            raise ConfigError(f"{source}:{lineno}: {key}: the value opens a {quote} quote that never closes "
+                              f"(a value cannot span lines).")
+        rest = value[end + 1:].strip(_BLANKS)
         if rest and not rest.startswith("#"):
             raise ConfigError(f"{source}:{lineno}: {key}: unexpected text after the closing quote.")
         return value[1:end]
     # Unquoted: ` # comment` ends the value, as in docker compose and dotenv files.
-    hash_at = value.find(" #")
+    hash_at = min((i for i in (value.find(" #"), value.find("\t#")) if i != -1), default=-1)
     if hash_at != -1:
         value = value[:hash_at]
-    return value.rstrip()
+    return value.rstrip(_BLANKS)
+
+
+_DEFAULTS = table.defaults()
 
 
 @dataclass(frozen=True)
 class ProjectConfig:
-    """One project's settings; `app_env` is the application environment (may hold secrets)."""
+    """One project's settings; `app_env` is the application environment (may hold secrets).
+
+    The defaults come from the table in bluegreen/settings.py, like everything else about a setting.
+    """
 
     project: str
     source: str
     image: str
-    spring_profiles: str = ""
-    health_path: str = "/api/health"
-    health_timeout: float = 120.0
-    health_interval: float = 0.1
-    health_initial_delay: float = 0.0
-    health_request_timeout: float = 2.0
-    health_host: str = ""
-    health_expect: int = 200
-    blue_port: int = 8081
-    green_port: int = 8082
-    app_port: int = 8080
-    stop_timeout: int = 30
-    log_dir: str = "/app/logs"
-    docker_args: tuple[str, ...] = ()
-    drain_timeout: float = 60.0
-    verify_timeout: float = 5.0
-    nginx_url: str = "http://127.0.0.1:80"
-    server_name: str = ""
-    notify_webhook_url: str = ""  # a secret: never printed
-    hook_timeout: float = 60.0
+    spring_profiles: str = _DEFAULTS["spring_profiles"]  # type: ignore[assignment]
+    health_path: str = _DEFAULTS["health_path"]  # type: ignore[assignment]
+    health_timeout: float = _DEFAULTS["health_timeout"]  # type: ignore[assignment]
+    health_interval: float = _DEFAULTS["health_interval"]  # type: ignore[assignment]
+    health_initial_delay: float = _DEFAULTS["health_initial_delay"]  # type: ignore[assignment]
+    health_request_timeout: float = _DEFAULTS["health_request_timeout"]  # type: ignore[assignment]
+    health_host: str = _DEFAULTS["health_host"]  # type: ignore[assignment]
+    health_expect: int = _DEFAULTS["health_expect"]  # type: ignore[assignment]
+    blue_port: int = _DEFAULTS["blue_port"]  # type: ignore[assignment]
+    green_port: int = _DEFAULTS["green_port"]  # type: ignore[assignment]
+    app_port: int = _DEFAULTS["app_port"]  # type: ignore[assignment]
+    stop_timeout: int = _DEFAULTS["stop_timeout"]  # type: ignore[assignment]
+    log_dir: str = _DEFAULTS["log_dir"]  # type: ignore[assignment]
+    docker_args: tuple[str, ...] = _DEFAULTS["docker_args"]  # type: ignore[assignment]
+    drain_timeout: float = _DEFAULTS["drain_timeout"]  # type: ignore[assignment]
+    verify_timeout: float = _DEFAULTS["verify_timeout"]  # type: ignore[assignment]
+    nginx_url: str = _DEFAULTS["nginx_url"]  # type: ignore[assignment]
+    server_name: str = _DEFAULTS["server_name"]  # type: ignore[assignment]
+    notify_webhook_url: str = _DEFAULTS["notify_webhook_url"]  # type: ignore[assignment]  # a secret: never printed
+    hook_timeout: float = _DEFAULTS["hook_timeout"]  # type: ignore[assignment]
     app_env: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
 
@@ -279,142 +265,79 @@ class ProjectConfig:
 
 
 def load_project(settings: Settings, project: str) -> ProjectConfig:
-    """Read and validate ROOT/projects/PROJECT.env; errors name the file and the key."""
+    """Read and validate ROOT/projects/PROJECT.env (no symlink, regular file, at most 1 MiB, UTF-8)."""
     path = settings.env_file(project)
     source = path.name
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        data = safefs.read_bytes(path, root=settings.root, max_bytes=safefs.DEFAULT_MAX_BYTES)
+    except safefs.UnsafePath as exc:
+        raise ConfigError(exc.message) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc}). Nothing was changed.") from None
+    if data is None:
         raise ConfigError(
             f"{path}: no such file. Every project needs an env file with at least IMAGE=registry/owner/name "
-            f"(see README, 'Project env file'). Nothing was changed."
+            f"(see docs/env-reference.md). Nothing was changed."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{path}:{lineno}: the file is not UTF-8 text (byte {exc.start + 1} cannot be decoded); save it as "
+            f"UTF-8 (docker refuses anything else too). Nothing was changed."
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc}). Nothing was changed.") from None
     return project_from_entries(project, source, parse_env(text, source))
 
 
-def project_from_entries(project: str, source: str, entries: list[EnvEntry]) -> ProjectConfig:
-    """Turn parsed entries into a ProjectConfig (pure: the unit tests use it directly)."""
-    values: dict[str, str] = {}
-    app_env: dict[str, str] = {}
+def project_from_entries(project: str, source: str, entries: Sequence[EnvEntry]) -> ProjectConfig:
+    """Turn parsed entries into a ProjectConfig, validating every value from the settings table (pure)."""
+    first_line: dict[str, int] = {}
+    raw: dict[str, tuple[str, int]] = {}
+    app_env: list[tuple[str, str]] = []
     warnings: list[str] = []
+    app_size = 0
     for entry in entries:
-        if entry.key in RESERVED_KEYS:
-            values[entry.key] = entry.value
+        key, value, line = entry.key, entry.value, entry.line
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or not isinstance(value, str):
+            raise ConfigError(f"{source}:{line}: not a valid KEY=VALUE entry. Nothing was changed.")
+        if key in first_line:
+            raise ConfigError(
+                f"{source}: {key} is set twice, on line {first_line[key]} and on line {line}. Keep one of the two "
+                f"lines (bluegreen does not guess which one you meant). Nothing was changed."
+            )
+        first_line[key] = line
+        if key in table.BY_KEY:
+            raw[key] = (value, line)
             continue
-        if "\n" in entry.value or "\r" in entry.value or "\0" in entry.value:
-            raise ConfigError(f"{source}: {entry.key}: values may not contain line breaks or NUL bytes.")
-        app_env[entry.key] = entry.value
-        if entry.key not in _NOT_MISSPELLINGS:
-            close = difflib.get_close_matches(entry.key.upper(), RESERVED_KEYS, n=1, cutoff=0.8)
+        table.check_app_value(key, value, source, line)
+        app_size += len(key.encode()) + 2 + len(value.encode())
+        if app_size > table.APP_ENV_MAX:
+            raise ConfigError(
+                f"{source}: the application environment is larger than {table.APP_ENV_MAX} bytes (line {line}); "
+                f"put large data in a file the app reads (a volume) instead. Nothing was changed."
+            )
+        app_env.append((key, value))
+        if key not in _NOT_MISSPELLINGS and len(key) <= 64:
+            close = difflib.get_close_matches(key.upper(), RESERVED_KEYS, n=1, cutoff=0.8)
             if close:
                 warnings.append(
-                    f"{source}:{entry.line}: {entry.key} is not a bluegreen setting, so it is passed to the "
+                    f"{source}:{line}: {key} is not a bluegreen setting, so it is passed to the "
                     f"app as environment; did you mean {close[0]}?"
                 )
 
-    def text(key: str, default: str) -> str:
-        return values.get(key, default)
-
-    def number(key: str, default: float, *, allow_zero: bool = False) -> float:
-        raw = values.get(key)
-        if raw is None or raw == "":
-            return default
-        try:
-            val = float(raw)
-        except ValueError:
-            raise ConfigError(f"{source}: {key}: must be a number of seconds, got {raw!r}.") from None
-        if val != val or val in (float("inf"), float("-inf")) or val < 0 or (val == 0 and not allow_zero):
-            raise ConfigError(f"{source}: {key}: must be a positive number of seconds, got {raw!r}.")
-        return val
-
-    def integer(key: str, default: int, *, low: int, high: int, what: str) -> int:
-        raw = values.get(key)
-        if raw is None or raw == "":
-            return default
-        if not re.fullmatch(r"[0-9]+", raw) or not (low <= int(raw) <= high):
-            raise ConfigError(f"{source}: {key}: must be {what}, got {raw!r}.")
-        return int(raw)
-
-    image = values.get("IMAGE", "")
-    if not image:
+    if "IMAGE" not in raw:
         raise ConfigError(f"{source}: IMAGE: required, e.g. IMAGE=ghcr.io/owner/{project} (without a tag).")
-    last = image.rsplit("/", 1)[-1]
-    if ":" in last or "@" in image:
-        raise ConfigError(
-            f"{source}: IMAGE: give the repository without a tag or digest ({image!r}); the tag is the "
-            f"deploy command's second argument."
-        )
-    if not _IMAGE_RE.fullmatch(image):
-        raise ConfigError(f"{source}: IMAGE: {image!r} is not a valid image repository name.")
-
-    port = dict(low=1, high=65535, what="a port number from 1 to 65535")
-    blue = integer("BLUE_PORT", 8081, **port)
-    green = integer("GREEN_PORT", 8082, **port)
-    if blue == green:
-        raise ConfigError(f"{source}: BLUE_PORT and GREEN_PORT must differ (both are {blue}).")
-
-    health_path = text("HEALTH_PATH", "/api/health")
-    if not health_path.startswith("/") or re.search(r"\s", health_path):
-        raise ConfigError(f"{source}: HEALTH_PATH: must start with '/' and contain no spaces, got {health_path!r}.")
-    health_host = text("HEALTH_HOST", "")
-    if health_host and not re.fullmatch(r"[A-Za-z0-9.-]+(?::[0-9]+)?", health_host):
-        raise ConfigError(f"{source}: HEALTH_HOST: must be a host name, got {health_host!r}.")
-
-    timeout = number("HEALTH_TIMEOUT", 120.0)
-    interval = number("HEALTH_INTERVAL", 0.1)
-    if interval > timeout:
-        raise ConfigError(f"{source}: HEALTH_INTERVAL ({interval:g}s) is longer than HEALTH_TIMEOUT ({timeout:g}s).")
-
-    log_dir = text("LOG_DIR", "/app/logs")
-    if log_dir and (not log_dir.startswith("/") or ":" in log_dir or "," in log_dir):
-        raise ConfigError(f"{source}: LOG_DIR: must be an absolute path without ':' or ',' (or empty for no log volume), got {log_dir!r}.")
-
-    try:
-        docker_args = tuple(shlex.split(text("DOCKER_ARGS", "")))
-    except ValueError as exc:
-        raise ConfigError(f"{source}: DOCKER_ARGS: cannot parse it ({exc}).") from None
-    problem = docker_args_problem(docker_args)
-    if problem:
-        raise ConfigError(f"{source}: DOCKER_ARGS: {problem}")
-
-    nginx_url = text("NGINX_URL", "http://127.0.0.1:80").rstrip("/")
-    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", nginx_url):
-        raise ConfigError(f"{source}: NGINX_URL: must be like http://127.0.0.1:80 (scheme, host, port; no path), got {nginx_url!r}.")
-    server_name = text("SERVER_NAME", "")
-    if server_name and not re.fullmatch(r"[A-Za-z0-9.-]+(?::[0-9]+)?", server_name):
-        raise ConfigError(f"{source}: SERVER_NAME: must be a host name, got {server_name!r}.")
-
-    notify_url = text("NOTIFY_WEBHOOK_URL", "")
-    if notify_url and not re.fullmatch(r"https?://\S+", notify_url):
-        # Do not echo the value: a webhook URL is a credential.
-        raise ConfigError(f"{source}: NOTIFY_WEBHOOK_URL: must be an http:// or https:// URL.")
-
+    values: dict[str, object] = {}
+    for setting in table.TABLE:
+        given = raw.get(setting.key)
+        values[setting.key] = (setting.default if given is None
+                               else table.parse_value(setting, given[0], source, given[1]))
+    table.cross_check(values, source)
     return ProjectConfig(
         project=project,
         source=source,
-        image=image,
-        spring_profiles=text("SPRING_PROFILES", ""),
-        health_path=health_path,
-        health_timeout=timeout,
-        health_interval=interval,
-        health_initial_delay=number("HEALTH_INITIAL_DELAY", 0.0, allow_zero=True),
-        health_request_timeout=number("HEALTH_REQUEST_TIMEOUT", 2.0),
-        health_host=health_host,
-        health_expect=integer("HEALTH_EXPECT", 200, low=100, high=599, what="an HTTP status code"),
-        blue_port=blue,
-        green_port=green,
-        app_port=integer("APP_PORT", 8080, **port),
-        stop_timeout=integer("STOP_TIMEOUT", 30, low=0, high=86400, what="a whole number of seconds"),
-        log_dir=log_dir,
-        docker_args=docker_args,
-        drain_timeout=number("DRAIN_TIMEOUT", 60.0, allow_zero=True),
-        verify_timeout=number("VERIFY_TIMEOUT", 5.0),
-        nginx_url=nginx_url,
-        server_name=server_name,
-        notify_webhook_url=notify_url,
-        hook_timeout=number("HOOK_TIMEOUT", 60.0),
-        app_env=tuple(app_env.items()),
+        app_env=tuple(app_env),
         warnings=tuple(warnings),
+        **{setting.field: values[setting.key] for setting in table.TABLE},  # type: ignore[arg-type]
     )

@@ -40,8 +40,8 @@ def test_parse_env_comments_quotes_export_and_inline_comments():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("IMAGE\n", "x.env:1: expected KEY=VALUE"),
-        ("1BAD=x\n", "x.env:1: '1BAD' is not a valid variable name"),
+        ("IMAGE\n", "x.env:1: IMAGE: expected KEY=VALUE"),
+        ("1BAD=x\n", "x.env:1: the text before '=' is not a valid variable name"),
         ("A='open\n", "x.env:1: A: the value opens a ' quote that never closes"),
         ("A='a' b\n", "x.env:1: A: unexpected text after the closing quote"),
     ],
@@ -93,23 +93,26 @@ def test_misspelt_reserved_key_warns_with_the_likely_intent():
         ("", "user-api.env: IMAGE: required"),
         ("IMAGE=acme/app:v1\n", "IMAGE: give the repository without a tag"),
         ("IMAGE=acme/app@sha256:" + "a" * 64 + "\n", "IMAGE: give the repository without a tag"),
-        ("IMAGE=Acme App\n", "is not a valid image repository name"),
+        ("IMAGE=Acme App\n", "IMAGE: character 5 of the value is a space"),
+        ("IMAGE=Acme/App\n", "IMAGE: must be a docker repository name"),
         ("IMAGE=acme/app\nHEALTH_TIMEOUT=soon\n", "user-api.env: HEALTH_TIMEOUT: must be a number of seconds"),
-        ("IMAGE=acme/app\nHEALTH_TIMEOUT=-1\n", "HEALTH_TIMEOUT: must be a positive number"),
-        ("IMAGE=acme/app\nHEALTH_TIMEOUT=nan\n", "HEALTH_TIMEOUT: must be a positive number"),
-        ("IMAGE=acme/app\nBLUE_PORT=99999\n", "BLUE_PORT: must be a port number"),
+        ("IMAGE=acme/app\nHEALTH_TIMEOUT=-1\n", "HEALTH_TIMEOUT: must be a number of seconds like 30 or 0.5, more than 0"),
+        ("IMAGE=acme/app\nHEALTH_TIMEOUT=nan\n", "HEALTH_TIMEOUT: must be a number of seconds"),
+        ("IMAGE=acme/app\nHEALTH_TIMEOUT=0\n", "HEALTH_TIMEOUT: must be a number of seconds like 30 or 0.5, more than 0"),
+        ("IMAGE=acme/app\nBLUE_PORT=99999\n", "BLUE_PORT: must be a port number from 1 to 65535, got '99999' (line 2)."),
         ("IMAGE=acme/app\nBLUE_PORT=8082\n", "BLUE_PORT and GREEN_PORT must differ"),
-        ("IMAGE=acme/app\nHEALTH_PATH=api/health\n", "HEALTH_PATH: must start with '/'"),
+        ("IMAGE=acme/app\nHEALTH_PATH=api/health\n", "HEALTH_PATH: must be a path that starts with '/'"),
+        ("IMAGE=acme/app\nHEALTH_PATH=\n", "HEALTH_PATH: may not be empty"),
         ("IMAGE=acme/app\nSTOP_TIMEOUT=1.5\n", "STOP_TIMEOUT: must be a whole number"),
         ("IMAGE=acme/app\nHEALTH_INTERVAL=10\nHEALTH_TIMEOUT=5\n", "HEALTH_INTERVAL (10s) is longer"),
         ("IMAGE=acme/app\nLOG_DIR=logs\n", "LOG_DIR: must be an absolute path"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--name evil\n", "DOCKER_ARGS: --name may not be set here: bluegreen manages"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--publish=0.0.0.0:80:8080\n", "DOCKER_ARGS: --publish may not be set here"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=-p8080:80\n", "DOCKER_ARGS: -p may not be set here"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=-e DB_PASSWORD=x\n", "DOCKER_ARGS: -e may not be set here: app environment belongs in the env file"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--env=A=b\n", "DOCKER_ARGS: --env may not be set here"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--network host\n", "DOCKER_ARGS: host networking"),
-        ("IMAGE=acme/app\nDOCKER_ARGS=--net=host\n", "DOCKER_ARGS: host networking"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--name evil\n", "DOCKER_ARGS: --name may not be set here: bluegreen sets it"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--publish=0.0.0.0:80:8080\n", "DOCKER_ARGS: --publish (-p) may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=-p8080:80\n", "DOCKER_ARGS: -p (--publish) may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=-e DB_PASSWORD=x\n", "DOCKER_ARGS: -e (--env) may not be set here: app environment belongs in the env file"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--env=A=b\n", "DOCKER_ARGS: --env (-e) may not be set here"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--network host\n", "DOCKER_ARGS: --network (word 1): host networking"),
+        ("IMAGE=acme/app\nDOCKER_ARGS=--net=host\n", "DOCKER_ARGS: --net (word 1): host networking"),
         ("IMAGE=acme/app\nDOCKER_ARGS='--memory \"1g'\n", "DOCKER_ARGS: cannot parse"),
         ("IMAGE=acme/app\nHEALTH_EXPECT=abc\n", "HEALTH_EXPECT: must be an HTTP status code"),
     ],
@@ -166,3 +169,220 @@ def test_missing_env_file_says_what_to_write(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_project(s, "user-api")
     assert "user-api.env: no such file" in exc.value.message and "IMAGE=" in exc.value.message
+
+
+# -- issue 9: every setting is validated completely at load time (exit 2), before anything runs -------------
+
+_LOAD_TIME_CASES = [
+        # Extreme numbers reached time.sleep / arithmetic as OverflowError, or int() as ValueError.
+        ("HEALTH_TIMEOUT=1e308", "HEALTH_TIMEOUT"),
+        ("HEALTH_TIMEOUT=86401", "HEALTH_TIMEOUT"),
+        ("HEALTH_INITIAL_DELAY=1e300", "HEALTH_INITIAL_DELAY"),
+        ("HEALTH_REQUEST_TIMEOUT=1e309", "HEALTH_REQUEST_TIMEOUT"),
+        ("DRAIN_TIMEOUT=99999999999", "DRAIN_TIMEOUT"),
+        ("VERIFY_TIMEOUT=inf", "VERIFY_TIMEOUT"),
+        ("HOOK_TIMEOUT=1_000", "HOOK_TIMEOUT"),
+        ("HEALTH_TIMEOUT=\uff11\uff12", "HEALTH_TIMEOUT"),  # fullwidth digits: float() takes them
+        ("HEALTH_INTERVAL=0.0000001", "HEALTH_INTERVAL"),  # a busy loop against the app
+        ("BLUE_PORT=" + "0" * 5000 + "8081", "BLUE_PORT"),  # int() refuses > 4300 digits with ValueError
+        ("STOP_TIMEOUT=" + "9" * 30, "STOP_TIMEOUT"),
+        # HEALTH_PATH: non-ASCII crashed after the container started; control characters failed after HEALTH_TIMEOUT.
+        ("HEALTH_PATH=/api/h\u00e9alth", "HEALTH_PATH"),
+        ("HEALTH_PATH=/api\x01health", "HEALTH_PATH"),
+        ("HEALTH_PATH=/api\x7fhealth", "HEALTH_PATH"),
+        ("HEALTH_PATH=/api/health#frag", "HEALTH_PATH"),
+        ("HEALTH_PATH=/api/%zz", "HEALTH_PATH"),
+        ("HEALTH_PATH=/" + "a" * 1024, "HEALTH_PATH"),
+        ("HEALTH_HOST=h\u00f6st", "HEALTH_HOST"),
+        ("HEALTH_HOST=host:99999", "HEALTH_HOST"),
+        ("NGINX_URL=http://127.0.0.1:99999", "NGINX_URL"),  # a socket port out of range is an OverflowError
+        ("NGINX_URL=http://[", "NGINX_URL"),  # urllib: ValueError 'Invalid IPv6 URL'
+        ("NGINX_URL=http://:80", "NGINX_URL"),
+        ("SERVER_NAME=a\x0bb", "SERVER_NAME"),
+        ("NOTIFY_WEBHOOK_URL=https://h\u00f6oks.example/x", "NOTIFY_WEBHOOK_URL"),
+        ("NOTIFY_WEBHOOK_URL=https://", "NOTIFY_WEBHOOK_URL"),
+        ("NOTIFY_WEBHOOK_URL=https://hooks.example:0/x", "NOTIFY_WEBHOOK_URL"),
+        ("LOG_DIR=/", "LOG_DIR"),
+        ("LOG_DIR=/app/../etc", "LOG_DIR"),
+        ("LOG_DIR=/app logs", "LOG_DIR"),
+        ("LOG_DIR=/app/l\u00f6gs", "LOG_DIR"),
+        ("SPRING_PROFILES=prod\x1b[31m", "SPRING_PROFILES"),
+        ("IMAGE=acme/" + "a" * 300, "IMAGE"),
+        ("DOCKER_ARGS=--label a=\x00b", "DOCKER_ARGS"),  # NUL in argv: subprocess raises ValueError
+        ("DOCKER_ARGS=--memory " + "1" * 5000, "DOCKER_ARGS"),
+]
+
+
+@pytest.mark.parametrize("line, key", _LOAD_TIME_CASES, ids=[f"{k}-{i}" for i, (_, k) in enumerate(_LOAD_TIME_CASES)])
+def test_every_setting_is_validated_completely_at_load_time(line, key):
+    text = f"IMAGE=acme/app\n{line}\n" if not line.startswith("IMAGE=") else line + "\n"
+    with pytest.raises(ConfigError) as exc:
+        cfg_from(text)
+    assert exc.value.message.startswith(f"user-api.env: {key}: ") and exc.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "line, field, value",
+    [
+        ("HEALTH_TIMEOUT=86400", "health_timeout", 86400.0),
+        ("HEALTH_TIMEOUT=.5", "health_timeout", 0.5),
+        ("HEALTH_INITIAL_DELAY=0", "health_initial_delay", 0.0),
+        ("HEALTH_PATH=/actuator/health?probe=1&x=%2F", "health_path", "/actuator/health?probe=1&x=%2F"),
+        ("HEALTH_HOST=api.example.com:8443", "health_host", "api.example.com:8443"),
+        ("NGINX_URL=https://[::1]:8443/", "nginx_url", "https://[::1]:8443"),
+        ("NOTIFY_WEBHOOK_URL=https://hooks.slack.com/services/T0/B0/xyz?a=b", "notify_webhook_url", "https://hooks.slack.com/services/T0/B0/xyz?a=b"),
+        ("LOG_DIR=/var/log/app.d/", "log_dir", "/var/log/app.d/"),
+        ("STOP_TIMEOUT=0", "stop_timeout", 0),
+        ("SPRING_PROFILES=prod, eu", "spring_profiles", "prod, eu"),
+        ("DOCKER_ARGS=--label desc=caf\u00e9 -t --network bridge --pid host", "docker_args", ("--label", "desc=caf\u00e9", "-t", "--network", "bridge", "--pid", "host")),
+    ],
+)
+def test_valid_values_at_the_edges_are_accepted(line, field, value):
+    assert getattr(cfg_from(f"IMAGE=acme/app\n{line}\n"), field) == value
+
+
+def test_app_value_too_long_for_dockers_env_file_is_refused_at_load_time():
+    from bluegreen.settings import ENV_LINE_MAX
+
+    fits = "K=" + "x" * (ENV_LINE_MAX - 2)
+    assert dict(cfg_from(f"IMAGE=acme/app\n{fits}\n").app_env)["K"] == "x" * (ENV_LINE_MAX - 2)
+    with pytest.raises(ConfigError) as exc:
+        cfg_from(f"IMAGE=acme/app\n{fits}x\n")
+    assert "user-api.env: K: KEY=VALUE is 65536 bytes" in exc.value.message and "xxx" not in exc.value.message
+
+
+def test_non_utf8_env_file_is_a_config_error_naming_the_line(tmp_path):
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "user-api.env").write_bytes(b"IMAGE=acme/app\nDB_PASSWORD=s3cr\xffet\n")
+    with pytest.raises(ConfigError) as exc:
+        load_project(load_settings(str(tmp_path), {}, euid=0), "user-api")
+    assert "user-api.env:2: the file is not UTF-8 text" in exc.value.message and "s3cr" not in exc.value.message
+
+
+# -- issue 9: DOCKER_ARGS is parsed with docker's own grammar --------------------------------------------
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ("-tp 0.0.0.0:8080:8080", "-p (--publish) may not be set here"),  # published on all interfaces
+        ("-itp8080:80", "-p (--publish) may not be set here"),
+        ("-p=0.0.0.0:80:80", "-p (--publish) may not be set here"),
+        ("-te DB_PASSWORD=x", "-e (--env) may not be set here"),  # an env value in argv
+        ("-tP", "-P (--publish-all) may not be set here"),
+        ("-td", "-d (--detach) may not be set here"),
+        ("--detach=false", "--detach (-d) may not be set here"),
+        ("--label bluegreen.project=other", "may not set a bluegreen.* label"),
+        ("-l bluegreen.tag=v9", "may not set a bluegreen.* label"),
+        ("--label=BlueGreen.color=blue", "may not set a bluegreen.* label"),
+        ("-tlbluegreen.color=green", "may not set a bluegreen.* label"),
+        ("--label-file /tmp/labels", "--label-file may not be set here"),
+        ("--restart no", "--restart may not be set here"),
+        ("--restart=always", "--restart may not be set here"),
+        ("-a stdout", "-a (--attach) may not be set here"),
+        ("--rm", "--rm may not be set here"),
+        ("--cidfile /tmp/cid", "--cidfile may not be set here"),
+        ("--pull always", "--pull may not be set here"),
+        ("--help", "--help may not be set here"),
+        ("--network=host", "host networking"),
+        ("--net host", "host networking"),
+        ("--network name=host,alias=x", "host networking"),
+        ("--network none", "host networking, no network"),
+        ("--network container:db", "another container's network"),
+        ("--memory 1g busybox", "a word that is not an option"),  # it would become the image
+        ("--memory 1g --", "a word that is not an option (or `--`)"),
+        ("--privileged=maybe", "takes true or false"),
+        ("--no-such-flag", "'--no-such-flag', which is not a `docker run` option"),
+        ("-Z", "'-Z', which is not a `docker run` option"),
+        ("--memory", "--memory (word 1) needs a value"),
+        ("-m", "-m (--memory, word 1) needs a value"),
+    ],
+)
+def test_docker_args_refusals_cannot_be_bypassed(args, message):
+    with pytest.raises(ConfigError) as exc:
+        cfg_from(f"IMAGE=acme/app\nDOCKER_ARGS={args}\n")
+    assert "user-api.env: DOCKER_ARGS: " in exc.value.message and message in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "--memory 1g --cpus 1.5", "-m1g", "-m=1g", "-it", "-t=false", "--init", "--entrypoint --name",
+        "--label team=api -l tier=web", "--network bridge", "--network=my-net", "--ulimit nofile=1024:2048",
+        "-v /srv/data:/data:ro --tmpfs /tmp", "-h myhost", "--health-cmd 'curl -f http://localhost/ || exit 1'",
+        "--expose 9090", "--user 1000:1000 -w /app", "--add-host db:10.0.0.2",
+    ],
+)
+def test_docker_args_that_are_docker_options_are_kept(args):
+    import shlex
+
+    assert cfg_from(f"IMAGE=acme/app\nDOCKER_ARGS={args}\n").docker_args == tuple(shlex.split(args))
+
+
+def test_unknown_docker_flag_is_named_but_its_value_never_shown():
+    with pytest.raises(ConfigError) as exc:
+        cfg_from("IMAGE=acme/app\nDOCKER_ARGS=--tokn=hunter2secret\n")
+    assert "'--tokn'" in exc.value.message and "hunter2" not in exc.value.message
+
+
+# -- issue 9: duplicate keys ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, first, second", [("IMAGE", "acme/app", "evil/app"), ("DB_PASSWORD", "a", "b"),
+                                                ("HEALTH_TIMEOUT", "5", "5")])
+def test_duplicate_keys_are_refused_naming_both_lines(key, first, second):
+    text = f"IMAGE=acme/app\n# note\n{key}={first}\nOTHER=1\n{key}={second}\n" if key != "IMAGE" else \
+        f"IMAGE={first}\n\nOTHER=1\nexport IMAGE={second}\n"
+    with pytest.raises(ConfigError) as exc:
+        cfg_from(text)
+    lines = (3, 5) if key != "IMAGE" else (1, 4)
+    assert f"user-api.env: {key} is set twice, on line {lines[0]} and on line {lines[1]}" in exc.value.message
+    assert "Keep one of the two lines" in exc.value.message and exc.value.exit_code == 2
+
+
+# -- issue 9: error messages never echo any part of a value --------------------------------------------
+
+def test_a_stray_secret_line_is_never_echoed():
+    text = "IMAGE=acme/app\nTLS_KEY=-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n"
+    with pytest.raises(ConfigError) as exc:
+        cfg_from(text)
+    assert exc.value.message.startswith("user-api.env:3: expected KEY=VALUE")
+    assert "MIIE" not in exc.value.message and "BEGIN" not in exc.value.message
+
+
+def test_an_invalid_name_before_equals_is_never_echoed():
+    with pytest.raises(ConfigError) as exc:
+        parse_env("IMAGE=acme/app\nab+cd/ef=ghij\n", "x.env")
+    assert exc.value.message.startswith("x.env:2: the text before '='") and "ab+cd" not in exc.value.message
+
+
+@pytest.mark.parametrize("sep", ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"])
+def test_unicode_line_separators_stay_inside_the_value(sep):
+    # str.splitlines split these, so the rest of a secret became a "line" and was echoed in the error.
+    value = f"s3cret{sep}rest-of-the-secret"
+    cfg = cfg_from(f"IMAGE=acme/app\nDB_PASSWORD={value}\nOTHER=1\n")
+    assert dict(cfg.app_env) == {"DB_PASSWORD": value, "OTHER": "1"}
+
+
+def test_crlf_line_endings_and_a_byte_order_mark_are_read():
+    cfg = cfg_from("\ufeffIMAGE=acme/app\r\nHEALTH_TIMEOUT=5\r\nDB_PASSWORD=x\r\n")
+    assert cfg.image == "acme/app" and cfg.health_timeout == 5 and dict(cfg.app_env) == {"DB_PASSWORD": "x"}
+
+
+def test_a_lone_carriage_return_inside_an_app_value_is_refused_without_echo():
+    with pytest.raises(ConfigError) as exc:
+        cfg_from("IMAGE=acme/app\nDB_PASSWORD=abc\rdef-secret\n")
+    assert "DB_PASSWORD: values may not contain line breaks" in exc.value.message and "def-secret" not in exc.value.message
+
+
+def test_the_webhook_url_is_never_echoed():
+    with pytest.raises(ConfigError) as exc:
+        cfg_from("IMAGE=acme/app\nNOTIFY_WEBHOOK_URL=ftp://hooks.example/T0/secret-token\n")
+    assert "NOTIFY_WEBHOOK_URL: must be an http:// or https:// URL" in exc.value.message
+    assert "secret-token" not in exc.value.message and "hooks.example" not in exc.value.message
+
+
+@pytest.mark.parametrize("name", ["a..b", "x..", "user..api"])
+def test_names_and_tags_with_dot_dot_are_refused(name):
+    with pytest.raises(UsageError):
+        validate_project(name)
+    with pytest.raises(UsageError):
+        validate_tag(name)
