@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from pathlib import Path
 
 import stack as stacklib
@@ -41,15 +42,19 @@ def test_status_names_drift_and_the_fix(project):
     deploy_ok(project, "v1")
     project.serve()
     deploy_ok(project, "v2")
-    # Someone points the upstream back at blue by hand: blue is stopped, so the service is down.
+    # Someone points the upstream file back at blue by hand and does not reload nginx: nginx still routes
+    # to green, which runs. The service is up; what is wrong is the file (a reload would take it down).
+    # (Before, status trusted the file and said "the service is down".)
     upstream = Path(project.upstream_file)
     upstream.write_text(upstream.read_text().replace(f"127.0.0.1:{project.green_port}", f"127.0.0.1:{project.blue_port}"))
     item = status_json(project)
+    assert item["serving"] == "green" and item["nginx_route"] == project.green_port and item["tag"] == "v2"
     problems = {d["problem"]: d["fix"] for d in item["drift"]}
-    down = [p for p in problems if f"nginx routes to {project.name}-blue" in p and "is exited: the service is down" in p]
-    assert down and problems[down[0]] == f"docker start {project.name}-blue"
-    assert any("still runs although nginx does not route to it" in p for p in problems)
-    assert any(f"{project.name}.active says green but nginx routes to blue" in p for p in problems)
+    assert not any("service is down" in p for p in problems), problems
+    pending = [p for p in problems if f"nginx routes to {project.name}-green (127.0.0.1:{project.green_port}, seen "
+               f"through nginx), but the upstream file routes to 127.0.0.1:{project.blue_port}: nginx has not loaded" in p]
+    assert pending and f"would switch traffic to {project.name}-blue, which is exited" in pending[0], problems
+    assert problems[pending[0]].startswith(f"bluegreen deploy {project.name} <tag>")
     overview = project.run("status", check=True).stdout
     assert "problem(s)" in [ln for ln in overview.splitlines() if ln.startswith(project.name)][0]
 
@@ -247,3 +252,57 @@ def test_failing_pre_deploy_hook_changes_nothing_and_hooks_get_variables(project
         import shutil
 
         shutil.rmtree(hooks)
+
+
+def test_a_deploy_never_removes_the_container_nginx_still_routes_to(project):
+    """The upstream file names blue's port but nginx was not reloaded, so it still routes to green (a hand
+    edit, or a deploy killed between writing the file and reloading). Before, the deploy trusted the file,
+    took green for the idle slot's leftover and removed it while it served: clients got 502s."""
+    project.write_env()
+    deploy_ok(project, "v1")
+    project.serve()
+    deploy_ok(project, "v2")  # green serves v2, blue (v1) is stopped
+    stacklib.docker("start", f"{project.name}-blue")  # both run, as after an interrupted retire
+    upstream = Path(project.upstream_file)
+    upstream.write_text(upstream.read_text().replace(f"127.0.0.1:{project.green_port}", f"127.0.0.1:{project.blue_port}"))
+
+    answers: list = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            answers.append(project.get("/version", timeout=5))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        proc = project.run(project.name, "v3", check=True)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert "nginx has not loaded that file" in proc.stderr
+    # Going by what nginx really routes to: green served, so blue was the slot to replace.
+    assert f"{project.name} v3 now serves from {project.name}-blue" in proc.stdout
+    assert answers and all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:5]
+    assert {body for _, body in answers} <= {"v2", "v3"}
+    assert project.get("/version") == (200, "v3")
+    item = status_json(project)
+    assert item["serving"] == "blue" and item["drift"] == [], item["drift"]
+
+
+def test_without_a_visible_route_a_running_idle_container_is_never_removed(project):
+    """When a probe through nginx cannot show the route (a server block without the route header line),
+    a running container in the idle slot may be what nginx routes to: the deploy refuses, changing nothing."""
+    project.write_env()
+    deploy_ok(project, "v1")
+    project.serve(probe=False)
+    deploy_ok(project, "v2")
+    stacklib.docker("start", f"{project.name}-blue")
+    proc = project.run(project.name, "v3", check=1)
+    assert f"{project.name}-blue is running, and bluegreen could not see where nginx routes" in proc.stderr
+    assert "Nothing was changed" in proc.stderr and "Traceback" not in proc.stderr
+    states = {c: stacklib.docker("inspect", "-f", "{{.State.Status}}", c).stdout.strip()
+              for c in (f"{project.name}-blue", f"{project.name}-green")}
+    assert states == {f"{project.name}-blue": "running", f"{project.name}-green": "running"}
+    assert project.get("/version") == (200, "v2")
