@@ -99,10 +99,12 @@ def judge_credentials(image: str, config: dict | None, config_path: str) -> Chec
     fix = f"docker login {registry} (as the user that deploys; for GHCR a PAT with read:packages)"
     if config is None:
         return Check(name, WARN, f"no docker client config at {config_path}: a private image of {registry} will not pull", fix)
-    helpers = config.get("credHelpers") or {}
+    # The file is the user's, but any shape of JSON must give an answer, not a crash.
+    helpers = config.get("credHelpers") if isinstance(config.get("credHelpers"), dict) else {}
+    auths = config.get("auths") if isinstance(config.get("auths"), dict) else {}
     if any(_registry_key(k) == registry for k in helpers):
         return Check(name, OK, f"{registry}: credential helper {helpers.get(registry, '?')} ({config_path})")
-    if any(_registry_key(k) == registry for k in (config.get("auths") or {})):
+    if any(_registry_key(k) == registry for k in auths):
         return Check(name, OK, f"{registry}: logged in ({config_path})")
     if config.get("credsStore"):
         return Check(name, OK, f"{registry}: credentials, if any, are in the {config['credsStore']} store ({config_path})")
@@ -343,14 +345,26 @@ def _run(runner: Runner, argv: list[str]):
         return None
 
 
+MAX_DOCKER_CONFIG = 1 << 20
+
+
 def _docker_config(environ: Mapping[str, str]) -> tuple[dict | None, str]:
     base = environ.get("DOCKER_CONFIG") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".docker")
     path = os.path.join(base, "config.json")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        # The user's own file (it may be a dotfiles symlink), but never block on a FIFO or read a huge file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, path
+            raw = os.read(fd, MAX_DOCKER_CONFIG + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > MAX_DOCKER_CONFIG:
+            return None, path
+        data = json.loads(raw.decode("utf-8"))
         return (data if isinstance(data, dict) else {}), path
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None, path
 
 

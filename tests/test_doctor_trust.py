@@ -255,3 +255,25 @@ def test_planted_state_files_are_listed_not_a_reason_to_stop(stack, host, tmp_pa
     assert f"FAIL lock {projects}/{name}.lock is a symlink (to {decoy}): a deploy refuses to use it" in out
     assert "ok env secrets" in out and "ok blue port" in out  # the other checks still ran
     assert decoy.read_text() == "root's file\n" and stat.S_IMODE(decoy.stat().st_mode) == 0o600
+
+
+# -- the docker client config: the user's file, still read safely ---------------------------------------------
+
+@pytest.mark.parametrize("config", [{"credHelpers": ["ghcr.io"]}, {"auths": 5}, {"auths": None, "credHelpers": "x"}, {}])
+def test_registry_login_survives_any_shape_of_config(config):
+    # Before: a list or a number where a mapping belongs raised AttributeError/TypeError (exit 4, internal error).
+    assert doctor.judge_credentials("ghcr.io/acme/api", config, "c").status == WARN
+
+
+def test_docker_config_that_is_a_fifo_or_huge_or_deep_never_blocks_or_crashes(tmp_path):
+    env = {"DOCKER_CONFIG": str(tmp_path)}
+    path = tmp_path / "config.json"
+    os.mkfifo(path)  # before: open() blocked here forever
+    assert doctor._docker_config(env) == (None, str(path))
+    path.unlink()
+    path.write_text("[" * 100000 + "]" * 100000)  # before: RecursionError
+    assert doctor._docker_config(env)[0] is None
+    path.write_text('{"auths": {"ghcr.io": {}}, "pad": "' + "x" * (2 << 20) + '"}')
+    assert doctor._docker_config(env)[0] is None
+    path.write_text('{"auths": {"ghcr.io": {}}}')
+    assert doctor._docker_config(env)[0] == {"auths": {"ghcr.io": {}}}
