@@ -18,6 +18,9 @@ from bluegreen.lock import Holder, project_lock
 from bluegreen.runner import RecordingRunner, Runner, SubprocessRunner, display
 
 
+DEFAULT_KEEP = 3  # successful tags kept besides the serving one (prune --keep)
+
+
 @dataclass(frozen=True)
 class PrunePlan:
     containers: list[str]  # stopped containers to remove
@@ -84,7 +87,8 @@ def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout:
         containers = list(docker.inspect_many([dk.container_name(project, col) for col in COLOURS]).values())
         listed = run.run([*settings.docker_cmd, "image", "ls", cfg.image, "--format", "{{.Tag}}"], mutates=False, timeout=60)
         tags = sorted(set(listed.stdout.split()))
-        others, keep_all = other_projects_tags(settings, project, cfg.image, keep, docker)
+        # Another project's rollback targets are kept as its own prune would keep them.
+        others, keep_all = other_projects_tags(settings, project, cfg.image, DEFAULT_KEEP, docker)
         plan = plan_prune(image=cfg.image, containers=containers, serving=serving, image_tags=tags,
                           successful=journal.successful_tags(journal.read(settings.journal_file(project))), keep=keep,
                           others=others, keep_all_images=keep_all)

@@ -306,3 +306,64 @@ def test_without_a_visible_route_a_running_idle_container_is_never_removed(proje
               for c in (f"{project.name}-blue", f"{project.name}-green")}
     assert states == {f"{project.name}-blue": "running", f"{project.name}-green": "running"}
     assert project.get("/version") == (200, "v2")
+
+
+def test_rollback_goes_to_the_digest_the_journal_recorded_even_if_the_tag_moved(project):
+    """Rolling back to a moving tag (`rel`, like `latest`) must deploy the image it deployed then, not what the
+    tag means today."""
+    repo = f"{project.stack.registry.open_addr}/bg/moving-{project.name}"
+    stacklib.docker("tag", project.stack.images["v1"], f"{repo}:rel")
+    stacklib.push_image(f"{repo}:rel")
+    stacklib.docker("tag", project.stack.images["v2"], f"{repo}:v2")
+    stacklib.push_image(f"{repo}:v2")
+    try:
+        project.write_env(IMAGE=repo)
+        deploy_ok(project, "rel")
+        project.serve()
+        assert serving(project) == "v1"
+        first = json.loads(project.run("history", project.name, "--json", "-n", "1", check=True).stdout)
+        assert first["digest"].startswith("sha256:")
+        deploy_ok(project, "v2")
+        # `rel` moves on to another image; the local copy moves too (as a later pull would).
+        stacklib.docker("tag", project.stack.images["v3"], f"{repo}:rel")
+        stacklib.push_image(f"{repo}:rel")
+        back = project.run("rollback", project.name, check=True)
+        assert f"to rel (the image it deployed then: {repo}@{first['digest']})" in back.stderr
+        assert serving(project) == "v1"  # not v3, which `rel` means now
+        last = json.loads(project.run("history", project.name, "--json", "-n", "1", check=True).stdout)
+        assert (last["action"], last["tag"], last["image"]) == ("rollback", "rel", f"{repo}@{first['digest']}")
+        status = status_json(project)
+        assert status["tag"] == "rel"
+    finally:
+        stacklib.cleanup_project(project.name)
+        for tag in ("rel", "v2"):
+            stacklib.docker("image", "rm", f"{repo}:{tag}", check=False)
+
+
+def test_prune_keeps_what_another_project_with_the_same_image_may_roll_back_to(project):
+    from conftest import Project
+
+    repo = f"{project.stack.registry.open_addr}/bg/shared-{project.name}"
+    for tag in ("a1", "a2", "b1", "b2"):
+        stacklib.docker("tag", project.stack.images["v1"], f"{repo}:{tag}")
+        stacklib.push_image(f"{repo}:{tag}")
+    other = Project(project.stack, project.name + "-b")
+    try:
+        other.write_env(IMAGE=repo)
+        deploy_ok(other, "b1")
+        other.serve()
+        deploy_ok(other, "b2")  # the other project serves b2 and may roll back to b1
+        project.write_env(IMAGE=repo)
+        deploy_ok(project, "a1")
+        project.serve()
+        deploy_ok(project, "a2")
+        done = project.run("prune", project.name, "--keep", "0", check=True)
+        assert f"b2 (used by {other.name})" in done.stdout and f"b1 (used by {other.name})" in done.stdout
+        left = sorted(stacklib.docker("image", "ls", repo, "--format", "{{.Tag}}").stdout.split())
+        assert left == ["a2", "b1", "b2"]  # a1 went (--keep 0); the other project's rollback target stayed
+        back = other.run("rollback", other.name, check=True)
+        assert "to b1" in back.stderr
+    finally:
+        other.teardown()
+        for tag in ("a1", "a2", "b1", "b2"):
+            stacklib.docker("image", "rm", f"{repo}:{tag}", check=False)
