@@ -25,7 +25,7 @@ from bluegreen import state
 from bluegreen.config import ProjectConfig, Settings, load_project, registry_host, validate_project
 from bluegreen.deploy import port_in_use
 from bluegreen.errors import EXIT_FAILED, EXIT_OK, BluegreenError, CommandError
-from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_path, upstream_dir
+from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_path, read_config_file, upstream_dir
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.runner import Runner
 
@@ -405,9 +405,9 @@ def host_checks(settings: Settings, runner: Runner, *, min_free: int) -> tuple[l
 
     if dump is not None:
         conf = nginx_conf_path(settings, runner)
-        try:
-            text = nginx_dump if nginx_dump is not None else (state.read_text(conf) if conf.exists() else None) or ""
-        except BluegreenError:  # nginx.conf a FIFO or huge: nginx -t has failed already and says why
+        try:  # the admin's nginx.conf: a symlink to it is fine, a FIFO never blocks
+            text = nginx_dump if nginx_dump is not None else read_config_file(conf) or ""
+        except (BluegreenError, OSError):  # unreadable: nginx -t has failed already and says why
             text = ""
         if includes_dir(text, upstream_dir(settings)):
             checks.append(Check("include", OK, f"nginx includes {upstream_dir(settings)}"))
