@@ -719,10 +719,10 @@ def os_problem(exc: OSError) -> str:
 
 
 def _header(probe: health.Probe, name: str) -> str:
-    for key, value in (probe.headers or {}).items():
-        if key.lower() == name.lower():
-            return value.strip()
-    return ""
+    """The one value of header `name`; "" when absent or when several differ only in case (the app behind
+    nginx may send its own: nginx's comes last among same-case duplicates, but case variants are ambiguous)."""
+    found = [value.strip() for key, value in (probe.headers or {}).items() if key.lower() == name.lower()]
+    return found[0] if len(found) == 1 else ""
 
 
 def say(stream: TextIO, text: str) -> None:

@@ -403,3 +403,15 @@ def test_undo_after_a_failed_verify_waits_the_full_drain_for_new_workers(env, mo
     with pytest.raises(DeployFailed):
         env.deploy("v2")
     assert waited_for[-1] == (new, env.cfg.drain_timeout)
+
+
+def test_a_route_header_the_app_sends_itself_proves_nothing():
+    from bluegreen.deploy import _header
+    from bluegreen.nginx import route_port
+
+    spoofed = Probe(200, "HTTP 200", {"x-bluegreen-upstream": "127.0.0.1:8082", "X-Bluegreen-Upstream": "127.0.0.1:8081"})
+    assert _header(spoofed, "X-Bluegreen-Upstream") == ""
+    assert _header(Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8081"}), "X-Bluegreen-Upstream") == "127.0.0.1:8081"
+    assert route_port("127.0.0.1:8081") == 8081
+    assert route_port("127.0.0.1:8081, 127.0.0.1:8082") is None and route_port("user-api") is None
+    assert route_port("127.0.0.1:99999") is None and route_port("") is None
