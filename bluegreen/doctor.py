@@ -213,8 +213,8 @@ def judge_writers(name: str, what: str, nodes: list[tuple[Node, bool]], trusted:
         who = untrusted_writers(node, trusted, ancestor=ancestor, any_group=any_group)
         if who:
             problems.append(f"{node.path} by {', '.join(who)}")
-            fixes.append(_tighten(node, trusted, owner) if "everyone" in who or node.owner not in trusted or not ancestor
-                         else f"sudo chmod g-w {node.path}")
+            # A directory above the root is root's; what is below it may be the deploy user's.
+            fixes.append(_tighten(node, trusted, "root" if ancestor else owner))
     if not problems:
         return Check(name, OK, f"{what}: writable only by {', '.join(sorted(trusted))}")
     fix = "; ".join(f for f in dict.fromkeys(fixes) if f)
@@ -611,7 +611,7 @@ def trust_checks(settings: Settings, facts: HostFacts) -> list[Check]:
     covered = set(ancestors(root)) | {root}
     outside = [(p, a) for p, a in wanted if p not in covered and not p.startswith(root + "/")]
     checks.append(judge_writers(
-        "nginx config", f"what nginx loads ({len(files)} files; {settings.nginx_conf_dir})", _nodes(outside), trusted, owner,
+        "nginx config", f"what nginx loads ({len(files)} files; {settings.nginx_conf_dir})", _nodes(outside), trusted, "root",
         "nginx's master runs as root and opens every access_log/error_log path these files name: whoever can change "
         "them is root-equivalent."))
 

@@ -68,6 +68,9 @@ def test_a_directory_nginx_loads_owned_by_another_user_is_a_failure():
                                  TRUSTED, "deploy", "WHY")
     assert check.status == FAIL and "/etc/nginx/conf.d by bob (owner)" in check.detail
     assert "sudo chown deploy /etc/nginx/conf.d" in check.fix
+    parent = doctor.judge_writers("deploy root", "/opt/deploy", [(node(path="/opt", owner="bob", mode=0o775), True)],
+                                  TRUSTED, "deploy", "WHY")
+    assert parent.status == FAIL and parent.fix == "sudo chown root /opt && sudo chmod go-w /opt (docs/security.md)"
 
 
 def test_the_deploy_roots_owner_writing_the_upstream_directory_is_by_design():
