@@ -640,7 +640,8 @@ def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig | 
         checks.append(Check("hooks", OK, f"no hooks ({hooks} does not exist)"))
     else:
         checks.append(judge_writers(
-            "hooks", f"hooks in {hooks}", _nodes([(hooks, False)] + [(p, False) for p in _entries(hooks)]), trusted, owner,
+            "hooks", f"hooks in {hooks}", _nodes([(os.path.dirname(hooks), False), (hooks, False)] + [(p, False) for p in _entries(hooks)]),
+            trusted, owner,
             "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user.",
             any_group=True))
     if cfg is not None and cfg.log_dir:

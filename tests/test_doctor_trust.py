@@ -204,6 +204,7 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
     os.chown(sites, nobody.pw_uid, nobody.pw_gid)  # another user owns a directory nginx loads
     hooks.mkdir()
     os.chown(hooks, nobody.pw_uid, nobody.pw_gid)  # and the hooks that run as the deploying user
+    (root / "hooks").chmod(0o775)  # group root alone, but a deploy as root refuses any group-writable hooks dir
     os.symlink("/etc/passwd", hooks / "pre-deploy")
     (root.parent / "real-logs").mkdir()
     os.symlink(root.parent / "real-logs", logs)
@@ -215,7 +216,7 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
     assert f"fix: sudo chown root {sites} (docs/security.md)" in out
     assert f"FAIL planted files {hooks}/pre-deploy is a symlink to /etc/passwd" in out
     assert f"fix: remove it (`sudo rm {hooks}/pre-deploy`" in out
-    assert f"FAIL hooks hooks in {hooks} can be changed by others: {hooks} by nobody (owner)" in out
+    assert f"FAIL hooks hooks in {hooks} can be changed by others: {root / 'hooks'} by group root (root); {hooks} by nobody (owner)" in out
     assert f"WARN env secrets {env} holds the app's secrets and is readable by everyone\n fix: sudo chmod 600 {env}\n" in out
     assert f"WARN LOG_DIR {logs} is a symlink to {root.parent / 'real-logs'}" in out
     assert re.search(r"info root-equiv (only root can change|by design, root-equivalent)", out)
@@ -223,7 +224,8 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
     assert "4 problem(s) would make a deploy fail" in out
 
     # The fixes doctor printed, applied as printed (as root, so without sudo).
-    for fix in (f"chmod go-w {conf_d}", f"chown root {sites}", f"rm {hooks}/pre-deploy", f"chown root {hooks}",
+    assert f"fix: sudo chmod go-w {root / 'hooks'}; sudo chown root {hooks} (docs/security.md)" in out
+    for fix in (f"chmod go-w {conf_d}", f"chown root {sites}", f"rm {hooks}/pre-deploy", f"chown root {hooks}", f"chmod go-w {root / 'hooks'}",
                 f"chmod 600 {env}", f"rm {logs}", f"mkdir {logs}"):
         subprocess.run(shlex.split(fix), check=True)
     out = run_doctor(stack, root, nginx, name, expect=0)
