@@ -207,3 +207,51 @@ def test_missing_directories_and_bad_options_are_usage_errors(tmp_path):
     assert run("--logs", str(logs), "--backup", str(logs))[0] == 2
     assert run("--logs", str(logs), "--backup", str(bk), "--pattern", "app.log")[0] == 2
     assert run("--logs", str(logs), "--backup", str(bk), "--keep-days", "0")[0] == 2
+
+
+# -- hostile names and killed runs (the directories belong to the app container and the deploy user) ----------
+
+def _cli(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """backup-logs as its own process, with a strict UTF-8 stdout as on a real host."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.environ.get("BG_REPO", str(REPO)),
+           "LC_ALL": "C.UTF-8"}
+    return subprocess.run([sys.executable, "-m", "bluegreen", "backup-logs", *argv], env=env, capture_output=True,
+                          timeout=timeout)
+
+
+def test_names_with_control_characters_or_bytes_that_are_not_utf8_are_backed_up_and_shown_escaped(tmp_path):
+    logs, bk = tree(tmp_path)
+    odd = [b"app-\xff\xfe.log", b"app-\x1b[2J.log", b"app-a\nb.log"]
+    for name in odd:
+        aged(logs / os.fsdecode(name), 3, b"odd\n" * 100)
+    aged(logs / "app-plain.log", 3)
+    proc = _cli("--logs", str(logs), "--backup", str(bk))
+    out, err = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")  # strict: only valid UTF-8 was printed
+    assert proc.returncode == 0, out + err
+    assert "4 log(s) compressed" in out and "Traceback" not in err
+    assert "\x1b" not in out and "\\x1b[2J" in out and "\\udcff\\udcfe" in out
+    assert sorted(os.listdir(os.fsencode(bk))) == sorted(n + b".gz" for n in [*odd, b"app-plain.log"])
+    assert os.listdir(logs) == []
+
+
+def test_a_run_killed_while_compressing_leaves_no_temp_file_after_the_next_run(tmp_path):
+    logs, bk = tree(tmp_path)
+    aged(logs / "app-1.log", 3, os.urandom(48 << 20))
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.environ.get("BG_REPO", str(REPO))}
+    proc = subprocess.Popen([sys.executable, "-m", "bluegreen", "backup-logs", "--logs", str(logs), "--backup", str(bk)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(n.endswith(".gz.tmp") for n in os.listdir(bk)):
+            assert time.monotonic() < deadline and proc.poll() is None, "never started compressing"
+            time.sleep(0.001)
+        proc.kill()  # kill -9 in the middle of the copy
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(n.endswith(".gz.tmp") for n in os.listdir(bk))  # what kill -9 leaves
+
+    again = _cli("--logs", str(logs), "--backup", str(bk))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(os.listdir(bk)) == ["app-1.log.gz"] and os.listdir(logs) == []
