@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import selectors
 import shlex
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -16,6 +21,8 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    truncated: bool = False  # output was larger than output_limit: the middle was dropped, never held in memory
+    note: str = ""  # what the runner did besides running it (e.g. killed processes the command left behind)
 
     @property
     def ok(self) -> bool:
@@ -32,8 +39,21 @@ def indent(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
+# Per stream (stdout, stderr): enough for any `nginx -T` or `docker inspect` of a real host, and a bound on
+# what a chatty or hostile command can make bluegreen hold in memory. Callers reading untrusted output
+# (container logs, hooks) pass a much smaller limit.
+OUTPUT_LIMIT = 16 * 1024 * 1024
+KILL_GRACE = 2.0  # seconds between SIGTERM and SIGKILL (sudo relays SIGTERM to its command, not SIGKILL)
+PIPE_GRACE = 0.5  # seconds to keep reading after the command exited, for output still in the pipe
+
+
 class Runner:
-    """Runs a command; `mutates=False` marks read-only queries that a dry run may still make."""
+    """Runs a command; `mutates=False` marks read-only queries that a dry run may still make.
+
+    `new_session=True` runs it in its own session and process group: at the timeout (or an interrupt) the
+    whole group is killed, and so are processes it leaves behind when it exits (hooks). `output_limit`
+    bounds the bytes kept per stream (its first and last halves).
+    """
 
     def run(
         self,
@@ -44,6 +64,8 @@ class Runner:
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
+        new_session: bool = False,
+        output_limit: int = OUTPUT_LIMIT,
     ) -> Result:
         raise NotImplementedError
 
@@ -53,7 +75,7 @@ class Runner:
 
 
 class SubprocessRunner(Runner):
-    """Runs commands for real, capturing text output."""
+    """Runs commands for real, capturing text output (bounded), and never leaves one running past its timeout."""
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         self.env = dict(env) if env is not None else None
@@ -67,29 +89,48 @@ class SubprocessRunner(Runner):
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
+        new_session: bool = False,
+        output_limit: int = OUTPUT_LIMIT,
     ) -> Result:
         argv = [str(a) for a in argv]
         try:
             # `input` goes through a pipe (secrets for `docker run --env-file /dev/stdin`): never a file.
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 argv,
-                input=input,
-                stdin=None if input is not None else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                timeout=timeout,
                 env=dict(env) if env is not None else self.env,
-                check=False,
+                start_new_session=new_session,
             )
         except (FileNotFoundError, PermissionError) as exc:
             raise _not_runnable(argv[0], exc) from None
-        except subprocess.TimeoutExpired as exc:
-            raise CommandError(argv, -1, _text(exc.stdout), f"timed out after {timeout:g}s\n{_text(exc.stderr)}") from None
-        result = Result(tuple(argv), proc.returncode, _text(proc.stdout), _text(proc.stderr))
+        out, err = _Capture(output_limit), _Capture(output_limit)
+        note = ""
+        try:
+            timed_out = _collect(proc, out, err, input, timeout)
+            if timed_out:
+                _stop(proc, new_session)
+            elif new_session and _group_alive(proc.pid):
+                _stop(proc, True, grace=PIPE_GRACE)
+                note = "it left processes running when it exited; bluegreen killed them"
+        except BaseException:  # an interrupt (SIGTERM/SIGINT) while it runs: it must not outlive us
+            _stop(proc, new_session)
+            raise
+        finally:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    try:
+                        pipe.close()
+                    except OSError:
+                        pass
+        if timed_out:
+            raise CommandError(argv, -1, out.text(), f"timed out after {timeout:g}s\n{err.text()}")
+        result = Result(tuple(argv), proc.returncode if proc.returncode is not None else -1, out.text(), err.text(),
+                         out.dropped > 0 or err.dropped > 0, note)
         if check and not result.ok:
             raise CommandError(argv, result.returncode, result.stdout, result.stderr)
         return result
-
 
     def stream(self, argv: Sequence[str]) -> int:
         argv = [str(a) for a in argv]
@@ -106,6 +147,163 @@ def _not_runnable(exe: str, exc: OSError) -> ExecutableNotFound:
         f"Executable `{exe}` not found on PATH. Install it, or point bluegreen at it "
         f"(BLUEGREEN_DOCKER / BLUEGREEN_NGINX). Nothing was changed."
     )
+
+
+class _Capture:
+    """Keeps the first and the last `limit // 2` bytes of a stream; counts what it drops."""
+
+    def __init__(self, limit: int) -> None:
+        self.head_limit = max(0, limit) // 2
+        self.tail_limit = max(0, limit) - self.head_limit
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.dropped = 0
+
+    def add(self, data: bytes) -> None:
+        room = self.head_limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        self.tail += data
+        if len(self.tail) > 2 * self.tail_limit + 65536:
+            self._trim()
+
+    def _trim(self) -> None:
+        extra = len(self.tail) - self.tail_limit
+        if extra > 0:
+            self.dropped += extra
+            del self.tail[:extra]
+
+    def text(self) -> str:
+        self._trim()
+        if not self.dropped:
+            return _text(bytes(self.head + self.tail))
+        return f"{_text(bytes(self.head))}\n[... {self.dropped} bytes of output not kept ...]\n{_text(bytes(self.tail))}"
+
+
+def _collect(proc: subprocess.Popen, out: _Capture, err: _Capture, data: bytes | None, timeout: float | None) -> bool:
+    """Feed stdin and read output until the command exits (plus PIPE_GRACE) or the timeout; True if timed out.
+
+    The end is the command's own exit, not the end of its output: a background child that inherited the
+    pipe would otherwise hold the read (and the deploy) until the timeout.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    captures = {proc.stdout: out, proc.stderr: err}
+    sel = selectors.DefaultSelector()
+    pending = memoryview(data or b"")
+    try:
+        for pipe in captures:
+            sel.register(pipe, selectors.EVENT_READ)
+        if proc.stdin is not None:
+            if pending:
+                os.set_blocking(proc.stdin.fileno(), False)
+                sel.register(proc.stdin, selectors.EVENT_WRITE)
+            else:
+                proc.stdin.close()
+        exited_at: float | None = None
+        while True:
+            now = time.monotonic()
+            if exited_at is None and proc.poll() is not None:
+                exited_at = now
+            reading = [k for k in sel.get_map().values() if k.fileobj is not proc.stdin]
+            if exited_at is not None and (not reading or now - exited_at >= PIPE_GRACE):
+                return False
+            if deadline is not None and now >= deadline:
+                return True
+            wait = 0.05 if exited_at is None else PIPE_GRACE - (now - exited_at)
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            if not sel.get_map():
+                time.sleep(max(0.0, wait))
+                continue
+            for key, _events in sel.select(max(0.0, wait)):
+                if key.fileobj is proc.stdin:
+                    pending = _feed(proc, sel, pending)
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if chunk:
+                    captures[key.fileobj].add(chunk)
+                else:
+                    sel.unregister(key.fileobj)
+    finally:
+        sel.close()
+
+
+def _feed(proc: subprocess.Popen, sel: selectors.BaseSelector, pending: memoryview) -> memoryview:
+    """Write what stdin can take now; closes it when all is written or the command stopped reading."""
+    assert proc.stdin is not None
+    try:
+        pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
+    except BlockingIOError:
+        return pending
+    except OSError as exc:
+        if exc.errno not in (errno.EPIPE, errno.EINVAL):
+            raise
+        pending = pending[:0]
+    if not pending:
+        sel.unregister(proc.stdin)
+        proc.stdin.close()
+    return pending
+
+
+def _signal(proc: subprocess.Popen, group: bool, sig: int) -> None:
+    try:
+        if group:
+            os.killpg(proc.pid, sig)
+        elif proc.returncode is None:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _gone(proc: subprocess.Popen, group: bool) -> bool:
+    return proc.poll() is not None and (not group or not _group_alive(proc.pid))
+
+
+def _stop(proc: subprocess.Popen, group: bool, grace: float = KILL_GRACE) -> None:
+    """SIGTERM (to the whole group when it has its own), `grace` to exit, then SIGKILL; reaps the command.
+
+    SIGTERM first because `sudo` relays it to its command (SIGKILL would leave the command running).
+    """
+    try:
+        _signal(proc, group, signal.SIGTERM)
+        end = time.monotonic() + grace
+        while not _gone(proc, group) and time.monotonic() < end:
+            time.sleep(0.02)
+    finally:
+        # Unconditional, so it also happens when a second signal interrupts the grace period above.
+        _signal(proc, group, signal.SIGKILL)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while any process of group `pgid` is alive (zombies waiting for their parent do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read(4096)
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def _text(data: bytes | str | None) -> str:
@@ -141,10 +339,13 @@ class RecordingRunner(Runner):
         mutates: bool = True,
         env: Mapping[str, str] | None = None,
         input: bytes | None = None,
+        new_session: bool = False,
+        output_limit: int = OUTPUT_LIMIT,
     ) -> Result:
         argv = tuple(str(a) for a in argv)
         if self.passthrough is not None and not mutates:
-            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env, input=input)
+            return self.passthrough.run(argv, check=check, timeout=timeout, mutates=False, env=env, input=input,
+                                        new_session=new_session, output_limit=output_limit)
         self.calls.append(argv)
         if input is not None:
             self.inputs[len(self.calls) - 1] = input
