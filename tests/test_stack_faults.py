@@ -512,3 +512,147 @@ def _signal_case(faults, deploy, signame, step, old, new, env_before, journaled)
 
 def _running_versions(ctx: Faults) -> list:
     return sorted(tag for state, tag in containers(ctx).values() if state == "running")
+
+
+def _wait_for_child(deploy: Deploy, want, timeout: float = 60) -> list:
+    """Poll the deploy's process group until a process whose argv satisfies `want` runs; its argv."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in _group_members(deploy.proc.pid):
+            argv = _cmdline(pid)
+            if pid != deploy.proc.pid and want(argv):
+                return argv
+        if deploy.proc.poll() is not None:
+            break
+        time.sleep(0.002)
+    raise AssertionError("the awaited child never ran (exit %s); stderr:\n%s" % (deploy.proc.poll(), deploy.stderr()))
+
+
+@pytest.mark.parametrize("signame", SIGNALS)
+def test_signal_during_docker_run(faults, signame):
+    """The one moment the app's secrets are handed to docker: a signal while `docker run` runs.
+
+    No fault point is needed: the test watches the deploy's children and signals as soon as
+    `docker run` is among them (it takes a few hundred milliseconds to create the container).
+    A kill -9 leaves that `docker run` orphaned, and it goes on to create and start its container,
+    as on a real host; the secrets must still not outlive the killed process in any file.
+    """
+    old = settled(faults)
+    new = _next(old)
+    env_before = env_files()
+    journaled = len(journal(faults))
+    prefix = (faults.name + "-").encode()
+    deploy = Deploy(faults, new, {})
+    with diagnosed(faults, deploy):
+        _wait_for_child(deploy, lambda argv: b"run" in argv and any(a.startswith(prefix) for a in argv))
+        send(deploy, signame)
+        code, took = finish(deploy, signame, timeout=30)
+        if signame == "SIGKILL":
+            assert code == -signal.SIGKILL
+        else:
+            err = deploy.stderr()
+            assert code == EXIT_FAILED, "exit %d after %s during docker run:\n%s" % (code, signame, err)
+            assert took < UNDO_BOUND, "%s during docker run took %.1fs to exit" % (signame, took)
+            assert "Traceback" not in err and "still serves" in err, err
+            assert _running_versions(faults) == [old], \
+                "after the undo, not only the old container runs: %r" % containers(faults)
+        check_journal(faults, journaled, signame, new, "start", code)
+        after_fault(faults, old, _next(new), env_before)
+
+
+def _client(ctx: Faults, stop: threading.Event, answers: list) -> threading.Thread:
+    """Requests through nginx back to back until `stop`, collecting (status, body)."""
+    def loop() -> None:
+        while not stop.is_set():
+            answers.append(ctx.project.get("/version", timeout=5))
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def _crash_before_reload(ctx: Faults) -> tuple:
+    """Leave the upstream file naming the new colour while nginx, never reloaded, routes to the old.
+
+    This is what a crash between writing the upstream file and `nginx -s reload` leaves (or a hand
+    edit without a reload). It is made as a kill -9 at the start of the switch, then the upstream
+    file is rewritten to the new colour's port as the switch would have: no signal can be aimed
+    between two lines of the product, and the state is the same. Returns (old, new, env_before).
+    """
+    old = settled(ctx)
+    new = _next(old)
+    env_before = env_files()
+    deploy = Deploy(ctx, new, {"BLUEGREEN_FAULT_PAUSE": "switch:30"})
+    with diagnosed(ctx, deploy):
+        deploy.wait_for_pause("switch")
+        send(deploy, "SIGKILL")
+        finish(deploy, "SIGKILL", timeout=30)
+        path = Path(ctx.project.upstream_file)
+        routed = {ctx.project.blue_port: "blue", ctx.project.green_port: "green"}[routed_port(ctx)]
+        target = "green" if routed == "blue" else "blue"
+        target_port = ctx.project.green_port if target == "green" else ctx.project.blue_port
+        text, count = re.subn(r"server 127\.0\.0\.1:\d+;", "server 127.0.0.1:%d;" % target_port, path.read_text())
+        assert count == 1, text
+        path.write_text(text.replace("colour=%s tag=%s" % (routed, old), "colour=%s tag=%s" % (target, new)))
+        assert containers(ctx)[target] == ("running", new)
+        assert routed_port(ctx) != target_port
+    return old, new, env_before
+
+
+def test_upstream_written_but_not_reloaded_status_says_what_nginx_routes_to(faults):
+    old, new, env_before = _crash_before_reload(faults)
+    # nginx still routes to the old container; the file is the only thing that changed. Drift about
+    # the upstream file not being what nginx loaded is real here.
+    serves_truthfully(faults, old, also_real=("upstream", "reload"))
+    no_secret_left(faults, env_before)
+    recover(faults, _next(new))
+
+
+def test_upstream_written_but_not_reloaded_next_deploy_keeps_serving(faults):
+    """The next deploy must not remove the container nginx still routes to: a client requests
+    through nginx all along and must see only 200s."""
+    old, new, env_before = _crash_before_reload(faults)
+    answers: list = []
+    stop = threading.Event()
+    client = _client(faults, stop, answers)
+    try:
+        recover(faults, _next(new))
+    finally:
+        stop.set()
+        client.join(timeout=10)
+    bad = [a for a in answers if a[0] != 200]
+    assert answers and not bad, "%d of %d requests through nginx failed during the next deploy: %r" % (
+        len(bad), len(answers), sorted({a[0] for a in bad}))
+    assert {a[1] for a in answers} <= {old, _next(new)}, {a[1] for a in answers}
+
+
+def test_sigterm_in_drain_with_a_long_request_in_flight(faults):
+    """The undo after a SIGTERM during the drain must not wait for old workers that route to the
+    container it keeps: a CI cancel sends SIGKILL a few seconds after SIGTERM."""
+    old = settled(faults)
+    new = _next(old)
+    env_before = env_files()
+    faults.write_env(DRAIN_TIMEOUT="20")
+    try:
+        answer: dict = {}
+
+        def long_request() -> None:
+            answer["got"] = faults.project.get("/cgi-bin/slow?10", timeout=30)
+
+        client = threading.Thread(target=long_request, daemon=True)
+        client.start()
+        time.sleep(0.5)  # held by a worker from before the reload, routed to the old container
+        deploy = Deploy(faults, new, {"BLUEGREEN_FAULT_PAUSE": "drain:30"})
+        with diagnosed(faults, deploy):
+            deploy.wait_for_pause("drain")
+            send(deploy, "SIGTERM")
+            code, took = finish(deploy, "SIGTERM", timeout=60)
+            assert code == EXIT_FAILED, deploy.stderr()
+            assert took < UNDO_BOUND, "SIGTERM during the drain took %.1fs to exit; stderr:\n%s" % (
+                took, deploy.stderr())
+            client.join(timeout=30)
+            assert answer.get("got") == (200, "slow %s" % old), answer
+    finally:
+        faults.write_env()
+    faults.clean = False
+    after_fault(faults, old, _next(new), env_before)
