@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench clean
+.PHONY: all build deps test demo bench clean settings-docs
 
 all: build
 
@@ -22,6 +22,10 @@ demo: deps build
 K ?= 20
 bench: deps build
 	$(PYTHON) tests/bench/bench.py --deploys $(K)
+
+# The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
+settings-docs:
+	$(PYTHON) -m bluegreen.settings --write
 
 clean:
 	rm -rf dist .pytest_cache
