@@ -25,7 +25,7 @@ from bluegreen import state
 from bluegreen.config import ProjectConfig, Settings, load_project, registry_host, validate_project
 from bluegreen.deploy import port_in_use
 from bluegreen.errors import EXIT_FAILED, EXIT_OK, BluegreenError, CommandError
-from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_path, read_config_file, upstream_dir
+from bluegreen.host import include_line, includes_dir, invocation, nginx_conf_path, read_config_file, running_pyz, upstream_dir
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.runner import Runner
 
@@ -615,6 +615,11 @@ def trust_checks(settings: Settings, facts: HostFacts) -> list[Check]:
         "nginx's master runs as root and opens every access_log/error_log path these files name: whoever can change "
         "them is root-equivalent."))
 
+    pyz = running_pyz()
+    if pyz is not None:  # what `sudo bluegreen` and the backup job run: whoever can replace it runs code as root
+        checks.append(judge_writers(
+            "program", str(pyz), _nodes(_chain(os.path.abspath(str(pyz)))), trusted, "root",
+            "It runs as root under sudo and as the backup job's user: whoever can replace it is root-equivalent."))
     odd = find_odd_files([os.path.join(root, d) for d in ("projects", "nginx", "hooks")])
     checks.append(judge_odd_files(odd, f"{root}/{{projects,nginx,hooks}}"))
     try:

@@ -106,7 +106,7 @@ def test_a_healthy_deployed_project_is_ready(deployed):
     assert f"nginx routes to blue (127.0.0.1:{deployed.blue_port})" in proc.stdout
     assert f"held by {deployed.name}-blue (ours)" in proc.stdout
     # The trust model (docs/security.md): a root-owned stack root, nothing planted, a 0600 env file.
-    for line in ("deploy root", "nginx config", "planted files", "env secrets", "hooks"):
+    for line in ("deploy root", "nginx config", "program", "planted files", "env secrets", "hooks"):
         assert re.search(rf"^ ok {line} ", proc.stdout, re.MULTILINE), (line, proc.stdout)
     assert re.search(r"^ info root-equiv ", proc.stdout, re.MULTILINE), proc.stdout
 

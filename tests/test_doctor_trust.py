@@ -229,7 +229,7 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
                 f"chmod 600 {env}", f"rm {logs}", f"mkdir {logs}"):
         subprocess.run(shlex.split(fix), check=True)
     out = run_doctor(stack, root, nginx, name, expect=0)
-    for line in ("deploy root", "nginx config", "planted files", "hooks", "env secrets", "LOG_DIR"):
+    for line in ("deploy root", "nginx config", "program", "planted files", "hooks", "env secrets", "LOG_DIR"):
         assert re.search(rf"^ ok {line} ", out, re.MULTILINE), (line, out)
     assert "FAIL" not in out
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
@@ -282,3 +282,22 @@ def test_docker_config_that_is_a_fifo_or_huge_or_deep_never_blocks_or_crashes(tm
     assert doctor._docker_config(env)[0] is None
     path.write_text('{"auths": {"ghcr.io": {}}}')
     assert doctor._docker_config(env)[0] == {"auths": {"ghcr.io": {}}}
+
+
+def test_a_program_another_user_can_replace_is_a_failure(stack, host, tmp_path):
+    # `sudo bluegreen` runs the pyz as root: a copy in a directory another user owns hands them root.
+    root, nginx = host
+    nobody = pwd.getpwnam("nobody")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    pyz = bindir / "bluegreen.pyz"
+    pyz.write_bytes(Path(stack.pyz).read_bytes())
+    os.chown(bindir, nobody.pw_uid, nobody.pw_gid)
+    env = dict(stack.base_env(), BLUEGREEN_ROOT=str(root), BLUEGREEN_NGINX=shlex.join(nginx.cmd),
+               BLUEGREEN_NGINX_CONF_DIR=nginx.sites_dir)
+    proc = subprocess.run([sys.executable, str(pyz), "doctor"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=120)
+    out = re.sub(r" +", " ", proc.stdout)
+    assert proc.returncode == 1, out + proc.stderr
+    assert f"FAIL program {pyz} can be changed by others: {bindir} by nobody (owner). It runs as root under sudo" in out
+    assert f"fix: sudo chown root {bindir} (docs/security.md)" in out
