@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -386,3 +387,52 @@ def test_names_and_tags_with_dot_dot_are_refused(name):
         validate_project(name)
     with pytest.raises(UsageError):
         validate_tag(name)
+
+
+# -- issue 9: the env file is read through the safe-file layer -----------------------------------------
+
+def _root_with(tmp_path: Path):
+    (tmp_path / "projects").mkdir()
+    return load_settings(str(tmp_path), {}, euid=0), tmp_path / "projects" / "user-api.env"
+
+
+def _load_within(settings, seconds: int = 5):
+    import signal
+
+    def too_slow(signum, frame):
+        raise AssertionError(f"load_project blocked for {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(seconds)
+    try:
+        return load_project(settings, "user-api")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_env_file_symlink_is_refused_not_followed(tmp_path):
+    settings, env = _root_with(tmp_path)
+    target = tmp_path / "elsewhere.env"
+    target.write_text("IMAGE=acme/app\nDB_PASSWORD=from-the-link-target\n")
+    env.symlink_to(target)
+    with pytest.raises(ConfigError) as exc:
+        _load_within(settings)
+    assert "symlink" in exc.value.message and "from-the-link-target" not in exc.value.message
+    assert exc.value.exit_code == 2
+
+
+def test_env_file_fifo_is_refused_without_blocking(tmp_path):
+    settings, env = _root_with(tmp_path)
+    os.mkfifo(env)
+    with pytest.raises(ConfigError) as exc:
+        _load_within(settings)
+    assert "FIFO" in exc.value.message and exc.value.exit_code == 2
+
+
+def test_env_file_larger_than_the_cap_is_refused(tmp_path):
+    settings, env = _root_with(tmp_path)
+    env.write_text("IMAGE=acme/app\n" + "# padding\n" * 200_000)
+    with pytest.raises(ConfigError) as exc:
+        _load_within(settings)
+    assert "larger than" in exc.value.message and exc.value.exit_code == 2
