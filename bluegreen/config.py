@@ -111,7 +111,7 @@ class Settings:
         """Every project with an env file under the root, sorted."""
         found = []
         for path in sorted((self.root / "projects").glob("*.env")):
-            if _PROJECT_RE.fullmatch(path.stem):
+            if _PROJECT_RE.fullmatch(path.stem) and ".." not in path.stem:
                 found.append(path.stem)
         return found
 

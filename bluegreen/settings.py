@@ -378,7 +378,7 @@ UTF-8.
 
 Every value is checked completely (type, range, allowed characters, length) before anything runs: an
 invalid one stops the deploy with exit 2 and a message naming the file and the key, e.g.
-`user-api.env: HEALTH_TIMEOUT: must be a number of seconds like 30 or 0.5, more than 0 and at most 86400, got 'soon'.`
+`user-api.env: HEALTH_TIMEOUT: must be a number of seconds like 30 or 0.5, more than 0 and at most 86400, got 'soon' (line 7).`
 A message quotes a value back only when it is short, printable and not a secret; it never quotes any part
 of `NOTIFY_WEBHOOK_URL`, of an application value, or of a line that cannot be parsed.
 

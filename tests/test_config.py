@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bluegreen.config import (
+    EnvEntry,
     load_project,
     load_settings,
     parse_env,
@@ -436,3 +437,17 @@ def test_env_file_larger_than_the_cap_is_refused(tmp_path):
     with pytest.raises(ConfigError) as exc:
         _load_within(settings)
     assert "larger than" in exc.value.message and exc.value.exit_code == 2
+
+
+def test_a_value_that_is_not_unicode_text_is_refused_at_load_time():
+    # A lone surrogate cannot be written to docker's env file (UnicodeEncodeError at `docker run`).
+    with pytest.raises(ConfigError) as exc:
+        project_from_entries("p", "p.env", [EnvEntry("IMAGE", "acme/app", 1), EnvEntry("DB_PASSWORD", "zq\ud800zq", 2)])
+    assert "DB_PASSWORD: the value is not valid Unicode text" in exc.value.message and "zq" not in exc.value.message
+
+
+def test_projects_lists_only_valid_names(tmp_path):
+    (tmp_path / "projects").mkdir()
+    for name in ("user-api", "a..b", ".hidden", "ok.v2"):
+        (tmp_path / "projects" / f"{name}.env").write_text("IMAGE=acme/app\n")
+    assert load_settings(str(tmp_path), {}, euid=0).projects() == ["ok.v2", "user-api"]

@@ -115,3 +115,10 @@ def test_env_line_limit_is_dockers(stack):
 
     assert "invalid env file" not in docker_reads(longest) and "No such image" in docker_reads(longest)
     assert "token too long" in docker_reads(longest + "x")
+
+
+def test_the_reference_quotes_a_real_message():
+    text = "IMAGE=acme/app\n" + "\n" * 5 + "HEALTH_TIMEOUT=soon\n"
+    with pytest.raises(ConfigError) as exc:
+        config.project_from_entries("user-api", "user-api.env", config.parse_env(text, "user-api.env"))
+    assert f"`{exc.value.message}`" in (REPO / settings.REFERENCE_PATH).read_text(encoding="utf-8")
