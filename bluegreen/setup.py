@@ -18,7 +18,8 @@ from bluegreen import nginx as ngx
 from bluegreen import safefs, state, template
 from bluegreen.config import Settings
 from bluegreen.errors import BluegreenError, CommandError, ExecutableNotFound, UsageError
-from bluegreen.host import add_include, include_line, includes_dir, invocation, nginx_conf_path, self_command, upstream_dir
+from bluegreen.host import (add_include, include_line, includes_dir, invocation, nginx_conf_path, read_config_file,
+                            self_command, upstream_dir)
 from bluegreen.runner import Runner, display, indent
 
 CRON_FILE = "bluegreen"
@@ -355,8 +356,10 @@ def read_facts(
     """Read the host (read-only commands only); returns the facts and the wanted schedule files."""
     conf = nginx_conf_path(settings, runner)
     try:
-        conf_text: str | None = conf.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        conf_text: str | None = read_config_file(conf)  # the admin's file: bounded, a FIFO never blocks
+    except safefs.UnsafePath as exc:
+        raise _refused(exc) from None
+    except OSError:
         conf_text = None
     in_dump = False
     if conf_text is not None and not includes_dir(conf_text, upstream_dir(settings)):
@@ -386,11 +389,21 @@ def read_facts(
         nginx_conf_text=conf_text,
         include_in_dump=in_dump,
         schedule=resolved,
-        schedule_files=tuple((p, state.read_text(p)) for p in wanted_files),
+        schedule_files=tuple((p, _current(p)) for p in wanted_files),
         timer_enabled=timer_enabled,
         seed_crontab_lines=_seed_crontab_lines(runner, owner),
     )
     return facts, wanted_files
+
+
+def _current(path: Path) -> str | None:
+    """What a schedule file holds now (None: missing or unreadable, so it is written)."""
+    try:
+        return read_config_file(path)
+    except safefs.UnsafePath as exc:
+        raise _refused(exc) from None
+    except OSError:
+        return None
 
 
 def _seed_crontab_lines(runner: Runner, owner: Owner) -> tuple[str, ...]:
@@ -444,14 +457,17 @@ def apply_step(step: Step, *, runner: Runner, settings: Settings, owner: Owner) 
 def _add_include(step: Step, *, runner: Runner, settings: Settings) -> str:
     """Add the include, `nginx -t`; if nginx refuses, put nginx.conf back byte for byte and say why."""
     path = step.path
-    original = path.read_text(encoding="utf-8")
+    original = read_config_file(path)
+    if original is None:
+        raise BluegreenError(f"{path} disappeared while setup ran; nothing of it was changed. Run setup again.")
     mode = path.stat().st_mode & 0o7777
-    state.atomic_write(path, add_include(original, step.data, str(path)), mode=mode)
+    # Bytes that are not UTF-8 (a comment in another encoding) are written back exactly as they were.
+    state.atomic_write(path, add_include(original, step.data, str(path)).encode("utf-8", "surrogateescape"), mode=mode)
     nginx = ngx.Nginx(runner, settings.nginx_cmd)
     try:
         nginx.test()
     except (CommandError, ExecutableNotFound) as exc:
-        state.atomic_write(path, original, mode=mode)
+        state.atomic_write(path, original.encode("utf-8", "surrogateescape"), mode=mode)
         error = ngx.Nginx.error_text(exc) if isinstance(exc, CommandError) else exc.message
         # Was nginx.conf already failing without our line? Then the fault is elsewhere: say so.
         try:

@@ -327,3 +327,19 @@ def test_a_log_or_backup_dir_that_is_a_planted_symlink_is_refused(attacker, work
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"{which}: {link} is a symlink (to {decoy})" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(work) == before
+
+
+def test_setup_never_blocks_on_a_fifo_where_nginx_conf_or_the_cron_file_should_be(attacker, work):
+    host = setup_host(work, attacker)
+    conf = Path(host.env["BLUEGREEN_NGINX_CONF"])
+    conf.unlink()
+    os.mkfifo(conf)
+    proc = bluegreen(*host.args, env=host.env, timeout=20)
+    assert proc.returncode == 2 and f"{conf} is a FIFO" in proc.stderr and "setup changed nothing" in proc.stderr, proc.stderr
+    assert not (work / "logs").exists()
+
+    conf.unlink()
+    conf.write_text(f"events {{}}\nhttp {{\n    include {host.root}/nginx/conf.d/*.conf;\n}}\n")
+    os.mkfifo(work / "cron.d" / "bluegreen")
+    proc = bluegreen(*host.args, env=host.env, timeout=20)
+    assert proc.returncode == 2 and "bluegreen is a FIFO" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

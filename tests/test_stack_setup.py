@@ -381,3 +381,13 @@ def test_setup_without_cron_or_systemd_says_what_to_install(stack, project, bare
     env = dict(bare.env(), BLUEGREEN_CRON_DIR=str(bare.work / "no-cron"))
     proc = project.run(*bare.setup_args(), env=env, check=2)
     assert "neither cron" in proc.stderr and "dnf install -y cronie" in proc.stderr and not bare.root.exists()
+
+
+def test_an_nginx_conf_with_bytes_that_are_not_utf8_gets_the_include_and_keeps_its_bytes(stack, project, bare):
+    original = bare.conf.read_bytes()
+    latin1 = b"# r\xe9sum\xe9 of the proxy settings (latin-1)\n"
+    bare.conf.write_bytes(latin1 + original)
+    proc = project.run(*bare.setup_args(), env=bare.env(), check=True)
+    assert f"changed  add `include {bare.root}/nginx/conf.d/*.conf;`" in proc.stdout
+    data = bare.conf.read_bytes()
+    assert data.startswith(latin1) and data.count(f"include {bare.root}/nginx/conf.d/*.conf;".encode()) == 1
