@@ -451,3 +451,25 @@ def test_projects_lists_only_valid_names(tmp_path):
     for name in ("user-api", "a..b", ".hidden", "ok.v2"):
         (tmp_path / "projects" / f"{name}.env").write_text("IMAGE=acme/app\n")
     assert load_settings(str(tmp_path), {}, euid=0).projects() == ["ok.v2", "user-api"]
+
+
+@pytest.mark.parametrize("line", [
+    "HEALTH_TIMEOUT=1e308", "HEALTH_PATH=/api/h\u00e9alth", "HEALTH_PATH=/api\x01health", "DOCKER_ARGS=-tp 0.0.0.0:80:8080",
+    "DOCKER_ARGS=--label bluegreen.project=other", "IMAGE=evil/app", "BIG=" + "x" * 70000,
+], ids=lambda line: line[:40])
+def test_deploy_refuses_bad_settings_with_exit_2_before_docker_runs(tmp_path, line):
+    import io
+
+    from bluegreen.cli import main
+
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "user-api.env").write_text(f"IMAGE=acme/app\nDB_PASSWORD=s3cret\n{line}\n", encoding="utf-8")
+    calls = tmp_path / "docker-calls"
+    # A stand-in docker that only records that it was called: the refusal must come before any docker command.
+    environ = {"BLUEGREEN_ROOT": str(tmp_path), "BLUEGREEN_DOCKER": f"sh -c 'echo \"$@\" >> {calls}; exit 1' docker",
+               "BLUEGREEN_NGINX": "false", "PATH": os.environ.get("PATH", "")}
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["deploy", "user-api", "v1"], environ=environ, stdout=out, stderr=err)
+    assert code == 2 and "user-api.env" in err.getvalue(), err.getvalue()
+    assert "internal error" not in err.getvalue() and "s3cret" not in err.getvalue()
+    assert not calls.exists(), "docker ran before the settings were refused"
