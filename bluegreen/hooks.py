@@ -117,7 +117,7 @@ def run(runner: Runner, path: Path, env: Mapping[str, str], timeout: float) -> R
 
 def output(result: Result, limit: int = 40, width: int = 500) -> str:
     """What the hook printed, indented, at most `limit` lines of at most `width` characters."""
-    lines = (result.stdout + result.stderr).strip().splitlines()
+    lines = (result.stdout.rstrip("\n") + "\n" + result.stderr).strip().splitlines()
     notes = [ln for ln in lines if ln.startswith("[bluegreen] ")]  # what bluegreen did: always shown
     lines = [ln for ln in lines if not ln.startswith("[bluegreen] ")]
     if len(lines) > limit:
