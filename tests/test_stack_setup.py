@@ -3,6 +3,7 @@ empty root, a private cron directory. Pure tests of the plan first, then the rea
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
 import shlex
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 import stack as stacklib
 from bluegreen import setup
+from bluegreen.cli import main
 from bluegreen.config import load_settings
 from bluegreen.errors import BluegreenError, UsageError
 from bluegreen.host import add_include, includes_dir
@@ -391,3 +393,61 @@ def test_an_nginx_conf_with_bytes_that_are_not_utf8_gets_the_include_and_keeps_i
     assert f"changed  add `include {bare.root}/nginx/conf.d/*.conf;`" in proc.stdout
     data = bare.conf.read_bytes()
     assert data.startswith(latin1) and data.count(f"include {bare.root}/nginx/conf.d/*.conf;".encode()) == 1
+
+
+# -- races and hostile output, in process (as root: the chown is real) ------------------------------------------
+
+class _Crontab(setup.Runner):
+    """Answers `crontab -l` with what the owner wrote; anything else fails (not found)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def run(self, argv, **kw):
+        from bluegreen.runner import Result
+        return Result(tuple(argv), 0, self.text, "") if argv[0] == "crontab" else Result(tuple(argv), 127, "", "")
+
+
+def test_the_owners_crontab_is_shown_bounded_and_without_control_characters():
+    evil = "0 2 * * * find /app/logs -delete \x1b]0;pwned\x07\x1b[2J" + "x" * 5000 + "\n" * 3 + "# find /app/ comment\n"
+    lines = setup._seed_crontab_lines(_Crontab(evil * 20), OWNER)
+    assert 1 <= len(lines) <= 5
+    for line in lines:
+        assert line.isprintable() and len(line) <= 210 and line.startswith("0 2 * * * find /app/logs -delete")
+
+
+@pytest.mark.parametrize("kind", ["chown", "mkdir"])
+def test_a_symlink_swapped_in_after_the_plan_is_never_followed(tmp_path, monkeypatch, kind):
+    """The owner replaces ROOT/projects between setup's reading and its doing (the race is injected by
+    wrapping plan_setup, which runs exactly between the two)."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root: the chown is real")
+    root, decoy = tmp_path / "root", tmp_path / "decoy"
+    (decoy / "sub").mkdir(parents=True)
+    (decoy / "secret").write_text("root only\n")
+    root.mkdir()
+    if kind == "chown":
+        (root / "projects").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"http {{ include {root}/nginx/conf.d/*.conf; }}\n")
+    real_plan = setup.plan_setup
+
+    def plan_then_swap(facts, wanted):
+        steps = real_plan(facts, wanted)
+        assert any(s.kind == kind and s.path == root / "projects" for s in steps[0])
+        if kind == "chown":
+            (root / "projects").rmdir()
+        (root / "projects").symlink_to(decoy)
+        return steps
+
+    monkeypatch.setattr(setup, "plan_setup", plan_then_swap)
+    nobody = pwd.getpwnam("nobody")
+    before = [(p, p.stat().st_uid, p.stat().st_mode) for p in (decoy, decoy / "sub", decoy / "secret")]
+    out, err = io.StringIO(), io.StringIO()
+    env = {"BLUEGREEN_ROOT": str(root), "BLUEGREEN_NGINX_CONF": str(conf), "BLUEGREEN_CRON_DIR": str(tmp_path)}
+    code = main(["setup", "--owner", "nobody", "--logs", str(tmp_path / "logs"), "--backup", str(tmp_path / "bk"),
+                 "--schedule", "none"], environ=env, stdout=out, stderr=err)
+    assert code == 2, out.getvalue() + err.getvalue()
+    assert f"{root / 'projects'} is a symlink (to {decoy})" in err.getvalue() and "Already done:" in err.getvalue()
+    assert [(p, p.stat().st_uid, p.stat().st_mode) for p in (decoy, decoy / "sub", decoy / "secret")] == before
+    assert root.stat().st_uid == nobody.pw_uid  # the step before it was done, and is reported as done
