@@ -255,3 +255,18 @@ def test_a_run_killed_while_compressing_leaves_no_temp_file_after_the_next_run(t
     again = _cli("--logs", str(logs), "--backup", str(bk))
     assert again.returncode == 0, again.stdout + again.stderr
     assert sorted(os.listdir(bk)) == ["app-1.log.gz"] and os.listdir(logs) == []
+
+
+def test_a_hard_link_in_the_log_dir_is_never_copied_nor_unlinked(tmp_path):
+    """A second name for another user's file (possible where fs.protected_hardlinks=0): copying it would put
+    that file's content in the backup directory."""
+    logs, bk = tree(tmp_path)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = aged(private / "secret", 3, b"root:secret-hash\n")
+    os.link(secret, logs / "app-1.log")
+    aged(logs / "app-2.log", 3)
+    code, out, err = run("--logs", str(logs), "--backup", str(bk))
+    assert code == 1 and f"{logs / 'app-1.log'} is a hard link" in err and "never read" in err, err
+    assert listing(bk) == ["app-2.log.gz"] and listing(logs) == ["app-1.log"]
+    assert secret.read_bytes() == b"root:secret-hash\n" and secret.stat().st_nlink == 2
