@@ -4,9 +4,11 @@ whether the committed files are current)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shlex
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -64,6 +66,7 @@ class Setting:
     template: str = ""  # "@NAME@": written uncommented in the env template with this placeholder
     note: str = ""  # extra text for the reference's "accepted values"
     hint: str = ""  # one more sentence for the env template and the reference's "meaning"
+    url: bool = False  # also checked the way urllib will read it (host, port, bracketed IPv6 address)
 
     @property
     def required(self) -> bool:
@@ -152,8 +155,8 @@ TABLE: tuple[Setting, ...] = (
         "NGINX_URL", "nginx_url", "url", "http://127.0.0.1:80",
         "where this host's nginx answers, for the probe of HEALTH_PATH after the switch (init sets it from --listen)",
         S_SWITCH, chars=r"A-Za-z0-9.:/\[\]-", chars_doc="letters, digits, '.', '-', ':', '/', '[' and ']'", max_len=300,
-        pattern=rf"https?://(?:{HOST}|{_IPV6})(?::{PORT})?/?", pattern_doc="http(s)://host:port, no path",
-        template="@NGINX_URL@",
+        pattern=rf"https?://(?:{HOST}|{_IPV6})(?::{PORT})?/?", pattern_doc="http(s)://host:port (no path)",
+        template="@NGINX_URL@", url=True,
     ),
     Setting("SERVER_NAME", "server_name", default="",
             doc="Host header of that probe, so it reaches this project's server block (init sets it from --server-name)",
@@ -189,7 +192,7 @@ TABLE: tuple[Setting, ...] = (
         "URL that gets a JSON POST after every deploy, success or failure (Slack/Teams incoming webhook)", S_AFTER,
         chars=_URL_CHARS, chars_doc="printable ASCII URL characters, no spaces", max_len=2048,
         pattern=rf"https?://(?:[^@/?#]*@)?(?:{HOST}|{_IPV6})(?::{PORT})?(?:[/?#].*)?", pattern_doc="an http:// or https:// URL",
-        empty="none", secret=True,
+        empty="none", secret=True, url=True,
     ),
     Setting("HOOK_TIMEOUT", "hook_timeout", "seconds", 60.0,
             "seconds a hook in ROOT/hooks/PROJECT/ (pre-deploy, post-deploy, on-failure) may run", S_AFTER, zero=False),
@@ -257,6 +260,8 @@ def parse_value(setting: Setting, raw: str, source: str, line: int | None = None
         raise fail(f"character {bad.start() + 1} of the value is {what}; allowed are {setting.chars_doc}{shown}")
     if setting.pattern and not re.fullmatch(setting.pattern, raw):
         raise fail(f"must be {setting.pattern_doc}{shown}")
+    if setting.url and not _url_ok(raw):
+        raise fail(f"must be {setting.pattern_doc}, with a valid host and port{shown}")
     if setting.kind == "url":
         return raw.rstrip("/")
     if setting.kind == "docker-args":
@@ -269,6 +274,18 @@ def parse_value(setting: Setting, raw: str, source: str, line: int | None = None
             raise fail(problem.rstrip("."))
         return words
     return raw
+
+
+def _url_ok(url: str) -> bool:
+    # What urllib and http.client will do with it later, where a ValueError would be an internal error.
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port, host = parts.port, parts.hostname
+        if host and ":" in host:
+            ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return bool(host) and port != 0
 
 
 def check_app_value(key: str, value: str, source: str, line: int | None = None) -> None:

@@ -6,6 +6,7 @@ ConfigError/UsageError (exit 2) whose message never quotes a secret; nothing els
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
 import re
@@ -13,6 +14,8 @@ import shlex
 import shutil
 import string
 import tempfile
+import urllib.parse
+import urllib.request
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -35,6 +38,8 @@ interesting_values = st.sampled_from([
     "http://127.0.0.1:80", "http://[::1]:8080/", "http://h:99999", "http://[", "https://hooks.example/x",
     "acme/app", "acme/app:v1", "Acme/App", "--name x", "-tp 0.0.0.0:80:80", "-te A=b", "--network=host",
     "--label bluegreen.tag=x", "--memory 1g", "'unclosed", "a\u2028b", "a\x85b", "x" * 70000, "/app/../etc", "/",
+    "http://[::::]:80", "http://[1.2.3.4]", "https://[::1]:8443/", "http://h:0", "https://u:p@h.example:1/x?y#z",
+    "https://a[b@h/", "http://h.example.:65535", "/a?b=%41&c=d", "h.example:443", "h:0",
 ])
 any_value = st.one_of(interesting_values, st.text(max_size=40), st.text(alphabet=string.printable, max_size=40))
 app_keys = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}", fullmatch=True).filter(lambda k: k not in table.BY_KEY)
@@ -78,6 +83,19 @@ def _check_config(cfg) -> None:
     assert all(len(line) <= table.ENV_LINE_MAX for line in lines)
     assert all(_KEY.fullmatch(k) for k, _ in cfg.container_env())
     dk.run_argv(["docker"], cfg, colour="blue", tag="v1", ref=f"{cfg.image}:v1", env_file="/proc/self/fd/3")
+    # The requests health, verify and notify will make: urllib and http.client accept them (no connection).
+    probes = [(f"http://127.0.0.1:{cfg.blue_port}{cfg.health_path}", cfg.health_host),
+              (f"{cfg.nginx_url}{cfg.health_path}", cfg.server_name)]
+    if cfg.notify_webhook_url:
+        probes.append((cfg.notify_webhook_url, ""))
+    for url, host in probes:
+        req = urllib.request.Request(url, method="GET")
+        parts = urllib.parse.urlsplit(url)
+        assert parts.hostname and parts.port != 0
+        conn = http.client.HTTPConnection(req.host)
+        conn.putrequest("GET", req.selector, skip_host=bool(host))
+        if host:
+            conn.putheader("Host", host)
 
 
 # -- the env parser and project_from_entries ---------------------------------------------------------------
