@@ -206,7 +206,7 @@ def _unquote(value: str, source: str, lineno: int, key: str) -> str:
             raise ConfigError(f"{source}:{lineno}: {key}: unexpected text after the closing quote.")
         return value[1:end]
     # Unquoted: ` # comment` ends the value, as in docker compose and dotenv files.
-    hash_at = min((i for i in (value.find(" #"), value.find("\t#")) if i != -1), default=-1)
+    hash_at = value.find(" #")
     if hash_at != -1:
         value = value[:hash_at]
     return value.rstrip(_BLANKS)
