@@ -66,7 +66,9 @@ def request(
     clock: Callable[[], float] = time.monotonic,
 ) -> Response:
     """Send one request and read its answer, all within `timeout` seconds; raises HttpError."""
-    deadline = clock() + max(0.0, timeout)
+    # NaN, negative or absurdly large values never reach the socket layer (which raises OverflowError).
+    timeout = min(float(timeout), 1e6) if timeout > 0 else 0.0
+    deadline = clock() + timeout
 
     def remaining() -> float:
         left = deadline - clock()

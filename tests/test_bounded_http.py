@@ -359,12 +359,19 @@ def test_https_webhook_verifies_the_certificate_and_sends_sni(hostile, cert):
 @pytest.mark.parametrize("behave", ["silent", "trickled handshake"])
 def test_tls_handshake_is_inside_the_deadline(hostile, behave):
     def slow_tls(conn, srv):
-        srv.read_request  # never reads: answers the ClientHello with a TLS record header, then one byte per 0.5 s
+        # Answers the ClientHello with a TLS record header, then one byte of the record per 0.5 s.
         srv.trickle(conn, b"\x16\x03\x03\x40\x00" + b"\x02" * 400)
 
     srv = hostile(slow_tls if behave != "silent" else silent)
     problem = within(1.5 + MARGIN, lambda: notify.send(srv.url("/SECRET", scheme="https"), {}, timeout=1.5))
     assert problem and "within 1.5s" in problem and "SECRET" not in problem
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, 0.0, 1e308, float("inf")])
+def test_odd_timeouts_never_raise(hostile, timeout):
+    srv = hostile(ok_server)
+    probe = http_probe(srv.url(), timeout=timeout)
+    assert probe.status in (200, None) and "Error" not in probe.detail
 
 
 def test_status_and_deploy_use_the_bounded_probe():
