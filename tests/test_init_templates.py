@@ -323,5 +323,5 @@ def test_host_config_files_are_read_bounded_and_never_block(tmp_path):
     os.mkfifo(fifo)
     code = "import sys; from bluegreen import host\ntry:\n    host.read_config_file(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__)"
     proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=10,
-                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.strip() == "UnsafePath", proc.stderr
