@@ -379,3 +379,45 @@ def test_status_and_deploy_use_the_bounded_probe():
 
     assert deploy.Deployer.probe is health.http_probe or deploy.Deployer.__dataclass_fields__["probe"].default is health.http_probe
     assert status.http_probe is health.http_probe
+
+
+# --- any answer: a Response or an HttpError, never another exception ----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_header_line = st.one_of(
+    st.sampled_from([b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999999999999",
+                     b"Transfer-Encoding: chunked", b"Transfer-Encoding: gzip, chunked", b"X-Bluegreen-Upstream: x",
+                     b": empty", b"no colon", b" leading: space"]),
+    st.binary(max_size=40).filter(lambda b: b"\n" not in b),
+)
+_answer = st.one_of(
+    st.binary(max_size=400),
+    st.builds(
+        lambda status, headers, sep, body: status + b"".join(h + sep for h in headers) + sep + body,
+        st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 503\r\n", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No\r\n",
+                         b"HTTP/1.1 302 Found\r\n", b"HTTP/9.9 999 X\n", b"HTTP/1.1 20 short\r\n", b"ICY 200 OK\r\n"]),
+        st.lists(_header_line, max_size=6),
+        st.sampled_from([b"\r\n", b"\n"]),
+        st.one_of(st.binary(max_size=200), st.sampled_from([b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"ffffffffffffffffff\r\n",
+                                                            b"3\r\nab", b"0\r\nTrailer: x\r\n\r\n"])),
+    ),
+)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(answer=_answer, cap=st.sampled_from([16, 64, 65536]))
+def test_any_answer_bytes_give_a_response_or_an_http_error(answer, cap):
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(answer)
+        theirs.close()
+        try:
+            resp = http_client._read_answer(ours, "GET", cap, lambda: 1.0, 1.0)
+        except http_client.HttpError as exc:
+            assert exc.kind and exc.detail
+        else:
+            assert 100 <= resp.status <= 999 and len(resp.body) <= cap
+    finally:
+        ours.close()
