@@ -59,8 +59,8 @@ def expired_backups(entries: list[Entry], *, now: float, keep_days: float) -> li
 # was listed, and is read only up to the size it had when opened.
 
 MAX_ENTRIES = 100_000  # one run looks at this many directory entries at most; the rest wait for the next run
-MAX_PROBLEMS = 50
-TEMP_PREFIX = ".bluegreen-backup."  # shown in the message; the count says how many there were
+MAX_PROBLEMS = 50  # shown in the message; the count says how many there were
+TEMP_PREFIX = ".bluegreen-backup."
 
 
 class DestinationError(Exception):
@@ -182,7 +182,10 @@ def compress(src_fd: int, name: str, backup_fd: int, backup_dir: Path) -> str:
             # Buffered writes surface ENOSPC late (at a flush or at close), so the whole block counts as writing.
             with os.fdopen(os.dup(fd), "wb") as raw:
                 os.fchmod(raw.fileno(), st.st_mode & 0o644)  # never group- or world-writable
-                with gzip.GzipFile(filename=name, mode="wb", fileobj=raw, mtime=int(st.st_mtime)) as gz:
+                # The header holds an unsigned 32-bit time: a date before 1970 or after 2106 (anyone writing
+                # LOG_DIR can set one) is left out rather than crash the run.
+                header_mtime = int(st.st_mtime) if 0 <= st.st_mtime < 2 ** 32 else 0
+                with gzip.GzipFile(filename=name, mode="wb", fileobj=raw, mtime=header_mtime) as gz:
                     for chunk in iter(read, b""):
                         crc, size = zlib.crc32(chunk, crc), size + len(chunk)
                         _write(gz, chunk)

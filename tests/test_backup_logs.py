@@ -270,3 +270,13 @@ def test_a_hard_link_in_the_log_dir_is_never_copied_nor_unlinked(tmp_path):
     assert code == 1 and f"{logs / 'app-1.log'} is a hard link" in err and "never read" in err, err
     assert listing(bk) == ["app-2.log.gz"] and listing(logs) == ["app-1.log"]
     assert secret.read_bytes() == b"root:secret-hash\n" and secret.stat().st_nlink == 2
+
+
+def test_a_log_dated_before_1970_is_backed_up_not_a_crash(tmp_path):
+    logs, bk = tree(tmp_path)
+    old = aged(logs / "app-1.log", 3, b"old\n")
+    os.utime(old, (-1e9, -1e9))  # 1938: anyone who writes LOG_DIR can set this
+    aged(logs / "app-2.log", 3)
+    code, out, err = run("--logs", str(logs), "--backup", str(bk), "--keep-days", "100000")  # keep it, for the check
+    assert code == 0, err
+    assert listing(bk) == ["app-1.log.gz", "app-2.log.gz"] and gzip.decompress((bk / "app-1.log.gz").read_bytes()) == b"old\n"
