@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import sys
@@ -190,13 +191,23 @@ def untrusted_readers(node: Node, trusted: frozenset) -> list[str]:
     return who
 
 
+def shown(path: str) -> str:
+    """A path for the terminal: a planted name may hold escape sequences or line breaks."""
+    return path if path.isprintable() else ascii(path)[1:-1]
+
+
+def _q(path: str) -> str:
+    """A path inside a command the user may paste as root: a planted name may hold `; rm -rf /`."""
+    return shlex.quote(shown(path))
+
+
 def _tighten(node: Node, trusted: frozenset, owner: str) -> str:
     """The commands that leave `node` to root and `owner` only."""
     steps = []
     if node.owner not in trusted:
-        steps.append(f"sudo chown {owner} {node.path}")
+        steps.append(f"sudo chown {_q(owner)} {_q(node.path)}")
     if node.kind != "symlink" and node.mode & (stat.S_IWGRP | stat.S_IWOTH):
-        steps.append(f"sudo chmod go-w {node.path}")
+        steps.append(f"sudo chmod go-w {_q(node.path)}")
     return " && ".join(steps)
 
 
@@ -212,7 +223,7 @@ def judge_writers(name: str, what: str, nodes: list[tuple[Node, bool]], trusted:
     for node, ancestor in nodes:
         who = untrusted_writers(node, trusted, ancestor=ancestor, any_group=any_group)
         if who:
-            problems.append(f"{node.path} by {', '.join(who)}")
+            problems.append(f"{shown(node.path)} by {', '.join(who)}")
             # A directory above the root is root's; what is below it may be the deploy user's.
             fixes.append(_tighten(node, trusted, "root" if ancestor else owner))
     if not problems:
@@ -230,15 +241,15 @@ def judge_odd_files(found: list[Node], where: str) -> Check:
     items = []
     for node in found:
         if node.kind == "symlink":
-            items.append(f"{node.path} is a symlink to {node.target}")
+            items.append(f"{shown(node.path)} is a symlink to {shown(node.target)}")
         elif node.kind == "file":
-            items.append(f"{node.path} has {node.nlink} hard links")
+            items.append(f"{shown(node.path)} has {node.nlink} hard links")
         else:
-            items.append(f"{node.path} is a {'FIFO' if node.kind == 'fifo' else node.kind}")
+            items.append(f"{shown(node.path)} is a {'FIFO' if node.kind == 'fifo' else node.kind}")
     return Check(name, FAIL, f"{_listing(items)}: bluegreen refuses to read or write through these, and a link planted "
                              f"here could turn root against another file",
-                 f"remove {'it' if len(found) == 1 else 'them'} (`sudo rm {found[0].path}`, which removes a link, not its "
-                 f"target) and find out who can write {os.path.dirname(found[0].path)} (docs/security.md)")
+                 f"remove {'it' if len(found) == 1 else 'them'} (`sudo rm {_q(found[0].path)}`, which removes a link, not its "
+                 f"target) and find out who can write {shown(os.path.dirname(found[0].path))} (docs/security.md)")
 
 
 def judge_env_secrets(node: Node, trusted: frozenset, owner: str) -> Check:
@@ -260,23 +271,23 @@ def judge_log_dir(node: Node, trusted: frozenset, owner: str) -> Check:
     """LOG_DIR is written by the app container: untrusted content, but the directory itself should be a plain one of ours."""
     name = "LOG_DIR"
     if node.kind == "missing":
-        return Check(name, OK, f"{node.path} does not exist yet (docker creates it at the first deploy)")
+        return Check(name, OK, f"{shown(node.path)} does not exist yet (docker creates it at the first deploy)")
     if node.kind == "symlink":
-        return Check(name, WARN, f"{node.path} is a symlink to {node.target}: the app's log volume and backup-logs follow it "
+        return Check(name, WARN, f"{shown(node.path)} is a symlink to {shown(node.target)}: the app's log volume and backup-logs follow it "
                                  f"to wherever it points now",
-                     f"replace the link by a directory (`sudo rm {node.path} && sudo mkdir {node.path}`, then chown it to "
+                     f"replace the link by a directory (`sudo rm {_q(node.path)} && sudo mkdir {_q(node.path)}`, then chown it to "
                      f"the deploy user), or set LOG_DIR to the real directory once you know who owns it")
     if node.kind != "dir":
-        return Check(name, WARN, f"{node.path} is a {node.kind}, not a directory: docker cannot mount it as the log volume",
-                     f"move it away and `sudo mkdir {node.path}`")
+        return Check(name, WARN, f"{shown(node.path)} is a {node.kind}, not a directory: docker cannot mount it as the log volume",
+                     f"move it away and `sudo mkdir {_q(node.path)}`")
     if node.owner not in trusted:
-        return Check(name, WARN, f"{node.path} is owned by {node.owner}, neither root nor the deploy root's owner: that user "
+        return Check(name, WARN, f"{shown(node.path)} is owned by {node.owner}, neither root nor the deploy root's owner: that user "
                                  f"decides what backup-logs finds there",
-                     f"sudo chown {owner} {node.path}")
+                     f"sudo chown {_q(owner)} {_q(node.path)}")
     if node.mode & stat.S_IWOTH and not node.mode & stat.S_ISVTX:
-        return Check(name, WARN, f"{node.path} is writable by everyone: any user of this host can plant files that "
-                                 f"backup-logs reads", f"sudo chmod o-w {node.path}")
-    return Check(name, OK, f"{node.path} is a directory owned by {node.owner} (what the app writes there is untrusted)")
+        return Check(name, WARN, f"{shown(node.path)} is writable by everyone: any user of this host can plant files that "
+                                 f"backup-logs reads", f"sudo chmod o-w {_q(node.path)}")
+    return Check(name, OK, f"{shown(node.path)} is a directory owned by {node.owner} (what the app writes there is untrusted)")
 
 
 def judge_root_equivalent(root: str, root_owner: str, docker_members: list[str] | None) -> Check:
@@ -656,10 +667,10 @@ def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig | 
 
 def _unsafe(name: str, exc: BluegreenError) -> Check:
     """A state file the safe-file layer refused: a deploy would refuse it too."""
-    return Check(name, FAIL, exc.message.split(": bluegreen refuses", 1)[0] + ": a deploy refuses to use it",
+    return Check(name, FAIL, shown(exc.message.split(": bluegreen refuses", 1)[0]) + ": a deploy refuses to use it",
                  "if you did not put it there, remove it (`sudo rm PATH` removes a link, not its target; a deploy "
                  "writes the file again) and find out who can write its directory (docs/security.md)".replace(
-                     "PATH", getattr(exc, "path", "it")))
+                     "PATH", _q(getattr(exc, "path", "it"))))
 
 
 def lock_check(settings: Settings, project: str) -> Check:

