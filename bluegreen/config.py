@@ -116,8 +116,24 @@ class Settings:
         return found
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _host_value(environ: Mapping[str, str], var: str) -> str:
+    # A NUL or newline in a path or command would fail much later (ValueError from os or subprocess).
+    raw = environ.get(var, "")
+    if not isinstance(raw, str):
+        raise UsageError(f"{var} is not text. Nothing was changed.")
+    raw = raw.strip()
+    bad = _CONTROL.search(raw)
+    if bad:
+        raise UsageError(f"{var}: character {bad.start() + 1} is a control character (a newline, NUL, ...); give a "
+                         f"plain path or command. Nothing was changed.")
+    return raw
+
+
 def _command_prefix(environ: Mapping[str, str], var: str, default: list[str]) -> tuple[str, ...]:
-    raw = environ.get(var, "").strip()
+    raw = _host_value(environ, var)
     if not raw:
         return tuple(default)
     try:
@@ -131,21 +147,21 @@ def _command_prefix(environ: Mapping[str, str], var: str, default: list[str]) ->
 
 def load_settings(root: str | None, environ: Mapping[str, str], *, euid: int | None = None) -> Settings:
     """Resolve --root / BLUEGREEN_ROOT, BLUEGREEN_DOCKER, BLUEGREEN_NGINX and the host set-up paths."""
-    root_path = Path(root or environ.get("BLUEGREEN_ROOT") or DEFAULT_ROOT)
+    root_text = _host_value({"--root": root or ""}, "--root") or _host_value(environ, "BLUEGREEN_ROOT") or DEFAULT_ROOT
     if euid is None:
         euid = os.geteuid()
     # Non-root deploys (CI over SSH as ec2-user) reach nginx through sudo; -n so that a
     # missing sudoers rule fails at once instead of hanging on a password prompt.
     nginx_default = ["nginx"] if euid == 0 else ["sudo", "-n", "nginx"]
     return Settings(
-        root=root_path,
+        root=Path(root_text),
         docker_cmd=_command_prefix(environ, "BLUEGREEN_DOCKER", ["docker"]),
         nginx_cmd=_command_prefix(environ, "BLUEGREEN_NGINX", nginx_default),
-        nginx_pid_file=environ.get("BLUEGREEN_NGINX_PID_FILE", "").strip(),
-        nginx_conf_dir=Path(environ.get("BLUEGREEN_NGINX_CONF_DIR", "").strip() or "/etc/nginx/conf.d"),
-        nginx_conf=environ.get("BLUEGREEN_NGINX_CONF", "").strip(),
-        cron_dir=Path(environ.get("BLUEGREEN_CRON_DIR", "").strip() or "/etc/cron.d"),
-        systemd_dir=Path(environ.get("BLUEGREEN_SYSTEMD_DIR", "").strip() or "/etc/systemd/system"),
+        nginx_pid_file=_host_value(environ, "BLUEGREEN_NGINX_PID_FILE"),
+        nginx_conf_dir=Path(_host_value(environ, "BLUEGREEN_NGINX_CONF_DIR") or "/etc/nginx/conf.d"),
+        nginx_conf=_host_value(environ, "BLUEGREEN_NGINX_CONF"),
+        cron_dir=Path(_host_value(environ, "BLUEGREEN_CRON_DIR") or "/etc/cron.d"),
+        systemd_dir=Path(_host_value(environ, "BLUEGREEN_SYSTEMD_DIR") or "/etc/systemd/system"),
     )
 
 

@@ -475,3 +475,14 @@ def test_deploy_refuses_bad_settings_with_exit_2_before_docker_runs(tmp_path, li
     assert code == 2 and "user-api.env" in err.getvalue(), err.getvalue()
     assert "internal error" not in err.getvalue() and "s3cret" not in err.getvalue()
     assert not calls.exists(), "docker ran before the settings were refused"
+
+
+@pytest.mark.parametrize("var", ["BLUEGREEN_ROOT", "BLUEGREEN_DOCKER", "BLUEGREEN_NGINX", "BLUEGREEN_NGINX_PID_FILE",
+                                 "BLUEGREEN_NGINX_CONF_DIR", "BLUEGREEN_NGINX_CONF", "BLUEGREEN_CRON_DIR", "BLUEGREEN_SYSTEMD_DIR"])
+def test_host_settings_with_a_control_character_are_refused(var):
+    # A NUL reached os.* or subprocess as ValueError: "internal error" instead of a usage error.
+    with pytest.raises(UsageError) as exc:
+        load_settings(None, {var: "/srv/x\x00y"}, euid=0)
+    assert exc.value.message.startswith(f"{var}: character 7 is a control character")
+    with pytest.raises(UsageError):
+        load_settings("/srv/a\nb", {}, euid=0)
