@@ -122,3 +122,11 @@ def test_the_reference_quotes_a_real_message():
     with pytest.raises(ConfigError) as exc:
         config.project_from_entries("user-api", "user-api.env", config.parse_env(text, "user-api.env"))
     assert f"`{exc.value.message}`" in (REPO / settings.REFERENCE_PATH).read_text(encoding="utf-8")
+
+
+def test_every_host_variable_load_settings_reads_is_in_the_reference():
+    source = (REPO / "bluegreen" / "config.py").read_text(encoding="utf-8")
+    used = set(re.findall(r'"(BLUEGREEN_[A-Z_]+)"', source))
+    assert used >= {"BLUEGREEN_ROOT", "BLUEGREEN_DOCKER", "BLUEGREEN_NGINX"}
+    reference = (REPO / settings.REFERENCE_PATH).read_text(encoding="utf-8")
+    assert {var for var in used if f"| `{var}` |" not in reference} == set()
