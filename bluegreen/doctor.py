@@ -697,14 +697,20 @@ def lock_check(settings: Settings, project: str) -> Check:
     return Check("lock", OK, "no deploy running")
 
 
+def _clean(text: str) -> str:
+    """Text for the terminal: line breaks kept, every other control character (a terminal escape in a lock
+    holder's name, a planted file name, a command's output) shown escaped."""
+    return "".join(ch if ch == "\n" or ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 def render(sections: list[tuple[str, list[Check]]]) -> list[str]:
     lines = []
     for title, checks in sections:
         lines.append(title)
         for c in checks:
-            lines.append(f"  {c.status:<4}  {c.name:<15}{c.detail}")
+            lines.append(f"  {c.status:<4}  {c.name:<15}{_clean(c.detail)}")
             if c.fix and c.status != OK:
-                lines.append(f"  {'':<4}  {'':<15}fix: {c.fix}")
+                lines.append(f"  {'':<4}  {'':<15}fix: {_clean(c.fix)}")
     all_checks = [c for _, checks in sections for c in checks]
     fails = sum(c.status == FAIL for c in all_checks)
     warns = sum(c.status == WARN for c in all_checks)

@@ -315,3 +315,9 @@ def test_planted_names_never_reach_the_terminal_or_a_fix_as_they_are(tmp_path):
     assert "\x1b" not in writable.detail + writable.fix
     log = doctor.judge_log_dir(node("/app/logs", "symlink", target="/x\n\x1b[31m"), TRUSTED, "deploy")
     assert "\x1b" not in log.detail and "\n" not in log.detail
+
+
+def test_render_escapes_control_characters_from_any_source():
+    # e.g. a lock file's holder name or a command's output: only line breaks get through.
+    lines = doctor.render([("p:", [doctor.Check("lock", FAIL, "held by \x1b[2Jevil\nsecond line", "fix \x07it")])])
+    assert lines[1].endswith("held by \\x1b[2Jevil\nsecond line") and lines[2].endswith("fix: fix \\x07it")
