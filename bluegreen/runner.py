@@ -206,7 +206,12 @@ def _collect(proc: subprocess.Popen, out: _Capture, err: _Capture, data: bytes |
             if exited_at is None and proc.poll() is not None:
                 exited_at = now
             reading = [k for k in sel.get_map().values() if k.fileobj is not proc.stdin]
-            if exited_at is not None and (not reading or now - exited_at >= PIPE_GRACE):
+            if exited_at is not None and not reading:
+                return False
+            if exited_at is not None and now - exited_at >= PIPE_GRACE:
+                # What is already in the pipes is the command's last words (a busy host may have kept us
+                # from reading during the grace): take it, but never wait for more.
+                _drain(sel, captures, proc.stdin)
                 return False
             if deadline is not None and now >= deadline:
                 return True
@@ -227,6 +232,22 @@ def _collect(proc: subprocess.Popen, out: _Capture, err: _Capture, data: bytes |
                     sel.unregister(key.fileobj)
     finally:
         sel.close()
+
+
+def _drain(sel: selectors.BaseSelector, captures: dict, stdin: object, limit: int = 1024 * 1024) -> None:
+    """Read what the pipes hold right now, up to `limit` bytes; never blocks."""
+    taken = 0
+    while taken < limit:
+        ready = [key for key, _ in sel.select(0) if key.fileobj is not stdin]
+        if not ready:
+            return
+        for key in ready:
+            chunk = os.read(key.fd, 65536)
+            if chunk:
+                captures[key.fileobj].add(chunk)
+                taken += len(chunk)
+            else:
+                sel.unregister(key.fileobj)
 
 
 def _feed(proc: subprocess.Popen, sel: selectors.BaseSelector, pending: memoryview) -> memoryview:
