@@ -63,7 +63,7 @@ def append(path: Path, entry: Entry, *, root: Path | None = None) -> str | None:
         safefs.append(path, line, root=_journal_root(path, root), mode=0o644, make_dirs=True)
         return None
     except UnsafePath as exc:
-        return f"did not append to the journal: {exc.message}"
+        return f"could not append to the journal (nothing was written through it): {exc.message}"
     except OSError as exc:
         return f"could not append to {path}: {exc.strerror or exc}"
     except _BAD_JSON as exc:

@@ -135,8 +135,7 @@ def _open_top(top: str, *, create: bool, mode: int) -> int | None:
             return None
         os.makedirs(top, mode=mode, exist_ok=True)
         return os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except NotADirectoryError:
-        raise UnsafePath(top, "not a directory") from None
+    # NotADirectoryError propagates as the OSError it is: the trusted directory is the admin's choice.
 
 
 def _open_sub(parent_fd: int, name: str, display: str, *, create: bool, mode: int) -> int | None:
