@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ class Holder:
 MAX_LOCK_BYTES = 4096  # one JSON line of a few fields
 MAX_FREEZE_BYTES = 65536
 _BAD_JSON = (ValueError, KeyError, TypeError, OverflowError, RecursionError)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text: str, limit: int) -> str:
+    """A field read from disk, fit for a message, the journal and a webhook: no escape sequences, bounded."""
+    text = _CONTROL.sub("?", text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _state_root(path: Path, root: Path | None) -> Path:
@@ -50,7 +58,7 @@ def _holder_from(data: bytes) -> Holder | None:
         fields = [obj[k] for k in ("user", "host", "tag", "since")]
         if not all(isinstance(f, str) for f in fields):
             return None
-        return Holder(pid, *(f[:200] for f in fields))
+        return Holder(pid, *(_printable(f, 200) for f in fields))
     except _BAD_JSON:
         return None
 
@@ -184,10 +192,10 @@ def read_freeze(path: Path, *, root: Path | None = None) -> Freeze | None:
     try:
         obj = json.loads(text)
         if isinstance(obj, dict) and all(isinstance(obj.get(k), str) for k in ("message", "user", "since")):
-            return Freeze(obj["message"], obj["user"], obj["since"])
+            return Freeze(_printable(obj["message"], 2000), _printable(obj["user"], 200), _printable(obj["since"], 64))
     except _BAD_JSON:
         pass
-    return Freeze(text.strip() or "(no message)", "?", "?")
+    return Freeze(_printable(text.strip(), 2000) or "(no message)", "?", "?")
 
 
 def freeze_json(freeze: Freeze) -> str:

@@ -468,3 +468,14 @@ def test_journal_reads_are_bounded_and_never_block(planted):
     tail = journal.read(path, max_bytes=4096)
     assert 0 < len(tail) < 40 and tail[-1].tag == "v2999"
     assert len(journal.read(path)) == 3000
+
+
+def test_freeze_and_holder_fields_are_printable_and_bounded(planted):
+    root, _ = planted
+    freeze = root / "projects" / "p.freeze"
+    freeze.write_text(json.dumps({"message": "db\x1b[2J migration" + "x" * 5000, "user": "ops\x07", "since": "now"}))
+    found = read_freeze(freeze)
+    assert "\x1b" not in found.describe() and "\x07" not in found.describe() and len(found.message) < 2100
+    lock_path = root / "projects" / "p.lock"
+    lock_path.write_text(json.dumps({"pid": 1, "user": "u\x1b]0;x\x07", "host": "h", "tag": "t", "since": "s"}))
+    assert "\x1b" not in read_holder(lock_path).describe()
