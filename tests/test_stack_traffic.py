@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -123,3 +124,31 @@ def test_drain_is_bounded_by_drain_timeout_and_says_so(project):
     # poll to the old container was cut (a 502 from nginx), long before its 30 s.
     assert result.get("answer", (None,))[0] == 502, result
     assert serving(project) == "v2"
+
+
+def test_sigterm_during_the_drain_undoes_within_seconds_and_the_old_request_is_answered(project):
+    """SIGTERM while the drain waits for an old worker holding a long request: the undo reloads back to the old
+    container, which stays, so it must not wait for that worker again (it used to wait the whole request,
+    30 s, past any CI kill grace). The request itself is answered by the old container."""
+    project.write_env(DRAIN_TIMEOUT="60")
+    deploy_ok(project, "v1")
+    project.serve()
+    client, result = in_flight(project, "/cgi-bin/slow?20")  # held by an old worker, routed to blue
+    proc = project.popen(project.name, "v2", env={"BLUEGREEN_FAULT_PAUSE": "drain:5"})
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("fault-pause: drain"):
+            break
+    assert lines and lines[-1].startswith("fault-pause: drain"), "".join(lines)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    took = time.monotonic() - signalled
+    assert proc.returncode == 1, "".join(lines) + rest
+    assert took < 8, f"the undo took {took:.1f}s after SIGTERM\n{rest}"
+    assert "interrupted by SIGTERM" in rest
+    client.join(timeout=60)
+    assert result["answer"] == (200, "slow v1")  # the old container kept serving the request it had
+    assert serving(project) == "v1" and project.containers() == [f"{project.name}-blue"]
