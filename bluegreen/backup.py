@@ -60,6 +60,7 @@ def expired_backups(entries: list[Entry], *, now: float, keep_days: float) -> li
 
 MAX_ENTRIES = 100_000  # one run looks at this many directory entries at most; the rest wait for the next run
 MAX_PROBLEMS = 50  # shown in the message; the count says how many there were
+SPARSE_MIN = 64 << 20  # a log this long that is mostly holes was not appended to: it is not read (see _holes)
 TEMP_PREFIX = ".bluegreen-backup."
 
 
@@ -212,6 +213,32 @@ def compress(src_fd: int, name: str, backup_fd: int, backup_dir: Path) -> str:
             os.unlink(tmp, dir_fd=backup_fd)
         except OSError:
             pass
+
+
+def _holes(fd: int, size: int) -> int:
+    """Bytes of `fd` that are holes (never written). A log is appended to and has none; a file made with
+    `truncate -s 1T` is all holes and would cost hours of reading zeros. Bounded number of lseeks."""
+    holes, pos = 0, 0
+    try:
+        for _ in range(10000):
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            if hole >= size:
+                break
+            try:
+                pos = os.lseek(fd, hole, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                pos = size  # a hole up to the end
+            holes += pos - hole
+    except (OSError, AttributeError):  # a filesystem (or platform) that cannot say: trust the file
+        pass
+    finally:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+        except OSError:
+            pass
+    return holes
 
 
 def _remove_stale_temps(backup_fd: int) -> None:
@@ -380,6 +407,10 @@ def _run(logs_fd: int, backup_fd: int, logs_dir: Path, backup_dir: Path, older_t
             continue
         try:
             before = os.fstat(fd)
+            if before.st_size >= SPARSE_MIN and _holes(fd, before.st_size) * 10 > before.st_size * 9:
+                problems.append(f"{shown(src)} is {_size(before.st_size)} long but mostly holes (a sparse file, not an "
+                                f"appended log); left in place, not read")
+                continue
             try:
                 dest = compress(fd, name, backup_fd, backup_dir)
             except DestinationError as exc:

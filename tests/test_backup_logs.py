@@ -280,3 +280,19 @@ def test_a_log_dated_before_1970_is_backed_up_not_a_crash(tmp_path):
     code, out, err = run("--logs", str(logs), "--backup", str(bk), "--keep-days", "100000")  # keep it, for the check
     assert code == 0, err
     assert listing(bk) == ["app-1.log.gz", "app-2.log.gz"] and gzip.decompress((bk / "app-1.log.gz").read_bytes()) == b"old\n"
+
+
+def test_a_sparse_file_posing_as_a_huge_log_is_not_read(tmp_path):
+    """`truncate -s 1T` in LOG_DIR costs nothing to make and hours of reading zeros to back up."""
+    logs, bk = tree(tmp_path)
+    sparse = logs / "app-1.log"
+    with sparse.open("wb") as fh:
+        fh.truncate(8 << 30)  # 8 GiB, no block on disk
+    t = NOW - 3 * DAY
+    os.utime(sparse, (t, t))
+    aged(logs / "app-2.log", 3)
+    started = time.monotonic()
+    code, out, err = run("--logs", str(logs), "--backup", str(bk))
+    assert time.monotonic() - started < 10
+    assert code == 1 and f"{sparse} is 8.0 GB long but mostly holes" in err and "left in place, not read" in err, err
+    assert listing(bk) == ["app-2.log.gz"] and listing(logs) == ["app-1.log"]
