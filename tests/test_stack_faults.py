@@ -19,6 +19,10 @@ Signals, as they arrive in real life:
 * SIGINT: Ctrl-C in a terminal, which the kernel sends to the whole foreground process group, so
   the deploy runs in its own session (start_new_session) and the group gets it (os.killpg).
 
+Faults no pause point reaches have their own tests: a signal while `docker run` holds the secrets,
+a crash between writing the upstream file and reloading nginx, and SIGTERM during the drain while
+a long request is in flight.
+
 The cases share one project: after each case's recovery deploy the project is clean and serves,
 which is where the next case starts (a case that fails leaves a mess the next one first repairs).
 """
@@ -55,8 +59,8 @@ VERSIONS = ("v1", "v2", "v3")
 
 EXIT_FAILED = 1
 EXIT_ATTENTION = 4
-# A CI cancel sends SIGKILL a few seconds after SIGTERM (GitHub: 7.5 s after SIGINT, then 2.5 s):
-# the undo must be done well inside that.
+# A CI cancel kills a few seconds after its first signal (GitHub Actions: SIGINT, SIGTERM 7.5 s later,
+# SIGKILL 2.5 s after that): the undo must be done well inside that.
 UNDO_BOUND = 6.0
 SCAN_CAP = 8 << 20  # bytes read per file by the secret scan; a leaked env file is tiny
 
@@ -271,14 +275,17 @@ def routed_port(ctx: Faults) -> int:
 
 def containers(ctx: Faults) -> dict:
     """colour -> (state, tag label) as docker sees it; state "absent" when there is none."""
+    names = ["%s-%s" % (ctx.name, colour) for colour in ("blue", "green")]
+    # One call for both; it exits 1 when one is missing and still prints the other.
+    proc = stacklib.docker("container", "inspect", *names, check=False)
+    found = {info["Name"].lstrip("/"): info for info in json.loads(proc.stdout or "[]")}
+    if proc.returncode != 0 and "no such" not in proc.stderr.lower():  # not "absent": docker failed
+        raise AssertionError("docker container inspect failed: %s" % proc.stderr)
     out = {}
-    for colour in ("blue", "green"):
-        proc = stacklib.docker("container", "inspect", "%s-%s" % (ctx.name, colour), check=False)
-        if proc.returncode != 0:
-            out[colour] = ("absent", None)
-            continue
-        info = json.loads(proc.stdout)[0]
-        out[colour] = (info["State"]["Status"], (info["Config"]["Labels"] or {}).get("bluegreen.tag"))
+    for colour, name in zip(("blue", "green"), names):
+        info = found.get(name)
+        out[colour] = ("absent", None) if info is None else (
+            info["State"]["Status"], (info["Config"]["Labels"] or {}).get("bluegreen.tag"))
     return out
 
 
