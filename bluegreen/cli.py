@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TextIO
 
-from bluegreen import __version__, attempt, journal
+from bluegreen import __version__, attempt, journal, safefs
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
 from bluegreen.deploy import os_problem, read_current, say
@@ -342,7 +342,7 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
     if args.dry_run:
         print(f"would write {path}: {freeze_json(freeze).strip()}", file=ctx.stdout)
         return EXIT_OK
-    atomic_write(path, freeze_json(freeze))
+    atomic_write(path, freeze_json(freeze), root=ctx.settings.root)
     print(f"{args.project} is now {freeze.describe()}. Deploys and rollbacks are refused until `bluegreen unlock {args.project}`.", file=ctx.stdout)
     return EXIT_OK
 
@@ -357,7 +357,7 @@ def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
     if args.dry_run:
         print(f"would remove {path} ({existing.describe()})", file=ctx.stdout)
         return EXIT_OK
-    path.unlink()
+    safefs.unlink(path, root=ctx.settings.root)
     print(f"{args.project} unfrozen (was {existing.describe()}).", file=ctx.stdout)
     return EXIT_OK
 

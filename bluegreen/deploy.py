@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from bluegreen import docker as dk
-from bluegreen import health, state
+from bluegreen import health, safefs, state
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen import nginx as ngx
@@ -145,7 +145,7 @@ def read_current(settings: Settings, cfg: ProjectConfig,
                  probe: Callable[..., health.Probe] | None = None) -> tuple[str | None, Upstream | None, list[str]]:
     """current_colour from the files on disk (and, given a probe, from where nginx really routes)."""
     path = settings.upstream_file(cfg.project)
-    upstream = parse_upstream(state.read_text(path))
+    upstream = parse_upstream(state.read_text(path, root=settings.root))
     observed = observe_route(cfg, upstream, probe) if probe else None
     colour, warnings = current_colour(cfg, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream,
                                       upstream_path=path, observed=observed)
@@ -193,7 +193,7 @@ def read_plan(settings: Settings, cfg: ProjectConfig, tag: str, *, probe: Callab
               digest: str = "") -> tuple[Plan, list[str]]:
     """plan_deploy from the files on disk and, given a probe, from where nginx really routes now."""
     path = settings.upstream_file(cfg.project)
-    upstream = parse_upstream(state.read_text(path))
+    upstream = parse_upstream(state.read_text(path, root=settings.root))
     return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream,
                        observed=observe_route(cfg, upstream, probe) if probe else None, digest=digest)
 
@@ -514,7 +514,7 @@ class Deployer:
         path = plan.upstream_path
         with self.progress.step(4, "switch", f"nginx -> 127.0.0.1:{plan.target_port}"):
             try:
-                previous = state.read_text(path)
+                previous = state.read_text(path, root=self.settings.root)
             except OSError as exc:
                 raise DeployFailed(
                     f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
@@ -525,9 +525,9 @@ class Deployer:
 
             def restore() -> None:
                 if previous is None:
-                    path.unlink(missing_ok=True)
+                    safefs.unlink(path, root=self.settings.root)
                 else:
-                    state.atomic_write(path, previous)
+                    state.atomic_write(path, previous, root=self.settings.root)
                 if not reload["attempted"]:
                     return
                 # Route back to the old container, then let the workers that may route to the new one
@@ -552,8 +552,7 @@ class Deployer:
             # Registered before the write: whatever happens from here on, the previous file comes back.
             tx.on_failure(f"put back {path.name}", restore)
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                state.atomic_write(path, plan.upstream_text())
+                safefs.atomic_write(path, plan.upstream_text(), root=self.settings.root, make_dirs=True)
             except OSError as exc:
                 raise DeployFailed(
                     f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 from bluegreen import docker as dk
 from bluegreen import journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
 from bluegreen.deploy import current_colour, observe_route
+from bluegreen.errors import BluegreenError
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.nginx import parse_upstream
@@ -116,17 +116,23 @@ def collect(settings: Settings, projects: Sequence[str], runner: Runner,
             configs[name] = getattr(exc, "message", str(exc))
     names = [dk.container_name(n, c) for n, cfg in configs.items() if not isinstance(cfg, str) for c in COLOURS]
     containers = dk.Docker(runner, settings.docker_cmd).inspect_many(names)
-    return [
-        _one(settings, name, cfg, containers, probe, live_health) if not isinstance(cfg, str)
-        else ProjectStatus(project=name, serving=None, active_file=None, upstream_port=None, tag=None, digest=None, error=cfg)
-        for name, cfg in configs.items()
-    ]
+    out = []
+    for name, cfg in configs.items():
+        if not isinstance(cfg, str):
+            try:
+                out.append(_one(settings, name, cfg, containers, probe, live_health))
+                continue
+            except BluegreenError as exc:  # a planted link or FIFO among this project's files: report it, go on
+                cfg = exc.message
+        out.append(ProjectStatus(project=name, serving=None, active_file=None, upstream_port=None, tag=None,
+                                 digest=None, error=cfg))
+    return out
 
 
 def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, probe: Callable[..., Probe],
          live_health: bool) -> ProjectStatus:
     path = settings.upstream_file(name)
-    upstream = parse_upstream(state.read_text(path))
+    upstream = parse_upstream(state.read_text(path, root=settings.root))
     active = state.read_active(settings.active_file(name))
     # What nginx really routes to (a probe through it), not only what the upstream file says it will.
     nginx_route = observe_route(cfg, upstream, probe) if live_health else None
@@ -147,7 +153,7 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
             health, healthy = answer.detail, answer.status == cfg.health_expect
         colours.append(ColourState(colour, cname, port, found.status, found.labels.get(dk.LABEL_TAG),
                                    found.started_at or None, health, healthy))
-    entries = _tail_entries(settings.journal_file(name))
+    entries = journal.read_tail(settings.journal_file(name), root=settings.root)
     last = entries[-1] if entries else None
     live = next((c for c in colours if c.colour == serving), None)
     tag = live.tag if live is not None and live.tag else None
@@ -169,22 +175,6 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
                          upstream_port=upstream.port if upstream else None, colours=colours, nginx_route=nginx_route),
         nginx_route=nginx_route,
     )
-
-
-def _tail_entries(path: Path, limit: int = 65536) -> list[journal.Entry]:
-    """Journal entries from the last `limit` bytes: status stays fast on a long journal."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            size = fh.tell()
-            fh.seek(max(0, size - limit))
-            data = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return []
-    lines = data.splitlines()
-    if size > limit:
-        lines = lines[1:]  # the first line is probably cut
-    return list(journal.parse_lines(lines))
 
 
 def render_line(ps: ProjectStatus) -> str:

@@ -157,3 +157,33 @@ def test_a_webhook_that_answers_garbage_is_a_warning_not_a_crash():
     finally:
         server.close()
     assert problem and "SECRET" not in problem
+
+
+def test_status_survives_planted_journals_and_reports_a_planted_lock_per_project(tmp_path):
+    """A journal symlinked to /dev/zero (status ran out of memory: exit 4) or replaced by a FIFO (status hung),
+    and a lock symlink (the whole status exited 2): each project is reported on its own, quickly."""
+    import os
+    import threading
+
+    (tmp_path / "projects").mkdir()
+    for name in ("a", "b", "c", "d"):
+        (tmp_path / "projects" / f"{name}.env").write_text("IMAGE=reg/x\n")
+    os.symlink("/dev/zero", tmp_path / "projects" / "a.journal")
+    os.mkfifo(tmp_path / "projects" / "b.journal")
+    decoy = tmp_path / "decoy"
+    decoy.write_text("root-only\n")
+    os.symlink(decoy, tmp_path / "projects" / "c.lock")
+    settings = load_settings(str(tmp_path), {}, euid=0)
+    runner = RecordingRunner(responder=lambda argv: Result(tuple(argv), 0, "[]", ""))
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(found=status.collect(settings, settings.projects(), runner,
+                                                                              live_health=False)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert not worker.is_alive(), "status blocked on a planted journal"
+    by_name = {s.project: s for s in result["found"]}
+    assert by_name["a"].error is None and by_name["a"].last_deploy is None
+    assert by_name["b"].error is None and by_name["b"].last_deploy is None
+    assert by_name["c"].error and "symlink" in by_name["c"].error
+    assert by_name["d"].error is None
+    assert decoy.read_text() == "root-only\n"

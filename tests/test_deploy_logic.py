@@ -341,9 +341,9 @@ def test_upstream_restore_is_registered_before_the_write(env, monkeypatch):
     env.deploy("v1")
     path = env.root / "nginx" / "conf.d" / "api-upstream.conf"
     before = path.read_text()
-    from bluegreen import state
+    from bluegreen import safefs
 
-    real_write = state.atomic_write
+    real_write = safefs.atomic_write
     calls = []
 
     def write_then_interrupt(p, data, **kw):
@@ -352,7 +352,7 @@ def test_upstream_restore_is_registered_before_the_write(env, monkeypatch):
         if len(calls) == 1 and str(p) == str(path):
             raise Interrupted("SIGTERM")  # the new file is in place, the write has not returned yet
 
-    monkeypatch.setattr(state, "atomic_write", write_then_interrupt)
+    monkeypatch.setattr(safefs, "atomic_write", write_then_interrupt)
     with pytest.raises(DeployFailed) as exc:
         env.deploy("v2")
     assert "interrupted by SIGTERM" in exc.value.message
