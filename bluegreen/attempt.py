@@ -28,7 +28,7 @@ from bluegreen.errors import (
     UsageError,
 )
 from bluegreen.lock import Holder, project_lock, read_freeze
-from bluegreen.nginx import route_variable
+from bluegreen.nginx import route_clash, route_clash_message
 from bluegreen.runner import Runner, SubprocessRunner
 
 
@@ -184,14 +184,9 @@ def _as_error(exc: BaseException, deployer: Deployer | None) -> BaseException:
 
 def refuse_route_clash(settings: Settings, project: str) -> None:
     """Two projects whose names map to one nginx route variable (user-api, user.api) would share one route map."""
-    mine = route_variable(project)
-    for other in settings.projects():
-        if other != project and route_variable(other) == mine:
-            raise UsageError(
-                f"{project} and {other} both map to the nginx variable {mine} (nginx variable names allow only "
-                f"letters, digits and '_'), so their route proofs would clash. Nothing was changed. Rename one of "
-                f"the projects (its env file under {settings.root / 'projects'})."
-            )
+    other = route_clash(project, settings.projects())
+    if other is not None:
+        raise UsageError(route_clash_message(project, other, str(settings.root / "projects")))
 
 
 def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO, digest: str = "") -> int:

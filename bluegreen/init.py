@@ -307,6 +307,9 @@ def init_project(
 ) -> int:
     """Write the project's files, check them with `nginx -t`, print what was done and what comes next."""
     validate_project(project)
+    other = ngx.route_clash(project, settings.projects())
+    if other is not None:
+        raise UsageError(ngx.route_clash_message(project, other, str(settings.root / "projects")))
     blue_green = parse_ports(ports)
     existing = ngx.parse_upstream(state.read_text(settings.upstream_file(project), root=settings.root))
     token = existing.token if existing and existing.token else ngx.new_token()

@@ -34,6 +34,20 @@ def route_variable(project: str) -> str:
     return "$bluegreen_route_" + re.sub(r"[^A-Za-z0-9_]", "_", project)
 
 
+def route_clash(project: str, others: Sequence[str]) -> str | None:
+    """Another project whose route variable is this one's (user-api and user.api share one nginx map)."""
+    mine = route_variable(project)
+    return next((o for o in others if o != project and route_variable(o) == mine), None)
+
+
+def route_clash_message(project: str, other: str, where: str) -> str:
+    return (
+        f"{project} and {other} both map to the nginx variable {route_variable(project)} (nginx variable names "
+        f"allow only letters, digits and '_'), so their route proofs would clash. Nothing was changed. Rename one "
+        f"of the projects (its env file under {where})."
+    )
+
+
 def add_header_line(project: str) -> str:
     """The line a server block needs so that bluegreen can prove where nginx routes."""
     return f"add_header {ROUTE_HEADER} {route_variable(project)} always;"

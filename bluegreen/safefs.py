@@ -72,6 +72,8 @@ def describe_stat(st: os.stat_result, *, name: str | None = None, dir_fd: int | 
                 target = os.readlink(name, dir_fd=dir_fd)
             except OSError:
                 pass
+        if not target.isprintable() or len(target) > 200:  # planted: keep escapes off terminals and journals
+            target = ascii(target[:200])[1:-1] + ("..." if len(target) > 200 else "")
         return f"a symlink (to {target})"
     if stat.S_ISFIFO(mode):
         return "a FIFO (named pipe), not a regular file"

@@ -113,3 +113,28 @@ def test_rollback_uses_the_recorded_digest():
                         result=jr.RESULT_FAILED, exit_code=1)]
     assert attempt.recorded_digest(entries, "latest") == digest
     assert attempt.recorded_digest(entries, "v9") == ""
+
+
+def test_init_refuses_a_project_whose_route_variable_another_has(root):
+    from bluegreen import init
+    from bluegreen.runner import RecordingRunner
+
+    (root / "projects" / "api.env").rename(root / "projects" / "user-api.env")
+    settings = load_settings(str(root), {"BLUEGREEN_NGINX_CONF_DIR": str(root / "sites")}, euid=0)
+    with pytest.raises(UsageError) as exc:
+        init.init_project(settings=settings, runner=RecordingRunner(), project="user.api", image="reg.local/acme/api",
+                          ports="8083,8084", listen="80", server_name="_", force=False, stdout=io.StringIO())
+    assert "$bluegreen_route_user_api" in exc.value.message and "Nothing was changed" in exc.value.message
+    assert not (root / "projects" / "user.api.env").exists() and not (root / "sites").exists()
+
+
+def test_a_planted_symlink_target_never_reaches_a_message_raw(tmp_path):
+    from bluegreen import safefs
+
+    link = tmp_path / "projects" / "x.lock"
+    link.parent.mkdir()
+    os.symlink("/tmp/\x1b]0;owned\x07" + "a" * 300, link)
+    with pytest.raises(safefs.UnsafePath) as exc:
+        safefs.read_text(link, root=tmp_path)
+    assert "\x1b" not in exc.value.message and "\x07" not in exc.value.message
+    assert "\\x1b" in exc.value.message and len(exc.value.message) < 1000
