@@ -121,7 +121,7 @@ def check_value(option: str, value: str, *, absolute: bool = True) -> str:
     if not value or not value.isprintable():
         raise UsageError(
             f"{option}: {shown} contains a line break, a control character or bytes that are not valid text. It "
-            f"would be written into the daily backup job that runs as root, so setup refuses it: give a plain "
+            f"would be written into the daily backup schedule (a file cron or systemd reads as root), so setup refuses it: give a plain "
             f"path. Nothing was changed."
         )
     if absolute and not os.path.isabs(value):
