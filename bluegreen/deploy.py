@@ -377,6 +377,11 @@ class Deployer:
             self._retire(plan, old, new_desc)
             self._record(plan, new_desc)
         except Interrupted as exc:
+            if self.progress.failed_step == "record":  # the old container is already stopped
+                raise NeedsAttention(
+                    f"{new_desc}, but the deploy was interrupted by {exc.signame} while recording it. Check that "
+                    f"{plan.active_path} says {plan.target} (`echo {plan.target} > {plan.active_path}`)."
+                ) from exc
             raise NeedsAttention(
                 f"{new_desc}, but the deploy was interrupted by {exc.signame} while retiring the old container. "
                 f"Check `docker ps` and stop {plan.current_name} if it still runs; then check {plan.active_path} "

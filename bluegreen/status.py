@@ -88,7 +88,10 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
         elif live.healthy is False:
             out.append(Drift(f"{live.container} runs but its health check answers {live.health}", f"bluegreen logs {p} --tail 100"))
         other = by_colour["green" if serving == "blue" else "blue"]
-        if other.state == "running":
+        # When the upstream file (not loaded yet) names the other colour, the next reload of nginx sends
+        # traffic there: stopping it would take the service down. The drift above says what to do instead.
+        pending_other = bool(nginx_route) and upstream_port == other.port and upstream_port != nginx_route
+        if other.state == "running" and not pending_other:
             out.append(Drift(f"{other.container} still runs although nginx does not route to it", f"docker stop {other.container}"))
     if active and serving and active != serving:
         out.append(Drift(

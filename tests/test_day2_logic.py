@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bluegreen import docker as dk
 from bluegreen import journal, notify, status
 from bluegreen.config import load_settings, parse_env, project_from_entries
@@ -187,3 +189,47 @@ def test_status_survives_planted_journals_and_reports_a_planted_lock_per_project
     assert by_name["c"].error and "symlink" in by_name["c"].error
     assert by_name["d"].error is None
     assert decoy.read_text() == "root-only\n"
+
+
+def test_drift_never_advises_stopping_the_colour_a_pending_reload_would_route_to():
+    # nginx routes to blue (seen), the file (not loaded) names green, which runs: `docker stop` would make the
+    # next reload of nginx route to a stopped container.
+    found = status.find_drift(CFG, SETTINGS, serving="blue", active="blue", upstream_port=8082,
+                              colours=colours("running", "running"), nginx_route=8081)
+    assert not any(d.fix.startswith("docker stop") for d in found), found
+    assert any("nginx has not loaded that file" in d.problem for d in found)
+    # Loaded and agreeing: a running idle colour is worth stopping.
+    plain = status.find_drift(CFG, SETTINGS, serving="blue", active="blue", upstream_port=8081,
+                              colours=colours("running", "running"), nginx_route=8081)
+    assert [d.fix for d in plain] == ["docker stop api-green"]
+
+
+def test_an_interrupt_while_recording_is_not_reported_as_retiring(tmp_path, monkeypatch):
+    import io
+
+    from bluegreen.deploy import Deployer, Progress, read_plan
+    from bluegreen.errors import Interrupted, NeedsAttention
+    from bluegreen.health import Probe
+    from test_deploy_logic import FakeHost
+
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "api.env").write_text("IMAGE=reg.local/acme/api\nHEALTH_TIMEOUT=5\n")
+    settings = load_settings(str(tmp_path), {"BLUEGREEN_NGINX_PID_FILE": str(tmp_path / "none.pid")}, euid=0)
+    from bluegreen.config import load_project
+
+    cfg = load_project(settings, "api")
+    runner = RecordingRunner(responder=FakeHost())
+
+    def probe(url, timeout, host="", headers=None):
+        return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8081"} if headers else {})
+
+    def interrupted(*a, **k):
+        raise Interrupted("SIGINT")
+
+    monkeypatch.setattr("bluegreen.state.write_active", interrupted)
+    plan, _ = read_plan(settings, cfg, "v1")
+    d = Deployer(settings=settings, runner=runner, progress=Progress(io.StringIO()), probe=probe,
+                 port_busy=lambda p: False, clock=lambda: 0.0, sleep=lambda s: None)
+    with pytest.raises(NeedsAttention) as exc:
+        d.run(plan)
+    assert "while recording it" in exc.value.message and "retiring" not in exc.value.message
