@@ -199,8 +199,11 @@ def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO
         print(f"note: {cfg.project} is {freeze.describe()}; a real deploy would be refused.", file=stdout)
     print(f"Dry run: deploy {plan.ref} as {plan.target_name} (nothing will be changed)", file=stdout)
     for name in hooks.HOOK_NAMES:
-        if hooks.find(settings.hooks_dir(cfg.project), name):
-            print(f"hook    {settings.hooks_dir(cfg.project) / name} would run", file=stdout)
+        path = hooks.find(settings.hooks_dir(cfg.project), name)
+        if path is not None:
+            problem = hooks.check(path)
+            print(f"hook    {path} would run" if problem is None else f"hook    {path} would be refused: {problem}",
+                  file=stdout)
     for line in plan.describe():
         print(line, file=stdout)
     return EXIT_OK

@@ -185,6 +185,8 @@ class Docker:
 
     def logs(self, name: str, tail: int = 20) -> str:
         """Last lines the container wrote (stdout and stderr), or a note why there are none."""
-        result = self.runner.run(logs_argv(self.cmd, name, tail), check=False, mutates=False, timeout=30)
+        # The app writes these: untrusted and possibly huge (one endless line); only 64 KiB per stream is kept.
+        result = self.runner.run(logs_argv(self.cmd, name, tail), check=False, mutates=False, timeout=30,
+                                 output_limit=64 * 1024)
         text = (result.stdout + result.stderr).strip()
         return text or "(the container wrote nothing)"
