@@ -138,3 +138,21 @@ def test_a_planted_symlink_target_never_reaches_a_message_raw(tmp_path):
         safefs.read_text(link, root=tmp_path)
     assert "\x1b" not in exc.value.message and "\x07" not in exc.value.message
     assert "\\x1b" in exc.value.message and len(exc.value.message) < 1000
+
+
+def test_dry_run_says_when_a_hook_would_be_refused(root):
+    hooks = root / "hooks" / "api"
+    hooks.mkdir(parents=True)
+    good, bad = hooks / "post-deploy", hooks / "pre-deploy"
+    for hook in (good, bad):
+        hook.write_text("#!/bin/sh\ntrue\n")
+        hook.chmod(0o755)
+    bad.chmod(0o775)  # group-writable: refused when bluegreen runs as root
+    settings = load_settings(str(root), {}, euid=0)
+    out = io.StringIO()
+    attempt.deploy_project(settings=settings, project="api", tag="v1", wait=0, dry_run=True, stdout=out,
+                           stderr=io.StringIO(), environ={})
+    text = out.getvalue()
+    assert f"hook    {good} would run" in text
+    if os.geteuid() == 0:
+        assert f"hook    {bad} would be refused:" in text and "chmod go-w" in text
