@@ -130,34 +130,28 @@ def read_pid(path: str | Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def parent_pid(pid: int | str, proc: Path = Path("/proc")) -> int | None:
+    """The parent of `pid` from /proc/PID/stat; None once it has exited.
+
+    Read as bytes: field 2 is the command name, which any local user can make any bytes (even ones that
+    are not UTF-8) and which may hold spaces and ')': everything after the last ')' is ours to split."""
+    try:
+        with open(proc / str(pid) / "stat", "rb") as fh:
+            data = fh.read(4096)
+    except OSError:
+        return None
+    fields = data.rsplit(b")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
 def children(pid: int, proc: Path = Path("/proc")) -> set[int]:
     """Pids whose parent is `pid` (the nginx workers of a master), from /proc."""
-    found = set()
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        # Field 4 is the ppid; the command name (field 2) may contain spaces, so split after ')'.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1] == str(pid):
-            found.add(int(entry.name))
-    return found
+    return {int(entry.name) for entry in proc.iterdir() if entry.name.isdigit() and parent_pid(entry.name, proc) == pid}
 
 
 def alive(pids: set[int], parent: int, proc: Path = Path("/proc")) -> set[int]:
     """Which of `pids` still exist as children of `parent` (a reused pid is not ours)."""
-    left = set()
-    for pid in pids:
-        try:
-            fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and fields[1] == str(parent):
-            left.add(pid)
-    return left
+    return {pid for pid in pids if parent_pid(pid, proc) == parent}
 
 
 def test_argv(nginx: Sequence[str]) -> list[str]:

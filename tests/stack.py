@@ -533,12 +533,12 @@ def build_app_image(ref: str, version: str, behaviour: str = "ok",
 
 def _proc_ppid(pid: int) -> Optional[int]:
     try:
-        with open("/proc/%d/stat" % pid) as fh:
+        with open("/proc/%d/stat" % pid, "rb") as fh:
             stat = fh.read()
     except OSError:
         return None
-    # "pid (comm) state ppid ..." -- comm may contain spaces/parens
-    fields = stat.rsplit(")", 1)[1].split()
+    # "pid (comm) state ppid ..." -- comm may contain spaces, parens and bytes that are not UTF-8
+    fields = stat.rsplit(b")", 1)[1].split()
     return int(fields[1])
 
 

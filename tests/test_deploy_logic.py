@@ -415,3 +415,26 @@ def test_a_route_header_the_app_sends_itself_proves_nothing():
     assert route_port("127.0.0.1:8081") == 8081
     assert route_port("127.0.0.1:8081, 127.0.0.1:8082") is None and route_port("user-api") is None
     assert route_port("127.0.0.1:99999") is None and route_port("") is None
+
+
+def test_a_process_whose_name_is_not_utf8_never_breaks_the_drain(tmp_path):
+    """Any local user can name a process with bytes that are not UTF-8 (the executable's file name). /proc/PID/stat
+    then holds them, and reading it as text made every deploy fail at the switch (exit 4)."""
+    import os
+    import shutil
+    import subprocess
+
+    from bluegreen.nginx import alive, children, parent_pid
+
+    odd = os.path.join(os.fsencode(str(tmp_path)), b"zz)\xff\xfe x")
+    shutil.copy("/bin/sleep", odd)
+    os.chmod(odd, 0o755)
+    kid = subprocess.Popen([odd, "30"])
+    try:
+        assert kid.pid in children(os.getpid())
+        assert alive({kid.pid}, os.getpid()) == {kid.pid}
+        assert parent_pid(kid.pid) == os.getpid()
+    finally:
+        kid.kill()
+        kid.wait()
+    assert parent_pid(kid.pid) is None
