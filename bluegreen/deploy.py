@@ -314,6 +314,9 @@ class Deployer:
         self.nginx = Nginx(self.runner, self.settings.nginx_cmd)
         self.old: dk.Container | None = None  # what served before, once run() has looked
         self.digest = ""  # what docker pull reported
+        # Whether nginx was asked to route to the new container, and whether the undo routed it back: the
+        # new container is removed by the undo only when nginx cannot be routing to it.
+        self.reload_state = {"attempted": False, "done": False, "routed_back": False}
 
     def serving_note(self, plan: Plan, old: dk.Container | None) -> str:
         """Which version serves now, for every failure message."""
@@ -455,7 +458,7 @@ class Deployer:
                     f"Free the port (see `ss -ltnp 'sport = :{plan.target_port}'`) or change "
                     f"{plan.target.upper()}_PORT in {cfg.source}, then deploy again."
                 )
-            tx.on_failure(f"removed {plan.target_name}", lambda: self.docker.remove(plan.target_name))
+            tx.on_failure(f"remove {plan.target_name}", lambda: self._remove_new(plan))
             env = cfg.container_env()
             try:
                 # The app's environment (secrets) goes to docker through a pipe, so no file holding it
@@ -467,6 +470,14 @@ class Deployer:
                     f"Could not start {plan.target_name} from {plan.ref}: {exc.output_tail(4)}\n{serving} "
                     f"Check DOCKER_ARGS in {cfg.source} and `docker info`, then deploy again."
                 ) from exc
+
+    def _remove_new(self, plan: Plan) -> None:
+        """The undo of step 2: remove the new container, unless nginx may still route to it."""
+        if self.reload_state["attempted"] and not self.reload_state["routed_back"]:
+            raise NeedsAttention(
+                f"kept {plan.target_name} running: the upstream could not be routed back, so nginx may route to it"
+            )
+        self.docker.remove(plan.target_name)
 
     def _port_holder(self, port: int) -> str:
         names = self.docker.publishers(port)
@@ -525,7 +536,7 @@ class Deployer:
                     f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
                     f"container was removed. {serving} Check that file and its directory, then deploy again."
                 ) from exc
-            reload = {"attempted": False, "done": False}
+            reload = self.reload_state
             before: dict[str, set[int]] = {"workers": set()}  # the workers of the config that routes to the old one
 
             def restore() -> None:
@@ -534,6 +545,7 @@ class Deployer:
                 else:
                     state.atomic_write(path, previous, root=self.settings.root)
                 if not reload["attempted"]:
+                    reload["routed_back"] = True
                     return
                 # Route back to the old container, then let the workers that may route to the new one
                 # finish before it is removed. Workers from before the forward reload route to the old
@@ -546,7 +558,9 @@ class Deployer:
                         raise
                     # The forward reload failed or was cut short: nginx most likely never loaded
                     # the new file, and cannot reload now either. Best effort, then go on.
+                    reload["routed_back"] = True
                     return
+                reload["routed_back"] = True
                 bound = plan.cfg.drain_timeout
                 if isinstance(tx.failure, Interrupted):
                     # A cancelled CI job sends SIGKILL a few seconds after its first signal: the undo

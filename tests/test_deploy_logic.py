@@ -438,3 +438,33 @@ def test_a_process_whose_name_is_not_utf8_never_breaks_the_drain(tmp_path):
         kid.kill()
         kid.wait()
     assert parent_pid(kid.pid) is None
+
+
+def test_a_failed_undo_of_the_switch_keeps_the_new_container_nginx_may_route_to(env, monkeypatch):
+    """SIGTERM during verify, and then the undo cannot route nginx back (`nginx -T` fails): nginx may still
+    route to the new container, so it must stay (it was removed, and clients got 502s)."""
+    from bluegreen import deploy as dp
+
+    env.deploy("v1")
+
+    def verify_then_signal(self, plan, serving, drained):
+        env.host.fail["-T"] = "nginx: [emerg] open() \"/etc/nginx/x.conf\" failed (24: Too many open files)"
+        raise Interrupted("SIGTERM")
+
+    monkeypatch.setattr(dp.Deployer, "_verify", verify_then_signal)
+    with pytest.raises(NeedsAttention) as exc:
+        env.deploy("v2")
+    assert exc.value.exit_code == 4
+    assert "kept api-green running" in exc.value.message and "nginx may route to it" in exc.value.message
+    assert env.host.containers["api-green"]["State"]["Status"] == "running"
+    assert env.host.containers["api-blue"]["State"]["Status"] == "running"
+
+
+def test_a_successful_undo_of_the_switch_removes_the_new_container(env, monkeypatch):
+    from bluegreen import deploy as dp
+
+    env.deploy("v1")
+    monkeypatch.setattr(dp.Deployer, "_verify", lambda self, plan, serving, drained: (_ for _ in ()).throw(Interrupted("SIGTERM")))
+    with pytest.raises(DeployFailed):
+        env.deploy("v2")
+    assert "api-green" not in env.host.containers
