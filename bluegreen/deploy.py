@@ -326,9 +326,14 @@ class Deployer:
         if old is not None and old.running:
             tag = old.labels.get(dk.LABEL_TAG, "?")
             return f"The previous version ({tag}, container {old.name}, 127.0.0.1:{port}) still serves."
+        if plan.route_seen:
+            return (
+                f"nginx still routes to {plan.current_name} on 127.0.0.1:{port}, but that container is not running, "
+                f"so the service is down as it was before this deploy."
+            )
         return (
-            f"nginx still routes to {plan.current_name} on 127.0.0.1:{port}, but that container is not running, "
-            f"so the service is down as it was before this deploy."
+            f"The upstream file still routes to {plan.current_name} on 127.0.0.1:{port}, which is not running: if "
+            f"nginx has loaded that file, the service is down as it was before this deploy."
         )
 
     def run(self, plan: Plan) -> str:

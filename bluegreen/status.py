@@ -13,7 +13,7 @@ from bluegreen.deploy import current_colour, observe_route
 from bluegreen.errors import BluegreenError
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
-from bluegreen.nginx import parse_upstream
+from bluegreen.nginx import add_header_line, parse_upstream
 from bluegreen.runner import Runner
 
 
@@ -79,12 +79,16 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
             f"the upstream file points at port {upstream_port}, which is neither BLUE_PORT ({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port})",
             f"bluegreen deploy {p} <tag>  (rewrites the upstream file)",
         ))
+    # Without a route seen through nginx (a server block without the route header line, nginx not answering)
+    # only the upstream file speaks: say so, and never advise stopping a container that may be serving.
+    routes = "nginx routes" if nginx_route else "the upstream file routes"
     if serving:
         live = by_colour[serving]
         if live.state != "running":
             what = "does not exist" if live.state == "absent" else f"is {live.state}"
             fix = f"docker start {live.container}" if live.state != "absent" else f"bluegreen deploy {p} <tag>"
-            out.append(Drift(f"nginx routes to {live.container} (127.0.0.1:{live.port}), but that container {what}: the service is down", fix))
+            down = "the service is down" if nginx_route else "if nginx has loaded that file, the service is down"
+            out.append(Drift(f"{routes} to {live.container} (127.0.0.1:{live.port}), but that container {what}: {down}", fix))
         elif live.healthy is False:
             out.append(Drift(f"{live.container} runs but its health check answers {live.health}", f"bluegreen logs {p} --tail 100"))
         other = by_colour["green" if serving == "blue" else "blue"]
@@ -92,10 +96,18 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
         # traffic there: stopping it would take the service down. The drift above says what to do instead.
         pending_other = bool(nginx_route) and upstream_port == other.port and upstream_port != nginx_route
         if other.state == "running" and not pending_other:
-            out.append(Drift(f"{other.container} still runs although nginx does not route to it", f"docker stop {other.container}"))
+            if nginx_route:
+                out.append(Drift(f"{other.container} still runs although nginx does not route to it",
+                                 f"docker stop {other.container}"))
+            else:
+                out.append(Drift(
+                    f"{other.container} also runs, and the route through nginx could not be seen, so bluegreen cannot "
+                    f"tell which of the two serves (the upstream file names {live.container})",
+                    f"add `{add_header_line(p)}` to the server block (then status can tell), or check `nginx -T`",
+                ))
     if active and serving and active != serving:
         out.append(Drift(
-            f"{p}.active says {active} but nginx routes to {serving} (the upstream file was edited, or a deploy was interrupted)",
+            f"{p}.active says {active} but {routes} to {serving} (the upstream file was edited, or a deploy was interrupted)",
             f"echo {serving} > {settings.active_file(p)}  (the next deploy also corrects it)",
         ))
     if serving is None and not upstream_port:

@@ -88,12 +88,24 @@ def test_drift_none_when_everything_agrees():
 
 
 def test_drift_serving_container_stopped_and_active_mismatch():
-    found = status.find_drift(CFG, SETTINGS, serving="blue", active="green", upstream_port=8081, colours=colours("exited", "running"))
+    found = status.find_drift(CFG, SETTINGS, serving="blue", active="green", upstream_port=8081, colours=colours("exited", "running"),
+                              nginx_route=8081)
     problems = [d.problem for d in found]
-    assert any("nginx routes to api-blue (127.0.0.1:8081), but that container is exited" in p for p in problems)
+    assert any("nginx routes to api-blue (127.0.0.1:8081), but that container is exited: the service is down" in p for p in problems)
     assert any("api-green still runs although nginx does not route to it" in p for p in problems)
     assert any("api.active says green but nginx routes to blue" in p for p in problems)
     assert found[0].fix == "docker start api-blue"
+
+
+def test_drift_without_a_seen_route_never_claims_where_nginx_routes_nor_advises_a_stop():
+    """The issue's state without the route header line: the file names blue (exited), green runs and may be
+    what nginx routes to. Status must not say the service is down for sure, nor advise `docker stop api-green`."""
+    found = status.find_drift(CFG, SETTINGS, serving="blue", active="green", upstream_port=8081, colours=colours("exited", "running"))
+    problems = [d.problem for d in found]
+    assert any("the upstream file routes to api-blue (127.0.0.1:8081), but that container is exited: if nginx has "
+               "loaded that file, the service is down" in p for p in problems), problems
+    assert not any(d.fix.startswith("docker stop") for d in found)
+    assert any("cannot tell which of the two serves" in p for p in problems)
 
 
 def test_drift_unhealthy_absent_unknown_port_and_unrouted():
