@@ -134,11 +134,15 @@ def observe_route(cfg: ProjectConfig, upstream: Upstream | None, probe: Callable
     None when it cannot tell (no token yet, a server block without the header line, nginx down)."""
     if upstream is None or not upstream.token:
         return None
-    answer = probe(
-        f"{cfg.nginx_url}{cfg.health_path}", timeout=min(cfg.health_request_timeout, OBSERVE_TIMEOUT),
-        host=cfg.server_name, headers={ngx.PROBE_HEADER: upstream.token},
-    )
-    return ngx.route_port(_header(answer, ngx.ROUTE_HEADER))
+    url, timeout = f"{cfg.nginx_url}{cfg.health_path}", min(cfg.health_request_timeout, OBSERVE_TIMEOUT)
+    answer = probe(url, timeout=timeout, host=cfg.server_name, headers={ngx.PROBE_HEADER: upstream.token})
+    port = ngx.route_port(_header(answer, ngx.ROUTE_HEADER))
+    if port is None:
+        return None
+    # The header must come from nginx's map, which answers only to the token: if it also comes back without
+    # the token, the app behind nginx sends it itself, and it proves nothing (what bluegreen removes hangs on it).
+    plain = probe(url, timeout=timeout, host=cfg.server_name)
+    return None if any(key.lower() == ngx.ROUTE_HEADER.lower() for key in (plain.headers or {})) else port
 
 
 def read_current(settings: Settings, cfg: ProjectConfig,

@@ -468,3 +468,22 @@ def test_a_successful_undo_of_the_switch_removes_the_new_container(env, monkeypa
     with pytest.raises(DeployFailed):
         env.deploy("v2")
     assert "api-green" not in env.host.containers
+
+
+def test_a_route_header_that_comes_without_the_token_is_the_apps_and_proves_nothing():
+    from bluegreen.config import project_from_entries, parse_env
+    from bluegreen.deploy import observe_route
+    from bluegreen.nginx import Upstream
+
+    cfg = project_from_entries("api", "api.env", parse_env("IMAGE=reg/acme/api\n", "api.env"))
+    upstream = Upstream("api", 8081, "f" * 32)
+
+    def honest(url, timeout, host="", headers=None):  # nginx's map answers only to the token
+        return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8081"} if headers else {})
+
+    def spoofing(url, timeout, host="", headers=None):  # the app sends the header on every answer
+        return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8082"})
+
+    assert observe_route(cfg, upstream, honest) == 8081
+    assert observe_route(cfg, upstream, spoofing) is None
+    assert observe_route(cfg, Upstream("api", 8081, ""), honest) is None  # no token yet: nothing to ask with
