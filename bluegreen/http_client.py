@@ -305,7 +305,11 @@ def _read_answer(sock: socket.socket, method: str, max_bytes: int, remaining: Ca
                 raise HttpError(BAD_ANSWER, f"HTTP {status}, but the connection closed in the middle of the answer",
                                 status)
     length = lowered.get("content-length", "").strip()
-    if length.isdigit():
+    if length:
+        # ASCII digits only, and few enough for int(): str.isdigit() takes '²', and Python 3.11+ refuses more
+        # than 4300 digits; either used to escape as a ValueError.
+        if not re.fullmatch(r"[0-9]{1,18}", length):
+            raise HttpError(BAD_ANSWER, f"HTTP {status}, but its Content-Length is not a number", status)
         want = int(length)
         while len(buf) < min(want, cap) and more(min(want, cap) - len(buf)):
             pass

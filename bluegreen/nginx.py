@@ -36,8 +36,9 @@ def route_variable(project: str) -> str:
 
 def route_clash(project: str, others: Sequence[str]) -> str | None:
     """Another project whose route variable is this one's (user-api and user.api share one nginx map)."""
-    mine = route_variable(project)
-    return next((o for o in others if o != project and route_variable(o) == mine), None)
+    # nginx variable names are case-insensitive: $bluegreen_route_User_API is $bluegreen_route_user_api.
+    mine = route_variable(project).lower()
+    return next((o for o in others if o != project and route_variable(o).lower() == mine), None)
 
 
 def route_clash_message(project: str, other: str, where: str) -> str:

@@ -156,3 +156,11 @@ def test_dry_run_says_when_a_hook_would_be_refused(root):
     assert f"hook    {good} would run" in text
     if os.geteuid() == 0:
         assert f"hook    {bad} would be refused:" in text and "chmod go-w" in text
+
+
+def test_route_clash_ignores_case_as_nginx_does():
+    from bluegreen.nginx import route_clash
+
+    assert route_clash("User-Api", ["user-api"]) == "user-api"
+    assert route_clash("user-api", ["user.api", "other"]) == "user.api"
+    assert route_clash("user-api", ["user-api", "api"]) is None

@@ -421,3 +421,30 @@ def test_any_answer_bytes_give_a_response_or_an_http_error(answer, cap):
             assert 100 <= resp.status <= 999 and len(resp.body) <= cap
     finally:
         ours.close()
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "9" * 5000, "-1", "1e3"])
+def test_a_content_length_that_is_not_plain_digits_is_a_bad_answer_not_a_valueerror(length):
+    import socket
+    import threading
+
+    from bluegreen import http_client
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + length.encode("latin-1", "replace") + b"\r\n\r\nok")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(http_client.HttpError):
+            http_client.request("GET", f"http://127.0.0.1:{server.getsockname()[1]}/", timeout=5)
+    finally:
+        thread.join(timeout=5)
+        server.close()
