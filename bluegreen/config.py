@@ -51,9 +51,14 @@ def validate_project(name: str) -> str:
     return name
 
 
+def is_tag(tag: object) -> bool:
+    """A docker tag or a sha256 digest that cannot act as an option or escape a path."""
+    return isinstance(tag, str) and bool((_TAG_RE.fullmatch(tag) and ".." not in tag) or _DIGEST_RE.fullmatch(tag))
+
+
 def validate_tag(tag: str) -> str:
     """Accept a docker tag or a sha256 digest; refuse anything that could act as an option."""
-    if isinstance(tag, str) and ((_TAG_RE.fullmatch(tag) and ".." not in tag) or _DIGEST_RE.fullmatch(tag)):
+    if is_tag(tag):
         return tag
     raise UsageError(
         f"Invalid tag {_quoted(str(tag))}: a tag is letters, digits, '_', '.' and '-' (not starting with '.' or '-', "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from bluegreen import safefs
+from bluegreen.config import is_tag
 from bluegreen.safefs import UnsafePath
 
 RESULT_DEPLOYED = "deployed"  # exit 0
@@ -109,6 +110,19 @@ def _number(value: object) -> bool:
         return False
 
 
+def _tag(value: object) -> bool:
+    # What deploy accepts as TAG: rollback and prune act on journaled tags, so no other shape may come back.
+    return is_tag(value)
+
+
+def _opt_tag(value: object) -> bool:
+    return value is None or _tag(value)
+
+
+def _duration(value: object) -> bool:
+    return _number(value) and value >= 0
+
+
 def _exit_code(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -1024 < value < 1024
 
@@ -118,10 +132,10 @@ def _steps(value: object) -> bool:
 
 
 _CHECKS = {
-    "time": _str, "host": _str, "user": _str, "project": _str, "action": _str, "tag": _str,
-    "image": _str, "digest": _str, "from_colour": _opt_str, "to_colour": _opt_str, "from_tag": _opt_str,
+    "time": _str, "host": _str, "user": _str, "project": _str, "action": _str, "tag": _tag,
+    "image": _str, "digest": _str, "from_colour": _opt_str, "to_colour": _opt_str, "from_tag": _opt_tag,
     "result": _str, "exit_code": _exit_code, "failed_step": _opt_str, "message": _str,
-    "duration": _number, "steps": _steps,
+    "duration": _duration, "steps": _steps,
 }
 _REQUIRED = ("time", "host", "user", "project", "action", "tag")
 

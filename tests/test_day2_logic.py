@@ -245,3 +245,15 @@ def test_an_interrupt_while_recording_is_not_reported_as_retiring(tmp_path, monk
     with pytest.raises(NeedsAttention) as exc:
         d.run(plan)
     assert "while recording it" in exc.value.message and "retiring" not in exc.value.message
+
+
+def test_journal_lines_with_tags_deploy_would_refuse_or_a_negative_duration_are_skipped():
+    good = {"time": "t", "host": "h", "user": "u", "project": "api", "action": "deploy", "tag": "v1",
+            "result": "deployed", "exit_code": 0, "duration": 1.0}
+    lines = [json.dumps(good)]
+    for bad in ({"tag": "../../etc"}, {"tag": "x" * 10000}, {"tag": "--privileged"}, {"from_tag": "a b"},
+                {"duration": -5}):
+        lines.append(json.dumps({**good, **bad}))
+    entries = list(journal.parse_lines(lines))
+    assert len(entries) == 1 and entries[0].tag == "v1"
+    assert journal.rollback_target(entries + list(journal.parse_lines(lines[1:])), "v2") == "v1"
