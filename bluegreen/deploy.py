@@ -373,6 +373,10 @@ class Deployer:
                 f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete; whatever it "
                 f"had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
             ) from exc
+        except safefs.UnsafePath as exc:  # a link or FIFO planted under the root while the deploy ran
+            raise DeployFailed(
+                f"{exc.message}\nEverything this deploy had changed was put back. {serving}"
+            ) from exc
         except CommandError as exc:  # a docker/nginx call no step had a better message for
             raise DeployFailed(
                 f"{exc.message}\nEverything this deploy had changed was put back. {serving} Check `docker info` "
@@ -398,6 +402,10 @@ class Deployer:
                 f"{new_desc}, but the deploy was interrupted by {exc.signame} while retiring the old container. "
                 f"Check `docker ps` and stop {plan.current_name} if it still runs; then check {plan.active_path} "
                 f"says {plan.target}."
+            ) from exc
+        except safefs.UnsafePath as exc:
+            raise NeedsAttention(
+                f"{new_desc}, but then: {exc.message} Check that {plan.active_path} says {plan.target}."
             ) from exc
         except OSError as exc:
             raise NeedsAttention(

@@ -487,3 +487,28 @@ def test_a_route_header_that_comes_without_the_token_is_the_apps_and_proves_noth
     assert observe_route(cfg, upstream, honest) == 8081
     assert observe_route(cfg, upstream, spoofing) is None
     assert observe_route(cfg, Upstream("api", 8081, ""), honest) is None  # no token yet: nothing to ask with
+
+
+def test_a_link_planted_while_the_deploy_runs_is_a_failed_deploy_or_attention_not_a_refusal(env, monkeypatch):
+    import os
+
+    from bluegreen import safefs
+
+    env.deploy("v1")
+    decoy = env.root / "decoy"
+    decoy.write_text("x\n")
+    active = env.root / "projects" / "api.active"
+    real_write = safefs.atomic_write
+
+    def plant_then_write(path, data, **kw):  # the active file becomes a symlink just before it is recorded
+        if str(path) == str(active):
+            os.unlink(active)
+            os.symlink(decoy, active)
+            raise safefs.UnsafePath(active, "a symlink (to %s)" % decoy)
+        return real_write(path, data, **kw)
+
+    monkeypatch.setattr(safefs, "atomic_write", plant_then_write)
+    with pytest.raises(NeedsAttention) as exc:
+        env.deploy("v2")
+    assert exc.value.exit_code == 4 and "api v2 now serves from api-green" in exc.value.message
+    assert decoy.read_text() == "x\n"
