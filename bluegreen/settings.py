@@ -322,8 +322,8 @@ WRITE_COMMAND = "python3 -m bluegreen.settings --write"
 _TEMPLATE_HEAD = """\
 # bluegreen settings for @PROJECT@, written by `bluegreen init`; yours to edit.
 # KEY=VALUE lines. The keys below are bluegreen's own (all of them, with their defaults); every other
-# key is application environment for the container, e.g. DB_PASSWORD=..., handed to docker in a
-# private file, never on a command line. Each key may appear once. Full reference: docs/env-reference.md.
+# key is application environment for the container, e.g. DB_PASSWORD=..., piped to docker (never in
+# a file or on a command line). Each key may appear once. Full reference: docs/env-reference.md.
 # Check this file and the host with: bluegreen doctor @PROJECT@
 """
 _TEMPLATE_SECTION_NOTES = {
@@ -406,7 +406,7 @@ _REFERENCE_APP = """
 Every other key is application environment for the container (`DB_PASSWORD=...`): a name of letters, digits
 and `_` not starting with a digit, and a value without line breaks or NUL bytes whose `KEY=VALUE` line is at
 most {line_max} bytes (docker's `--env-file` line limit); all of them together at most {app_max} bytes. Those
-values reach docker in a private `--env-file`: they never appear in an argv, a log line or a message. A key
+values reach docker through a pipe (`--env-file /dev/stdin`): they never appear in an argv, a file, a log line or a message. A key
 that looks like a misspelt setting (`HELTH_TIMEOUT`) is still passed to the app, with a warning naming the
 likely intent (`doctor` shows it too).
 
