@@ -149,7 +149,7 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
             if plan is not None and not isinstance(error, LockedError):
                 _hook(settings, cfg, "on-failure", runner, environ, stderr, entry)
             _notify(cfg, entry, stderr)
-        except Interrupted as again:  # a second signal: the failure is recorded, report it as it is
+        except Interrupted as again:  # a signal that came only now (earlier ones are ignored once one fired)
             say(stderr, f"warning: interrupted by {again.signame} during the on-failure hook or notification.")
         if error is exc:
             raise
