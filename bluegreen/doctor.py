@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
 from bluegreen import docker as dk
+from bluegreen import hooks as hooks_mod
 from bluegreen import nginx as ngx
 from bluegreen import state
 from bluegreen.config import ProjectConfig, Settings, load_project, registry_host, validate_project
@@ -660,6 +661,13 @@ def project_trust_checks(settings: Settings, project: str, cfg: ProjectConfig | 
             trusted, owner,
             "Hooks run as the user that deploys (root under sudo): whoever can change them runs code as that user.",
             any_group=True))
+        # The very rule a deploy applies before it runs a hook (a link, a FIFO, a foreign owner...).
+        for hook_name in hooks_mod.HOOK_NAMES:
+            path = hooks_mod.find(settings.hooks_dir(project), hook_name)
+            problem = hooks_mod.check(path) if path is not None else None
+            if problem:
+                checks.append(Check("hooks", FAIL, f"{shown(problem)} A deploy refuses to run it.",
+                                    "fix what it says (docs/security.md)"))
     if cfg is not None and cfg.log_dir:
         checks.append(judge_log_dir(lstat_node(cfg.log_dir), trusted, owner))
     return checks

@@ -321,3 +321,23 @@ def test_render_escapes_control_characters_from_any_source():
     # e.g. a lock file's holder name or a command's output: only line breaks get through.
     lines = doctor.render([("p:", [doctor.Check("lock", FAIL, "held by \x1b[2Jevil\nsecond line", "fix \x07it")])])
     assert lines[1].endswith("held by \\x1b[2Jevil\nsecond line") and lines[2].endswith("fix: fix \\x07it")
+
+
+def test_doctor_fails_a_hook_a_deploy_would_refuse(tmp_path):
+    """doctor applies the deploy's own hook rule: a symlinked hook is a FAIL there, not only under planted files."""
+    import os
+
+    from bluegreen import doctor
+    from bluegreen.config import load_project, load_settings
+
+    (tmp_path / "projects").mkdir()
+    env = tmp_path / "projects" / "api.env"
+    env.write_text("IMAGE=reg/x\n")
+    os.chmod(env, 0o600)
+    hooks = tmp_path / "hooks" / "api"
+    hooks.mkdir(parents=True)
+    os.symlink("/etc/passwd", hooks / "pre-deploy")
+    settings = load_settings(str(tmp_path), {}, euid=0)
+    checks = doctor.project_trust_checks(settings, "api", load_project(settings, "api"))
+    refused = [c for c in checks if c.name == "hooks" and c.status == doctor.FAIL]
+    assert refused and "is a symlink (to /etc/passwd)" in refused[0].detail and "A deploy refuses to run it" in refused[0].detail
