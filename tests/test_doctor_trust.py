@@ -221,7 +221,9 @@ def test_doctor_flags_a_host_that_breaks_the_trust_model(stack, host):
     assert f"WARN LOG_DIR {logs} is a symlink to {root.parent / 'real-logs'}" in out
     assert re.search(r"info root-equiv (only root can change|by design, root-equivalent)", out)
     assert "s3cret" not in out
-    assert "4 problem(s) would make a deploy fail" in out
+    # The fifth: the pre-deploy hook itself, judged by the very rule a deploy applies before running it.
+    assert "A deploy refuses to run it." in out
+    assert "5 problem(s) would make a deploy fail" in out
 
     # The fixes doctor printed, applied as printed (as root, so without sudo).
     assert f"fix: sudo chmod go-w {root / 'hooks'}; sudo chown root {hooks} (docs/security.md)" in out
