@@ -87,28 +87,20 @@ class Listed:
     dev: int
 
 
-def shown(path: Path | str) -> str:
-    """A path for output: the names are the container's choice, so never raw control or undecodable bytes."""
-    text = str(path)
-    return text if text.isprintable() else ascii(text)
+shown = safefs.shown
 
 
 def _entries_fd(dir_fd: int, problems: list[str], where: Path) -> tuple[list[Entry], dict[str, Listed]]:
     found: list[Entry] = []
     ids: dict[str, Listed] = {}
-    with os.scandir(dir_fd) as it:
-        for n, item in enumerate(it):
-            if n >= MAX_ENTRIES:
-                problems.append(f"{shown(where)} has more than {MAX_ENTRIES} entries; the rest wait for the next run")
-                break
-            try:
-                st = item.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            regular = stat.S_ISREG(st.st_mode)
-            found.append(Entry(item.name, st.st_mtime, regular))
-            if regular:
-                ids[item.name] = Listed(item.name, st.st_ino, st.st_dev)
+    entries, more = safefs.scan(dir_fd, MAX_ENTRIES)
+    if more:
+        problems.append(f"{shown(where)} has more than {MAX_ENTRIES} entries; the rest wait for the next run")
+    for name, st in entries:
+        regular = stat.S_ISREG(st.st_mode)
+        found.append(Entry(name, st.st_mtime, regular))
+        if regular:
+            ids[name] = Listed(name, st.st_ino, st.st_dev)
     return found, ids
 
 

@@ -90,6 +90,28 @@ def describe_stat(st: os.stat_result, *, name: str | None = None, dir_fd: int | 
     return "not a regular file"
 
 
+def shown(path: Path | str) -> str:
+    """A path for a message: names below the root or in LOG_DIR are someone else's choice, so never raw control
+    or undecodable bytes (a terminal escape, a line break that forges a second message line)."""
+    text = str(path)
+    return text if text.isprintable() else ascii(text)
+
+
+def scan(dir_fd: int, limit: int) -> tuple[list[tuple[str, os.stat_result]], bool]:
+    """The entries of an opened directory with their lstat, at most `limit` of them (and whether there were more):
+    never follows a link, and an entry that vanished meanwhile is left out."""
+    found: list[tuple[str, os.stat_result]] = []
+    with os.scandir(dir_fd) as it:
+        for n, entry in enumerate(it):
+            if n >= limit:
+                return found, True
+            try:
+                found.append((entry.name, entry.stat(follow_symlinks=False)))
+            except OSError:
+                continue
+    return found, False
+
+
 # -- the walk ---------------------------------------------------------------------------------------------
 
 def _split(path: PathLike, root: PathLike | None) -> tuple[str, list[str], str]:

@@ -268,10 +268,7 @@ def _current_user() -> str:
 MAX_FILES = 10000  # entries looked at in one directory: the owner can fill it with anything
 
 
-def shown(path: Path | str) -> str:
-    """A path for a message: names under the deploy root are the owner's choice, so never raw control bytes."""
-    text = str(path)
-    return text if text.isprintable() else ascii(text)
+shown = safefs.shown
 
 
 def guarded_top(path: Path, root: Path) -> Path | None:
@@ -315,27 +312,22 @@ def _file_facts(directory: Path, top: Path | None) -> tuple[list[DirFact], list[
     files: list[DirFact] = []
     warnings: list[str] = []
     try:
-        with os.scandir(fd) as it:
-            for n, entry in enumerate(it):
-                if n >= MAX_FILES:
-                    warnings.append(f"{shown(directory)} has more than {MAX_FILES} entries; only the first were looked at")
-                    break
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue  # symlinks, FIFOs, devices: never given away, never followed
-                path = directory / entry.name
-                if st.st_nlink > 1:
-                    warnings.append(f"left {shown(path)} as it is: it has {st.st_nlink} hard links, and giving it to "
-                                    f"the owner would give away every other name of that file too; remove it if you did "
-                                    f"not make it")
-                elif not entry.name.isprintable():
-                    warnings.append(f"left {shown(path)} as it is: its name has control characters; remove it if you "
-                                    f"did not make it")
-                else:
-                    files.append(DirFact(path, True, st.st_uid, st.st_gid))
+        entries, more = safefs.scan(fd, MAX_FILES)
+        if more:
+            warnings.append(f"{shown(directory)} has more than {MAX_FILES} entries; only the first were looked at")
+        for name, st in entries:
+            if not stat.S_ISREG(st.st_mode):
+                continue  # symlinks, FIFOs, devices: never given away, never followed
+            path = directory / name
+            if st.st_nlink > 1:
+                warnings.append(f"left {shown(path)} as it is: it has {st.st_nlink} hard links, and giving it to "
+                                f"the owner would give away every other name of that file too; remove it if you did "
+                                f"not make it")
+            elif not name.isprintable():
+                warnings.append(f"left {shown(path)} as it is: its name has control characters; remove it if you "
+                                f"did not make it")
+            else:
+                files.append(DirFact(path, True, st.st_uid, st.st_gid))
     except OSError as exc:
         raise BluegreenError(f"setup cannot list {shown(directory)} ({exc.strerror or exc}). Nothing was changed.", exit_code=2) from None
     finally:
