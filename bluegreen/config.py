@@ -247,6 +247,7 @@ class ProjectConfig:
     source: str
     image: str
     spring_profiles: str = _DEFAULTS["spring_profiles"]  # type: ignore[assignment]
+    pull: str = _DEFAULTS["pull"]  # type: ignore[assignment]
     health_path: str = _DEFAULTS["health_path"]  # type: ignore[assignment]
     health_timeout: float = _DEFAULTS["health_timeout"]  # type: ignore[assignment]
     health_interval: float = _DEFAULTS["health_interval"]  # type: ignore[assignment]

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from bluegreen import docker as dk
-from bluegreen import health, safefs, state
+from bluegreen import health, ports, safefs, state
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display, indent
+from bluegreen.settings import upstream_options
 
 # Seconds the undo after a signal waits for nginx workers that may route to the new container.
 UNDO_DRAIN_ON_INTERRUPT = 3.0
@@ -69,7 +70,7 @@ class Plan:
     def upstream_text(self) -> str:
         return render_upstream(
             name=self.upstream_name, port=self.target_port, project=self.cfg.project, colour=self.target,
-            tag=self.tag, token=self.token,
+            tag=self.tag, token=self.token, options=ngx.UpstreamOptions(**upstream_options(self.cfg)),
         )
 
     def health_url(self) -> str:
@@ -166,10 +167,14 @@ def plan_deploy(
     observed: int | None = None,
     digest: str = "",
     token_factory: Callable[[], str] = new_token,
+    upstream_text: str | None = None,
+    ephemeral: tuple[int, int] | None = None,
 ) -> tuple[Plan, list[str]]:
     """Decide the target colour and everything the deploy will write and run.
 
-    `observed`: the port a probe through nginx was routed to; `digest`: deploy IMAGE@digest, labelled `tag`.
+    `observed`: the port a probe through nginx was routed to; `digest`: deploy IMAGE@digest, labelled `tag`;
+    `upstream_text`: the upstream file as found (its hand-added lines are warned about); `ephemeral`: the kernel's
+    ephemeral port range (ports inside it are warned about).
     """
     current, warnings = current_colour(cfg, active=active, upstream=upstream, upstream_path=settings.upstream_file(cfg.project),
                                        observed=observed)
@@ -190,6 +195,12 @@ def plan_deploy(
         nginx_cmd=settings.nginx_cmd,
         route_seen=seen,
     )
+    path = str(settings.upstream_file(cfg.project))
+    warnings += ngx.foreign_warning(ngx.foreign_directives(upstream_text, plan.upstream_text()), path, cfg.source)
+    if ephemeral is not None:
+        note = ports.ephemeral_warning([("BLUE_PORT", cfg.blue_port), ("GREEN_PORT", cfg.green_port)], ephemeral, cfg.source)
+        if note:
+            warnings.append(note)
     return plan, warnings
 
 
@@ -197,9 +208,11 @@ def read_plan(settings: Settings, cfg: ProjectConfig, tag: str, *, probe: Callab
               digest: str = "") -> tuple[Plan, list[str]]:
     """plan_deploy from the files on disk and, given a probe, from where nginx really routes now."""
     path = settings.upstream_file(cfg.project)
-    upstream = parse_upstream(state.read_text(path, root=settings.root))
+    text = state.read_text(path, root=settings.root)
+    upstream = parse_upstream(text)
     return plan_deploy(settings, cfg, tag, active=state.read_active(settings.active_file(cfg.project)), upstream=upstream,
-                       observed=observe_route(cfg, upstream, probe) if probe else None, digest=digest)
+                       observed=observe_route(cfg, upstream, probe) if probe else None, digest=digest,
+                       upstream_text=text, ephemeral=ports.ephemeral_range())
 
 
 class Progress:
@@ -312,6 +325,10 @@ class Deployer:
     port_busy: Callable[[int], bool] = port_in_use
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    # What the probe through nginx before this deploy answered (read_plan's), so that messages say what was
+    # seen; and whether run() first checks nginx (attempt does; the pure tests of the steps do not).
+    seen_before: health.Probe | None = None
+    check_nginx_first: bool = False
 
     def __post_init__(self) -> None:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
@@ -323,13 +340,24 @@ class Deployer:
         self.reload_state = {"attempted": False, "done": False, "routed_back": False}
 
     def serving_note(self, plan: Plan, old: dk.Container | None) -> str:
-        """Which version serves now, for every failure message."""
+        """Which version serves now, for every failure message: only what was seen, never more."""
         if plan.current is None:
             return "Nothing was serving before this deploy, and nothing new serves now."
         port = plan.cfg.port(plan.current)
         if old is not None and old.running:
             tag = old.labels.get(dk.LABEL_TAG, "?")
-            return f"The previous version ({tag}, container {old.name}, 127.0.0.1:{port}) still serves."
+            what = f"The previous version ({tag}, container {old.name}, 127.0.0.1:{port})"
+            seen = self.seen_before
+            routed = seen is not None and ngx.route_port(_header(seen, ngx.ROUTE_HEADER)) == port
+            if routed and seen.status == plan.cfg.health_expect:
+                return (f"{what} still serves: just before this deploy, a probe through nginx was routed to it and "
+                        f"answered HTTP {seen.status}.")
+            if routed:
+                return (f"{what} was left as it was: just before this deploy, a probe through nginx was routed to it "
+                        f"and answered {seen.detail}, not HTTP {plan.cfg.health_expect}.")
+            answered = f" (nginx answered {seen.detail} without saying where it routed)" if seen is not None else ""
+            return (f"{what} was running and was left as it was; bluegreen did not see it answer through "
+                    f"nginx{answered}.")
         if plan.route_seen:
             return (
                 f"nginx still routes to {plan.current_name} on 127.0.0.1:{port}, but that container is not running, "
@@ -340,10 +368,47 @@ class Deployer:
             f"nginx has loaded that file, the service is down as it was before this deploy."
         )
 
+    def preflight(self, plan: Plan) -> None:
+        """Before the pull, what would make the switch fail: nginx not running, `nginx -t` failing, the
+        upstream include missing. Raises with the real cause and its fix; changes nothing."""
+        from bluegreen import host  # host set-up facts; kept off the import path of the pure deploy steps
+
+        me = host.invocation()
+        nothing = f"Nothing was pulled or changed for {plan.cfg.project}."
+        try:
+            dump = self.nginx.test_and_dump()
+        except CommandError as exc:
+            text = Nginx.error_text(exc)
+            if "host not found in upstream" in text:
+                fix = (f"nginx loads a server block whose upstream it cannot find: most likely nginx.conf lacks "
+                       f"`{host.include_line(self.settings)}`, which `sudo {me} setup` adds (it changes nothing "
+                       f"else); then deploy again.")
+            else:
+                fix = "Fix the nginx error above (it names file and line), check with `nginx -t`, then deploy again."
+            raise UsageError(f"nginx rejects its configuration (`nginx -t`), so this deploy could not switch traffic:"
+                             f"\n{indent(text)}\n{nothing} {fix}") from exc
+        master, pid_file = ngx.master_pid(dump, self.settings.nginx_cmd, self.settings.nginx_pid_file)
+        if master is None:
+            raise DeployFailed(
+                f"nginx is not running (no live nginx master process in {pid_file}), so nothing answers at "
+                f"{plan.cfg.nginx_url} and this deploy could not switch traffic. {nothing} Start nginx "
+                f"(`systemctl start nginx`; `journalctl -u nginx` says why it stopped, and `systemctl enable nginx` "
+                f"starts it at boot), then deploy again. (If nginx does run, its master writes another pid file: set "
+                f"BLUEGREEN_NGINX_PID_FILE.)"
+            )
+        if not host.includes_dir(dump, host.upstream_dir(self.settings)):
+            raise UsageError(
+                f"nginx does not load bluegreen's upstream directory: its configuration (`nginx -T`) has no "
+                f"`{host.include_line(self.settings)}`, so a switch would never reach nginx. {nothing} Run "
+                f"`sudo {me} setup`, which adds exactly that line to nginx.conf's http block, then deploy again."
+            )
+
     def run(self, plan: Plan) -> str:
         """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
         cfg = plan.cfg
         start = self.clock()
+        if self.check_nginx_first:
+            self.preflight(plan)
         names = [n for n in (plan.current_name, plan.target_name) if n]
         try:
             # Both colours in one docker call: what serves, and what is left in the idle slot.
@@ -416,14 +481,54 @@ class Deployer:
         return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
 
     def _pull(self, plan: Plan, serving: str) -> None:
-        with self.progress.step(1, "pull", plan.ref):
+        cfg, policy = plan.cfg, plan.cfg.pull
+        env_file = self.settings.env_file(cfg.project)
+        pinned = plan.ref.startswith(f"{cfg.image}@")
+        with self.progress.step(1, "pull", plan.ref) as notes:
+            local = None
+            if policy != "always":
+                try:
+                    local = self.docker.local_image(plan.ref)
+                except CommandError as exc:
+                    raise DeployFailed(
+                        f"Cannot ask docker whether this host has {plan.ref} (PULL={policy}): {exc.output_tail(3)}\n"
+                        f"{serving} Check that dockerd runs and this user may use it (`docker info`), then deploy again."
+                    ) from exc
+            decision = dk.pull_needed(policy, local)
+            if decision is False and local is not None:
+                # Nothing pulled: the journal gets the registry digest the image is known by here, if any (an
+                # image ID is no digest: `IMAGE@ID` names nothing, so a rollback could not deploy it).
+                self.digest = plan.ref.rpartition("@")[2] if pinned else local.digest_for(cfg.image)
+                notes.append(f"PULL={policy}: this host has it, image {local.id[:19]}; nothing pulled")
+                return
+            if decision is None:
+                digest_note = (
+                    f" A digest names a registry manifest: an image loaded with `docker load` or built on this host has "
+                    f"none (the sha256 `docker image inspect` shows is its ID), so deploy it by its tag."
+                ) if pinned else ""
+                raise DeployFailed(
+                    f"This host has no image {plan.ref}, and PULL=never ({env_file}) forbids pulling it, so nothing was "
+                    f"started.{digest_note}\n{serving} Load it (`docker load -i FILE.tar`) or build it here under that "
+                    f"name (`docker images {cfg.image}` lists what this host has), or set PULL=missing to pull it, then "
+                    f"deploy again."
+                )
             try:
                 self.digest = self.docker.pull(plan.ref)
             except CommandError as exc:
+                registry = registry_host(cfg.image)
+                if registry == "docker.io" and not cfg.image.startswith("docker.io/"):
+                    # A name without a registry host goes to Docker Hub: usually a loaded or locally built image.
+                    hint = (f"{cfg.image} names no registry, so docker pulls it from Docker Hub. An image loaded with "
+                            f"`docker load` or built on this host deploys with PULL=missing (or never) in {env_file}; "
+                            f"a Docker Hub image needs the tag to exist there (and `docker login` if it is private).")
+                else:
+                    hint = (f"Check that the tag exists in the registry and that this host is logged in to it "
+                            f"(`docker login {registry}`).")
+                missing = (f" This host does not have it either (PULL=missing pulls only what is not here)."
+                           if policy == "missing" else "")
                 raise DeployFailed(
-                    f"Could not pull {plan.ref}: {exc.output_tail(4)}\n{serving} Check that the tag exists "
-                    f"in the registry and that this host is logged in to it "
-                    f"(`docker login {registry_host(plan.cfg.image)}`), then deploy again."
+                    f"Could not pull {plan.ref} (PULL={policy}): {exc.output_tail(4)}{missing}\n{serving} {hint} "
+                    f"Then deploy again."
                 ) from exc
 
     @staticmethod
@@ -469,6 +574,11 @@ class Deployer:
                 notes.append(f"removed leftover {leftover.status} container")
             if self.port_busy(plan.target_port):
                 holder = self._port_holder(plan.target_port)
+                if holder == "another process":
+                    # No container publishes it: often the local end of nginx's own connections (ephemeral range).
+                    outgoing = ports.outgoing_states(plan.target_port)
+                    if outgoing:
+                        holder = ports.outgoing_note(plan.target_port, outgoing, ports.ephemeral_range())
                 raise DeployFailed(
                     f"Port 127.0.0.1:{plan.target_port} ({plan.target.upper()}_PORT) is already taken by "
                     f"{holder}, not by a bluegreen container of {cfg.project}. Nothing was started. {serving} "

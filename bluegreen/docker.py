@@ -26,6 +26,58 @@ def pull_argv(docker: Sequence[str], ref: str) -> list[str]:
     return [*docker, "pull", ref]
 
 
+# The PULL setting: `always` pulls (a registry is the source of truth), `missing` pulls only what this host
+# does not have, `never` deploys only what is already here (air-gapped hosts: `docker load`, local builds).
+PULL_POLICIES = ("always", "missing", "never")
+
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def image_inspect_argv(docker: Sequence[str], ref: str) -> list[str]:
+    return [*docker, "image", "inspect", "--format", "{{json .Id}} {{json .RepoDigests}}", ref]
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """What `docker image inspect` says about an image this host already has."""
+
+    id: str  # sha256:... of the image config (what `docker load` and `docker build` give)
+    repo_digests: tuple[str, ...] = ()  # REPOSITORY@sha256:... of registries it was pulled from or pushed to
+
+    def digest_for(self, repository: str) -> str:
+        """The registry digest under which `repository@digest` finds this image ("" if it has none)."""
+        for item in self.repo_digests:
+            repo, _, digest = item.rpartition("@")
+            if repo == repository and _DIGEST_RE.fullmatch(digest):
+                return digest
+        return ""
+
+
+def parse_image_inspect(text: str) -> LocalImage | None:
+    """The `{{json .Id}} {{json .RepoDigests}}` line of image_inspect_argv, or None if it is not that."""
+    first, _, rest = text.strip().partition(" ")
+    try:
+        image_id, digests = json.loads(first), json.loads(rest or "null")
+    except ValueError:
+        return None
+    if not isinstance(image_id, str) or not _DIGEST_RE.fullmatch(image_id):
+        return None
+    if not isinstance(digests, list):
+        digests = []
+    return LocalImage(image_id, tuple(d for d in digests if isinstance(d, str) and len(d) <= 1024))
+
+
+def pull_needed(policy: str, local: LocalImage | None) -> bool | None:
+    """Whether to pull under `policy` given what the host has: True pull, False use the local image,
+    None the image is missing and the policy forbids pulling it."""
+    if policy == "always":
+        return True
+    if local is not None:
+        return False
+    return True if policy == "missing" else None
+
+
 def run_argv(
     docker: Sequence[str],
     cfg: ProjectConfig,
@@ -144,6 +196,19 @@ class Docker:
         """Pull; returns the registry digest docker reports ("" if it printed none)."""
         result = self.runner.run(pull_argv(self.cmd, ref), timeout=1800)
         return parse_pull_digest(result.stdout)
+
+    def local_image(self, ref: str) -> LocalImage | None:
+        """The image `ref` names if this host has it, else None; a CommandError when docker cannot say."""
+        result = self.runner.run(image_inspect_argv(self.cmd, ref), check=False, mutates=False, timeout=60,
+                                 output_limit=64 * 1024)
+        if not result.ok:
+            if "no such image" in (result.stderr + result.stdout).lower():
+                return None
+            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+        found = parse_image_inspect(result.stdout)
+        if found is None:  # not the line we asked for: nothing we can trust
+            raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
+        return found
 
     def inspect(self, name: str) -> Container | None:
         """The named container, or None if it does not exist."""

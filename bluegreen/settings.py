@@ -105,7 +105,8 @@ S_SWITCH = "the switch: how bluegreen proves nginx routes to the new container"
 S_OLD = "the old container"
 S_EXTRAS = "container extras"
 S_AFTER = "after a deploy"
-SECTIONS = (S_IMAGE, S_PORTS, S_HEALTH, S_SWITCH, S_OLD, S_EXTRAS, S_AFTER)
+S_UPSTREAM = "nginx's connections to the app (the managed upstream file)"
+SECTIONS = (S_IMAGE, S_PORTS, S_HEALTH, S_SWITCH, S_UPSTREAM, S_OLD, S_EXTRAS, S_AFTER)
 
 _PORT_KW = dict(kind="integer", low=1, high=65535, unit="a port number", section=S_PORTS)
 _HOST_KW = dict(
@@ -126,6 +127,14 @@ TABLE: tuple[Setting, ...] = (
         "SPRING_PROFILES", "spring_profiles", "text", "", "given to the container as SPRING_PROFILES_ACTIVE (prod, staging, ...)",
         S_IMAGE, chars=r"A-Za-z0-9._, -", chars_doc="letters, digits, '.', '_', '-', ',' and spaces", max_len=256,
         empty="none",
+    ),
+    Setting(
+        "PULL", "pull", "text", "always", "when a deploy runs `docker pull`: always, missing (only if this host lacks "
+        "the image) or never", S_IMAGE, chars="a-z", chars_doc="lowercase letters", max_len=16,
+        pattern="always|missing|never", pattern_doc="always, missing or never",
+        hint=("an image loaded with `docker load` or built on this host has no registry to pull from: deploy it with "
+              "missing or never (air-gapped hosts); a digest (sha256:...) is a registry digest, found locally only "
+              "for an image once pulled from a registry"),
     ),
     Setting("BLUE_PORT", "blue_port", default=8081, doc="host port of the blue container, published on 127.0.0.1 only",
             template="@BLUE_PORT@", note="different from GREEN_PORT", **_PORT_KW),
@@ -197,6 +206,36 @@ TABLE: tuple[Setting, ...] = (
     Setting("HOOK_TIMEOUT", "hook_timeout", "seconds", 60.0,
             "seconds a hook in ROOT/hooks/PROJECT/ (pre-deploy, post-deploy, on-failure) may run", S_AFTER, zero=False),
 )
+# The managed upstream file's settings. They join TABLE once ProjectConfig (bluegreen/config.py) has their
+# fields (upstream_keepalive: int = 16, upstream_keepalive_timeout: int = 4, upstream_max_fails: int = 1,
+# upstream_fail_timeout: int = 10); until then every deploy writes their defaults (upstream_options).
+UPSTREAM_ROWS: tuple[Setting, ...] = (
+    Setting("UPSTREAM_KEEPALIVE", "upstream_keepalive", "integer", 16,
+            "idle keep-alive connections to the app that each nginx worker keeps open (nginx's `keepalive`); 0: "
+            "a new TCP connection per request", S_UPSTREAM, low=0, high=1024, unit="a number of connections",
+            hint=("it takes effect with `proxy_http_version 1.1;` and `proxy_set_header Connection \"\";` in the "
+                  "server block (init writes both); old workers close theirs before the old container stops")),
+    Setting("UPSTREAM_KEEPALIVE_TIMEOUT", "upstream_keepalive_timeout", "integer", 4,
+            "seconds nginx keeps an idle connection to the app (nginx's `keepalive_timeout`, nginx 1.15.3 or later)",
+            S_UPSTREAM, low=1, high=3600, unit="a whole number of seconds",
+            hint=("keep it below the app's own idle timeout (Node.js: 5 s), or nginx may send a request on a "
+                  "connection the app is closing and answer 502 to a POST")),
+    Setting("UPSTREAM_MAX_FAILS", "upstream_max_fails", "integer", 1,
+            "failed attempts within UPSTREAM_FAIL_TIMEOUT after which nginx stops sending to the server (nginx's "
+            "`max_fails`; 0: never)", S_UPSTREAM, low=0, high=1000, unit="a number of attempts",
+            hint="nginx ignores it while the upstream has one server, as bluegreen's has; written only when not 1"),
+    Setting("UPSTREAM_FAIL_TIMEOUT", "upstream_fail_timeout", "integer", 10,
+            "seconds for UPSTREAM_MAX_FAILS, and how long the server then counts as unavailable (nginx's "
+            "`fail_timeout`)", S_UPSTREAM, low=1, high=3600, unit="a whole number of seconds",
+            hint="ignored by nginx with one server, like UPSTREAM_MAX_FAILS; written only when not 10"),
+)
+
+
+def upstream_options(cfg: object) -> dict[str, int]:
+    """The UPSTREAM_* values of a ProjectConfig (their defaults while it has no such fields), by option name."""
+    return {row.field[len("upstream_"):]: getattr(cfg, row.field, row.default) for row in UPSTREAM_ROWS}  # type: ignore[misc]
+
+
 BY_KEY: dict[str, Setting] = {s.key: s for s in TABLE}
 KEYS: tuple[str, ...] = tuple(s.key for s in TABLE)
 
@@ -360,6 +399,8 @@ def render_template() -> str:
     """templates/project.env: every setting with its default (commented out unless init fills it in)."""
     out = [_TEMPLATE_HEAD.rstrip("\n")]
     for section in SECTIONS:
+        if not any(s.section == section for s in TABLE):
+            continue
         out.append("")
         out.append(_rule(section))
         if section in _TEMPLATE_SECTION_NOTES:
