@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -66,7 +67,33 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str, token: str, down: bool = False) -> str:
+@dataclass(frozen=True)
+class UpstreamOptions:
+    """What the managed upstream block carries besides its one server (the UPSTREAM_* settings)."""
+
+    keepalive: int = 0  # idle keep-alive connections to the app kept per worker; 0: no `keepalive` line
+    keepalive_timeout: float = 4.0  # seconds an idle one is kept (nginx >= 1.15.3)
+    max_fails: int = 1  # nginx's defaults: rendered only when they differ
+    fail_timeout: float = 10.0
+
+
+def nginx_time(seconds: float) -> str:
+    """Seconds as an nginx time: `60s`, or `1500ms` when not whole."""
+    ms = int(round(seconds * 1000))
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def _server_params(options: UpstreamOptions) -> str:
+    params = ""
+    if options.max_fails != 1:
+        params += f" max_fails={options.max_fails}"
+    if nginx_time(options.fail_timeout) != "10s":
+        params += f" fail_timeout={nginx_time(options.fail_timeout)}"
+    return params
+
+
+def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str, token: str, down: bool = False,
+                    options: UpstreamOptions = UpstreamOptions()) -> str:
     """The whole upstream file for one project, pointing at one local port.
 
     The map answers the route (the upstream address nginx used) only to requests carrying the
@@ -74,11 +101,16 @@ def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str
     deploys so that old and new workers both answer a probe, and the answer says which one it was.
     With `down`, a placeholder for a project not deployed yet: valid for `nginx -t`, routes nowhere.
     """
-    return (
-        "# Managed by bluegreen: rewritten on every deploy; edits here are lost.\n"
-        f"# project={project} colour={colour} tag={tag}\n"
+    keepalive = ""
+    if options.keepalive:
+        # Idle connections live in each worker; an old worker closes its own when it exits, and a deploy
+        # stops the old container only after every old worker has exited (the drain).
+        keepalive = (f"    keepalive {options.keepalive};\n"
+                     f"    keepalive_timeout {nginx_time(options.keepalive_timeout)};\n")
+    body = (
         f"upstream {name} {{\n"
-        f"    server 127.0.0.1:{port}{' down' if down else ''};\n"
+        f"    server 127.0.0.1:{port}{_server_params(options)}{' down' if down else ''};\n"
+        f"{keepalive}"
         "}\n"
         f"# For bluegreen's post-switch probe; the server block adds: {add_header_line(project)}\n"
         f"map $http_{PROBE_HEADER.lower().replace('-', '_')} {route_variable(project)} {{\n"
@@ -86,6 +118,103 @@ def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str
         '    default "";\n'
         "}\n"
     )
+    return (
+        "# Managed by bluegreen: rewritten on every deploy; edits here are lost (UPSTREAM_* settings in the env file).\n"
+        f"# project={project} colour={colour} tag={tag} sum={_checksum(body)}\n" + body
+    )
+
+
+def _checksum(text: str) -> str:
+    """A short digest of the directives, so that a deploy can tell a file it wrote from one edited since."""
+    return hashlib.sha256("\n".join(_directives(text)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+_SUM_RE = re.compile(r"\A# Managed by bluegreen[^\n]*\n# project=[^\n]* sum=([0-9a-f]{16})\n")
+
+
+# The lines of a managed file that change from deploy to deploy (address, colour, tag, token): never foreign.
+_OURS_RE = re.compile(
+    r"#.*|\}|upstream\s+[^\s{]+\s*\{|map\s+\$http_x_bluegreen_probe\s+\$bluegreen_route_[A-Za-z0-9_]+\s*\{|"
+    r'"[0-9a-f]{32}"\s+\$upstream_addr;|default\s+"";'
+)
+_OWN_SHAPES_RE = re.compile(r"keepalive [0-9]+;|keepalive_timeout [0-9]+m?s;")
+_OWN_PARAMS_RE = re.compile(r"(?:max_fails=[0-9]+)?(?: ?fail_timeout=[0-9]+m?s)?")
+_SERVER_LINE_RE = re.compile(r"server\s+127\.0\.0\.1:[0-9]{1,5}((?:\s+[^;\s]+)*)\s*;")
+
+
+def _directives(text: str) -> list[str]:
+    # One directive per line, whitespace collapsed, a trailing comment dropped (as bluegreen writes them).
+    out = []
+    for raw in text.splitlines():
+        line = " ".join(raw.split("#", 1)[0].split()) if not raw.lstrip().startswith("#") else ""
+        if line:
+            out.append(line)
+    return out
+
+
+def _server_key(line: str) -> str | None:
+    match = _SERVER_LINE_RE.fullmatch(line)
+    if not match:
+        return None
+    return " ".join(p for p in match.group(1).split() if p != "down")
+
+
+def foreign_directives(text: str | None, expected: str = "") -> list[str]:
+    """Lines of an upstream file that bluegreen did not write, or (given `expected`, the text a deploy will
+    write) that the next write would drop or change: a hand-added `keepalive 32;`, `least_conn;`, a weight."""
+    if not text:
+        return []
+    recorded = _SUM_RE.match(text)
+    if recorded and recorded.group(1) == _checksum(text[recorded.end():]):
+        return []  # exactly as a deploy wrote it: a changed setting is not a hand edit
+    wanted = set(_directives(expected))
+    wanted_server = {_server_key(line) for line in wanted} - {None}
+    managed = text.startswith("# Managed by bluegreen")
+    found = []
+    for line in _directives(text):
+        if _OURS_RE.fullmatch(line) or line in wanted:
+            continue
+        key = _server_key(line)
+        if key is not None and (key in wanted_server or (not expected and key == "")):
+            continue
+        if not expected and managed and (_OWN_SHAPES_RE.fullmatch(line) or (key is not None and _OWN_PARAMS_RE.fullmatch(key))):
+            continue  # without an expected text, any value bluegreen itself could have written
+        found.append(line[:200])
+    return found[:20]
+
+
+def setting_for(line: str) -> str:
+    """The env-file setting that replaces a hand-written upstream line, e.g. `UPSTREAM_KEEPALIVE=32`; "" if none."""
+    match = re.fullmatch(r"keepalive\s+([0-9]+)\s*;", line)
+    if match:
+        return f"UPSTREAM_KEEPALIVE={int(match.group(1))}"
+    match = re.fullmatch(r"keepalive_timeout\s+([0-9]+)(ms|s|m)?\s*;", line)
+    if match:
+        value = int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
+        return f"UPSTREAM_KEEPALIVE_TIMEOUT={value:g}"
+    wanted = []
+    for param in line.rstrip(";").split()[2:] if line.startswith("server ") else []:
+        key, _, value = param.partition("=")
+        if key == "max_fails" and value.isdigit():
+            wanted.append(f"UPSTREAM_MAX_FAILS={int(value)}")
+        elif key == "fail_timeout":
+            match = re.fullmatch(r"([0-9]+)(ms|s|m)?", value)
+            if match:
+                seconds = int(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)]
+                wanted.append(f"UPSTREAM_FAIL_TIMEOUT={seconds:g}")
+    return " and ".join(wanted)
+
+
+def foreign_warning(lines: list[str], path: str, source: str) -> list[str]:
+    """One warning per foreign line: what the deploy does to it and which setting to use instead."""
+    out = []
+    for line in lines:
+        setting = setting_for(line)
+        fix = (f"set {setting} in {source} instead" if setting else
+               "no bluegreen setting writes it: put it in the server block (a `proxy_*` directive) or ask for a setting")
+        out.append(f"{path} has `{line}`, which bluegreen did not write; this deploy rewrites the file without it. "
+                   f"To keep it, {fix}.")
+    return out
 
 
 def parse_upstream(text: str | None) -> Upstream | None:

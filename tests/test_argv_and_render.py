@@ -179,3 +179,83 @@ def test_placeholder_upstream_routes_nowhere_and_keeps_its_token():
     assert parse_upstream(text) == Upstream("api", 0, TOKEN)
     plan, warnings = plan_deploy(SETTINGS, make_cfg(), "v1", active=None, upstream=parse_upstream(text))
     assert (plan.current, plan.target, plan.token, warnings) == (None, "blue", TOKEN, [])
+
+
+# -- the upstream settings (issue 10) -------------------------------------------------------------------
+
+def test_upstream_options_render_keepalive_and_nginx_defaults_stay_unwritten():
+    from bluegreen.nginx import UpstreamOptions, nginx_time
+
+    text = render_upstream(name="api", port=8081, project="api", colour="blue", tag="v1", token=TOKEN,
+                           options=UpstreamOptions(keepalive=32, keepalive_timeout=4, max_fails=1, fail_timeout=10))
+    assert "upstream api {\n    server 127.0.0.1:8081;\n    keepalive 32;\n    keepalive_timeout 4s;\n}\n" in text
+    text = render_upstream(name="api", port=8081, project="api", colour="-", tag="-", token=TOKEN, down=True,
+                           options=UpstreamOptions(keepalive=0, max_fails=3, fail_timeout=30))
+    assert "    server 127.0.0.1:8081 max_fails=3 fail_timeout=30s down;\n}\n" in text and "keepalive" not in text
+    assert parse_upstream(text) == Upstream("api", 0, TOKEN)
+    assert (nginx_time(60), nginx_time(1.5)) == ("60s", "1500ms")
+
+
+def test_every_deploy_writes_upstream_keepalive_by_default():
+    """The managed file lost a hand-added `keepalive 16;` on every deploy and had no setting for it (issue 10)."""
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    text = plan.upstream_text()
+    assert "    server 127.0.0.1:8082;\n    keepalive 16;\n    keepalive_timeout 4s;\n}\n" in text
+    assert parse_upstream(text) == Upstream("user-api", 8082, TOKEN)
+
+
+def test_upstream_settings_rows_have_nginx_bounds():
+    from bluegreen import settings
+    from bluegreen.errors import ConfigError
+    import pytest
+
+    rows = {row.key: row for row in settings.UPSTREAM_ROWS}
+    assert settings.parse_value(rows["UPSTREAM_KEEPALIVE"], "0", "a.env") == 0
+    assert settings.parse_value(rows["UPSTREAM_KEEPALIVE_TIMEOUT"], "60", "a.env") == 60
+    for key, bad in (("UPSTREAM_KEEPALIVE", "-1"), ("UPSTREAM_KEEPALIVE", "1025"), ("UPSTREAM_KEEPALIVE_TIMEOUT", "0"),
+                     ("UPSTREAM_KEEPALIVE_TIMEOUT", "1.5"), ("UPSTREAM_MAX_FAILS", "x"), ("UPSTREAM_FAIL_TIMEOUT", "3601")):
+        with pytest.raises(ConfigError):
+            settings.parse_value(rows[key], bad, "a.env")
+    assert settings.upstream_options(None) == {"keepalive": 16, "keepalive_timeout": 4, "max_fails": 1, "fail_timeout": 10}
+
+
+def test_foreign_directives_names_hand_added_lines_and_the_setting_to_use():
+    from bluegreen.nginx import foreign_directives, foreign_warning, setting_for
+
+    plan, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    written = plan.upstream_text()
+    assert foreign_directives(written, written) == [] and foreign_directives(None, written) == []
+    edited = written.replace("    keepalive 16;\n", "    keepalive 32;\n    least_conn;\n").replace(
+        "8082;", "8082 weight=5;")
+    assert foreign_directives(edited, written) == ["server 127.0.0.1:8082 weight=5;", "keepalive 32;", "least_conn;"]
+    # The guide's hand-written file: its `keepalive 16;` is what the deploy writes too, so nothing is lost.
+    seed = "upstream user-api {\n    server 127.0.0.1:8081;\n    keepalive 16;\n}\n"
+    assert foreign_directives(seed, written) == []
+    assert foreign_directives(seed.replace("16", "64"), written) == ["keepalive 64;"]
+    assert setting_for("keepalive 64;") == "UPSTREAM_KEEPALIVE=64"
+    assert setting_for("keepalive_timeout 1m;") == "UPSTREAM_KEEPALIVE_TIMEOUT=60"
+    assert setting_for("server 127.0.0.1:8081 max_fails=3 fail_timeout=30s;") == \
+        "UPSTREAM_MAX_FAILS=3 and UPSTREAM_FAIL_TIMEOUT=30"
+    (warning,) = foreign_warning(["keepalive 64;"], "/x/user-api-upstream.conf", "user-api.env")
+    assert "has `keepalive 64;`, which bluegreen did not write" in warning and "UPSTREAM_KEEPALIVE=64 in user-api.env" in warning
+
+
+def test_a_file_a_deploy_wrote_is_not_foreign_after_a_setting_changed():
+    from bluegreen.nginx import UpstreamOptions, foreign_directives
+
+    old = render_upstream(name="api", port=8081, project="api", colour="blue", tag="v1", token=TOKEN,
+                          options=UpstreamOptions(keepalive=16))
+    new = render_upstream(name="api", port=8082, project="api", colour="green", tag="v2", token=TOKEN,
+                          options=UpstreamOptions(keepalive=64))
+    assert foreign_directives(old, new) == []
+    assert foreign_directives(old.replace("keepalive 16;", "keepalive 32;"), new) == ["keepalive 32;"]
+
+
+def test_plan_deploy_warns_about_foreign_lines_and_ports_in_the_ephemeral_range():
+    seed = "upstream user-api {\n    server 127.0.0.1:8081;\n    keepalive 32;\n}\n"
+    _, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=parse_upstream(seed),
+                              upstream_text=seed, ephemeral=(32768, 60999))
+    assert len(warnings) == 1 and "UPSTREAM_KEEPALIVE=32" in warnings[0]
+    _, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=parse_upstream(seed),
+                              ephemeral=(8000, 8081))
+    assert len(warnings) == 1 and warnings[0].startswith("BLUE_PORT=8081 in ") and "ip_local_reserved_ports=8081" in warnings[0]
