@@ -7,11 +7,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Mapping, TextIO
 
 from bluegreen import nginx as ngx
+from bluegreen import ports as portlib
 from bluegreen import safefs, state, template
-from bluegreen.config import _IMAGE_RE, RESERVED_KEYS, Settings, parse_env, project_from_entries, validate_project
+from bluegreen.config import (_IMAGE_RE, RESERVED_KEYS, Settings, load_project, parse_env, project_from_entries,
+                              validate_project)
+from bluegreen.settings import BY_KEY, upstream_options
 from bluegreen.errors import BluegreenError, CommandError, ConfigError, ExecutableNotFound, UsageError
 from bluegreen.host import invocation, upstream_dir
 from bluegreen.runner import Runner, indent
@@ -88,11 +91,39 @@ def probe_host(server_name: str) -> str:
     return "" if server_name == "_" or server_name.startswith("*.") else server_name
 
 
-def render_env(*, project: str, image: str, blue_port: int, green_port: int, nginx_url: str, server_name: str, server_conf: str) -> str:
-    return template.render(
+DEFAULT_LOG_DIR = str(BY_KEY["LOG_DIR"].default)
+
+
+def log_dir_for(project: str, others: Mapping[str, str | None], default: str = DEFAULT_LOG_DIR) -> str:
+    """LOG_DIR for a new project: the default (the seed's one project per server), or DEFAULT/PROJECT when
+    another project on this host already logs there (None: its env file could not be read, so it may)."""
+    taken = [d for name, d in others.items() if name != project]
+    return f"{default}/{project}" if any(d is None or d == default for d in taken) else default
+
+
+def other_log_dirs(settings: Settings, project: str) -> dict[str, str | None]:
+    """Every other project's LOG_DIR under the root (None when its env file does not load)."""
+    found: dict[str, str | None] = {}
+    for other in settings.projects():
+        if other == project:
+            continue
+        try:
+            found[other] = load_project(settings, other).log_dir
+        except BluegreenError:
+            found[other] = None
+    return found
+
+
+def render_env(*, project: str, image: str, blue_port: int, green_port: int, nginx_url: str, server_name: str, server_conf: str,
+               log_dir: str = DEFAULT_LOG_DIR) -> str:
+    text = template.render(
         "project.env", PROJECT=project, IMAGE=image, BLUE_PORT=blue_port, GREEN_PORT=green_port,
         NGINX_URL=nginx_url, SERVER_NAME=probe_host(server_name), SERVER_CONF=server_conf,
     )
+    if log_dir != DEFAULT_LOG_DIR:
+        # Written uncommented only when it is not the default, so the seed's layout reads as before.
+        text = text.replace(f"\n#LOG_DIR={DEFAULT_LOG_DIR}\n", f"\nLOG_DIR={log_dir}\n", 1)
+    return text
 
 
 def render_server_block(*, project: str, upstream: str, upstream_file: str, listen: str, server_name: str) -> str:
@@ -104,7 +135,8 @@ def render_server_block(*, project: str, upstream: str, upstream_file: str, list
 
 def render_placeholder_upstream(*, project: str, upstream: str, blue_port: int, token: str) -> str:
     """The upstream of a project not deployed yet: valid for `nginx -t`, routes nowhere, keeps its token."""
-    return ngx.render_upstream(name=upstream, port=blue_port, project=project, colour="-", tag="-", token=token, down=True)
+    return ngx.render_upstream(name=upstream, port=blue_port, project=project, colour="-", tag="-", token=token, down=True,
+                               options=ngx.UpstreamOptions(**upstream_options(None)))
 
 
 def project_files(
@@ -117,6 +149,7 @@ def project_files(
     server_name: str,
     existing_upstream: ngx.Upstream | None,
     token: str,
+    log_dir: str = DEFAULT_LOG_DIR,
 ) -> list[FileSpec]:
     """The three server-side files of a project; the env file is checked with the real loader."""
     validate_project(project)
@@ -129,7 +162,7 @@ def project_files(
     upstream = existing_upstream.name if existing_upstream else project
     env = render_env(
         project=project, image=image, blue_port=ports[0], green_port=ports[1], nginx_url=nginx_url,
-        server_name=server_name, server_conf=str(server_path),
+        server_name=server_name, server_conf=str(server_path), log_dir=log_dir,
     )
     env_path = settings.env_file(project)
     try:
@@ -138,8 +171,9 @@ def project_files(
     except ConfigError as exc:
         raise UsageError(f"{exc.message} (from the options given to init; nothing was written)") from None
     _check_reads_back(entries, image)
+    logs = "" if log_dir == DEFAULT_LOG_DIR else f", LOG_DIR={log_dir} (another project on this host logs to {DEFAULT_LOG_DIR})"
     return [
-        FileSpec(env_path, env, f"IMAGE={image}, ports {ports[0]}/{ports[1]}; add SPRING_PROFILES and the app's settings here",
+        FileSpec(env_path, env, f"IMAGE={image}, ports {ports[0]}/{ports[1]}{logs}; add SPRING_PROFILES and the app's settings here",
                  mode=0o640, root=settings.root),
         FileSpec(
             upstream_path,
@@ -315,7 +349,7 @@ def init_project(
     token = existing.token if existing and existing.token else ngx.new_token()
     files = project_files(
         settings, project=project, image=image, ports=blue_green, listen=listen, server_name=server_name,
-        existing_upstream=existing, token=token,
+        existing_upstream=existing, token=token, log_dir=log_dir_for(project, other_log_dirs(settings, project)),
     )
     done = write_files(files, force=force)
     upstream = existing.name if existing else project
@@ -323,6 +357,10 @@ def init_project(
     for item in done:
         print(f"{item.status:<8} {item.spec.path}: {item.spec.note}", file=stdout)
     print(nginx_note, file=stdout)
+    ephemeral = portlib.ephemeral_warning([("BLUE_PORT", blue_green[0]), ("GREEN_PORT", blue_green[1])],
+                                          portlib.ephemeral_range(), settings.env_file(project).name)
+    if ephemeral:
+        print(f"warning: {ephemeral}", file=stdout)
     me = invocation()
     if setup_needed:
         print(f"Next: sudo {me} setup   (then: {me} deploy {project} TAG)", file=stdout)

@@ -325,3 +325,72 @@ def test_host_config_files_are_read_bounded_and_never_block(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=10,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.strip() == "UnsafePath", proc.stderr
+
+
+# -- issue 10: keep-alive to the app, LOG_DIR per project, ephemeral ports ------------------------------
+
+def test_server_block_speaks_http11_to_the_upstream_and_passes_a_real_nginx_t(tmp_path):
+    """init's block proxied with HTTP/1.0 (a new connection to the app per request); now HTTP/1.1 with an empty
+    Connection header and the forwarding headers, and `nginx -t` accepts it with the keep-alive upstream."""
+    out = files(tmp_path)
+    block = out["user-api.conf"]
+    for line in ("proxy_http_version 1.1;", 'proxy_set_header Connection "";', "proxy_set_header Host $host;",
+                 "proxy_set_header X-Real-IP $remote_addr;",
+                 "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+                 "proxy_set_header X-Forwarded-Proto $http_x_forwarded_proto;", nginx.add_header_line("user-api")):
+        assert f"        {line}\n" in block or f"    {line}\n" in block, line
+    assert "    keepalive 16;\n    keepalive_timeout 4s;\n" in out["user-api-upstream.conf"]
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed")
+    prefix = tmp_path / "ngx"
+    (prefix / "logs").mkdir(parents=True)
+    (prefix / "upstream.conf").write_text(out["user-api-upstream.conf"])
+    deployed = nginx.render_upstream(
+        name="other", port=8082, project="other", colour="green", tag="v2", token=TOKEN,
+        options=nginx.UpstreamOptions(keepalive=8, keepalive_timeout=30, max_fails=3, fail_timeout=20))
+    (prefix / "deployed.conf").write_text(deployed)
+    (prefix / "server.conf").write_text(block.replace("listen 80;", "listen 127.0.0.1:1;"))
+    (prefix / "nginx.conf").write_text(
+        f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\nevents {{}}\nhttp {{\n"
+        f"    access_log off;\n    include {prefix}/upstream.conf;\n    include {prefix}/deployed.conf;\n"
+        f"    include {prefix}/server.conf;\n}}\n")
+    proc = subprocess.run(["nginx", "-t", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_log_dir_for_a_second_project_is_its_own():
+    assert init.log_dir_for("user-api", {}) == "/app/logs"  # the seed: one project per server
+    assert init.log_dir_for("user-api", {"user-api": "/app/logs"}) == "/app/logs"  # init --force of itself
+    assert init.log_dir_for("orders", {"user-api": "/app/logs"}) == "/app/logs/orders"
+    assert init.log_dir_for("orders", {"user-api": None}) == "/app/logs/orders"  # unreadable: it may log there
+    assert init.log_dir_for("orders", {"user-api": "/srv/user-api/logs"}) == "/app/logs"
+
+
+def test_init_of_a_second_project_gives_it_its_own_log_dir(tmp_path):
+    env = {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "true"}
+    code, out, err = run(["init", "user-api", "--image", "ghcr.io/acme/api"], env)
+    assert code == 0, err
+    first = (tmp_path / "root" / "projects" / "user-api.env").read_text()
+    assert "\n#LOG_DIR=/app/logs\n" in first and "LOG_DIR=/app/logs/" not in first  # the seed's layout
+    code, out, err = run(["init", "orders", "--image", "ghcr.io/acme/orders", "--ports", "8083,8084"], env)
+    assert code == 0, err
+    second = (tmp_path / "root" / "projects" / "orders.env").read_text()
+    assert "\nLOG_DIR=/app/logs/orders\n" in second and "#LOG_DIR=" not in second
+    assert "LOG_DIR=/app/logs/orders (another project on this host logs to /app/logs)" in out
+    cfg = project_from_entries("orders", "orders.env", parse_env(second, "orders.env"))
+    assert cfg.log_dir == "/app/logs/orders"
+
+
+def test_init_warns_about_ports_in_the_ephemeral_range(tmp_path):
+    from bluegreen import ports
+
+    low, high = ports.ephemeral_range()
+    env = {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF_DIR": str(tmp_path / "conf.d"), "BLUEGREEN_NGINX": "true"}
+    code, out, err = run(["init", "a", "--image", "acme/a", "--ports", f"{low},{high}"], env)
+    assert code == 0, err
+    assert f"warning: BLUE_PORT={low} and GREEN_PORT={high} in a.env are inside the kernel's ephemeral port range" in out
+    assert f"ip_local_reserved_ports={low},{high}" in out
+    if low > 1001:
+        code, out, err = run(["init", "b", "--image", "acme/b", "--ports", "1000,1001"], env)
+        assert code == 0 and "ephemeral" not in out
