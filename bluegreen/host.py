@@ -115,15 +115,41 @@ def running_pyz() -> Path | None:
     return None
 
 
+# Interpreters a root-run schedule and the launcher may name: the distribution's, which outlive any one
+# login's pyenv/virtualenv (a cron line naming /root/.pyenv/... breaks when that version is removed).
+STABLE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def stable_python(candidates: tuple[str, ...] = STABLE_PYTHONS, is_file=os.path.isfile) -> str | None:
+    """The first system python3 of `candidates` that exists, or None."""
+    for path in candidates:
+        if is_file(path):
+            return path
+    return None
+
+
 def self_command(settings: Settings, pyz: str | None = None, python: str | None = None) -> list[str]:
-    """argv that runs this program from cron or systemd: the interpreter and the pyz, both absolute."""
-    interpreter = python or sys.executable or "/usr/bin/python3"
-    archive = pyz or str(running_pyz() or os.path.abspath(str(settings.root / "bluegreen.pyz")))
-    return [interpreter, os.path.abspath(archive)]
+    """argv that runs this program from cron or systemd: a stable interpreter and the pyz, both absolute."""
+    interpreter = python or stable_python() or "/usr/bin/python3"
+    return [interpreter, pyz_path(settings, pyz)]
 
 
-def invocation() -> str:
-    """How the user ran us, for 'Next: ...' hints: `python3 /opt/deploy/bluegreen.pyz`, or `bluegreen`."""
+def pyz_path(settings: Settings, pyz: str | None = None) -> str:
+    """The pyz the schedule and the launcher run: --pyz, else this one, else ROOT/bluegreen.pyz."""
+    return os.path.abspath(pyz or str(running_pyz() or settings.root / "bluegreen.pyz"))
+
+
+# The launcher exports this so that messages name the command the user typed; only a plain word or path is
+# believed (it is our own environment, but it ends up in messages).
+INVOKED_AS = "BLUEGREEN_INVOKED_AS"
+_INVOKED_RE = re.compile(r"[A-Za-z0-9_./+-]{1,256}\Z")
+
+
+def invocation(environ: "dict | None" = None) -> str:
+    """How the user ran us, for 'Next: ...' hints: `bluegreen` through the launcher setup installs, else
+    `python3 /opt/deploy/bluegreen.pyz`."""
+    named = (os.environ if environ is None else environ).get(INVOKED_AS, "")
+    if isinstance(named, str) and _INVOKED_RE.match(named):
+        return named
     pyz = running_pyz()
     return f"python3 {shlex.quote(str(pyz))}" if pyz else "bluegreen"
-

@@ -1,6 +1,6 @@
 """`bluegreen setup`: the seed's host set-up as one idempotent command: directories and their owner, the
-nginx.conf include of the managed upstream directory (tested, put back if nginx refuses it), and the
-daily log backup (one cron.d file, or a systemd timer). Facts are read first, the plan is decided from
+nginx.conf include of the managed upstream directory (tested, put back if nginx refuses it), the
+daily log backup (one cron.d file, or a systemd timer) and the `bluegreen` launcher on the PATH. Facts are read first, the plan is decided from
 them alone, then carried out; a second run finds nothing to do."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from bluegreen import nginx as ngx
 from bluegreen import safefs, state, template
 from bluegreen.config import Settings
 from bluegreen.errors import BluegreenError, CommandError, ExecutableNotFound, UsageError
-from bluegreen.host import (add_include, include_line, includes_dir, invocation, nginx_conf_path, read_config_file,
-                            self_command, upstream_dir)
+from bluegreen.host import (INVOKED_AS, STABLE_PYTHONS, add_include, include_line, includes_dir, invocation, nginx_conf_path, pyz_path,
+                            read_config_file, self_command, stable_python, upstream_dir)
 from bluegreen.runner import Runner, display, indent
 
 CRON_FILE = "bluegreen"
@@ -27,6 +27,20 @@ TIMER_UNIT = "bluegreen-backup-logs.timer"
 SERVICE_UNIT = "bluegreen-backup-logs.service"
 SCHEDULES = ("auto", "cron", "systemd", "none")
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # what sd_booted() checks
+# /etc/cron.d exists without any cron (Debian's e2fsprogs ships a file there): the daemon must be installed.
+CRON_DAEMONS = ("/usr/sbin/cron", "/usr/sbin/crond", "/sbin/cron", "/sbin/crond", "/usr/bin/crond")
+DEFAULT_CRON_DIR = Path("/etc/cron.d")
+# Test-only: colon-separated paths that stand in for CRON_DAEMONS (the test machine has no cron).
+TEST_CRON_DAEMONS = "BLUEGREEN_TEST_CRON_DAEMONS"
+# Where the launcher goes: a directory on root's and sudo's PATH.
+LAUNCHER_DIR = "BLUEGREEN_LAUNCHER_DIR"
+DEFAULT_LAUNCHER_DIR = "/usr/local/bin"
+LAUNCHER_NAME = "bluegreen"
+LAUNCHER_MARK = "# Managed by `bluegreen setup`"
+_ON_PATH = ("/usr/local/bin", "/usr/bin", "/bin", "/usr/local/sbin", "/usr/sbin", "/sbin")
+INSTALL_CRON = ("`sudo apt-get install -y cron` on Debian/Ubuntu, `sudo dnf install -y cronie && sudo systemctl "
+                "enable --now crond` on Amazon Linux/RHEL")
+INSTALL_PYTHON = "`sudo apt-get install -y python3` on Debian/Ubuntu, `sudo dnf install -y python3` on Amazon Linux/RHEL"
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,9 @@ class Facts:
     timer_enabled: bool
     seed_crontab_lines: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # what setup found and leaves alone (hard-linked files, odd names)
+    launcher: Path | None = None  # where the launcher goes (None: not installed, the pyz is missing)
+    launcher_text: str | None = None  # what is there now (None: nothing)
+    launcher_mode: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class Step:
     path: Path | None = None
     data: str = ""
     argv: tuple[str, ...] = ()
+    mode: int = 0o644  # of a written file
 
 
 @dataclass
@@ -79,29 +97,48 @@ class Wanted:
     include: str
     upstream_dir: str
     schedule_files: dict = field(default_factory=dict)  # Path -> text
+    launcher: str = ""  # the launcher script ("" = none)
 
 
 # -- pure: deciding -------------------------------------------------------------------------------------
 
-def choose_schedule(requested: str, *, cron_dir_exists: bool, systemd_running: bool) -> str:
-    """cron when the host has it (one file in /etc/cron.d), else a systemd timer, else a clear error."""
+def choose_schedule(requested: str, *, cron_dir_exists: bool, systemd_running: bool, cron_daemon: bool = True) -> str:
+    """cron when the host has it (a cron.d directory and a cron daemon to read it), else a systemd timer,
+    else a clear error."""
     if requested == "none":
         return "none"
-    if requested == "cron" or (requested == "auto" and cron_dir_exists):
+    if requested == "cron" or (requested == "auto" and cron_dir_exists and cron_daemon):
         if not cron_dir_exists:
             raise UsageError(
-                "--schedule cron: this host has no cron directory (/etc/cron.d): install cron first "
-                "(`sudo dnf install -y cronie && sudo systemctl enable --now crond`), or use --schedule systemd. "
-                "Nothing was changed."
+                f"--schedule cron: this host has no cron directory (/etc/cron.d): install cron first ({INSTALL_CRON}), "
+                f"or use --schedule systemd. Nothing was changed."
+            )
+        if not cron_daemon:
+            raise UsageError(
+                f"--schedule cron: the cron directory exists but no cron daemon is installed ({', '.join(CRON_DAEMONS)} "
+                f"are all missing), so nothing would ever run the daily log backup written there. Install cron "
+                f"({INSTALL_CRON}), or use --schedule systemd. Nothing was changed."
             )
         return "cron"
     if systemd_running:
         return "systemd"
+    what = "cron (/etc/cron.d)" if not cron_dir_exists else "a cron daemon (only its /etc/cron.d directory)"
     raise UsageError(
-        "This host has neither cron (/etc/cron.d) nor a running systemd, so the daily log backup cannot be "
-        "scheduled: install cron (`sudo dnf install -y cronie && sudo systemctl enable --now crond`) or rerun "
-        "with --schedule none and run `backup-logs` some other way. Nothing was changed."
+        f"This host has neither {what} nor a running systemd, so the daily log backup cannot be scheduled: install "
+        f"cron ({INSTALL_CRON}) or rerun with --schedule none and run `backup-logs` some other way. Nothing was changed."
     )
+
+
+def launcher_text(python: str, pyz: str, invoked_as: str) -> str:
+    """The `bluegreen` launcher: a stable python3 running the pyz, telling it how the user calls it."""
+    return (f"#!/bin/sh\n{LAUNCHER_MARK}: runs {pyz} with {python}; rewritten when set-up runs "
+            f"again.\n{INVOKED_AS}={_sh_word(invoked_as)}\nexport {INVOKED_AS}\n"
+            f"exec {_sh_word(python)} {_sh_word(pyz)} \"$@\"\n")
+
+
+def launcher_invoked_as(path: Path) -> str:
+    """`bluegreen` when the launcher's directory is on every PATH root and sudo use, else its full path."""
+    return LAUNCHER_NAME if str(path.parent) in _ON_PATH and path.name == LAUNCHER_NAME else str(path)
 
 
 # -- pure: the schedule files, written as root, so every value is validated and escaped for its format --------
@@ -241,6 +278,14 @@ def plan_setup(facts: Facts, wanted: Wanted) -> tuple[list[Step], list[str]]:
             ok.append(f"{TIMER_UNIT} is enabled")
     if facts.schedule == "none":
         ok.append("log backup not scheduled (--schedule none)")
+    if wanted.launcher and facts.launcher is not None:
+        if facts.launcher_text == wanted.launcher and facts.launcher_mode == 0o755:
+            ok.append(f"launcher {facts.launcher} is up to date")
+        elif facts.launcher_text is None or facts.launcher_text.startswith(f"#!/bin/sh\n{LAUNCHER_MARK}"):
+            verb = "install" if facts.launcher_text is None else "update"
+            steps.append(Step("write", f"{verb} the launcher {facts.launcher} (`{wanted.launcher.splitlines()[-1]}`)",
+                              path=facts.launcher, data=wanted.launcher, mode=0o755))
+        # else: someone else's file of that name, left alone (read_facts warned)
     return steps, ok
 
 
@@ -344,6 +389,8 @@ def read_facts(
     schedule: str,
     schedule_files: Callable[[str], dict],
     systemd_running: bool,
+    cron_daemon: bool = True,
+    launcher: Path | None = None,
 ) -> tuple[Facts, dict]:
     """Read the host (read-only commands only); returns the facts and the wanted schedule files."""
     conf = nginx_conf_path(settings, runner)
@@ -358,7 +405,8 @@ def read_facts(
         # The include may live in another file nginx loads; -T fails while a server block lacks its upstream.
         dump = runner.run(ngx.dump_argv(settings.nginx_cmd), check=False, mutates=False, timeout=60)
         in_dump = dump.ok and includes_dir(dump.stdout, upstream_dir(settings))
-    resolved = choose_schedule(schedule, cron_dir_exists=settings.cron_dir.is_dir(), systemd_running=systemd_running)
+    resolved = choose_schedule(schedule, cron_dir_exists=settings.cron_dir.is_dir(), systemd_running=systemd_running,
+                               cron_daemon=cron_daemon)
     wanted_files = schedule_files(resolved)
     timer_enabled = False
     if resolved == "systemd":
@@ -372,6 +420,10 @@ def read_facts(
         found, notes = _file_facts(d, root)
         files.extend(found)
         warnings.extend(notes)
+    launcher_now, launcher_mode = _launcher_fact(launcher) if launcher is not None else (None, 0)
+    if launcher_now is not None and not launcher_now.startswith(f"#!/bin/sh\n{LAUNCHER_MARK}"):
+        warnings.append(f"left {shown(launcher)} as it is: setup did not write it; remove it (or set {LAUNCHER_DIR} "
+                        f"to install the launcher in another directory) and run setup again")
     facts = Facts(
         owner=owner,
         dirs=dir_facts,
@@ -384,8 +436,60 @@ def read_facts(
         schedule_files=tuple((p, _current(p)) for p in wanted_files),
         timer_enabled=timer_enabled,
         seed_crontab_lines=_seed_crontab_lines(runner, owner),
+        launcher=launcher,
+        launcher_text=launcher_now,
+        launcher_mode=launcher_mode,
     )
     return facts, wanted_files
+
+
+def _launcher_fact(path: Path) -> tuple[str | None, int]:
+    """What the launcher path holds now and its mode; a link or anything but a small file reads as someone
+    else's ("")."""
+    try:
+        st = os.lstat(str(path))
+    except FileNotFoundError:
+        return None, 0
+    except OSError:
+        return "", 0
+    if not stat.S_ISREG(st.st_mode) or st.st_size > 64 * 1024:
+        return "", 0
+    try:
+        return read_config_file(path, max_bytes=64 * 1024) or "", stat.S_IMODE(st.st_mode)
+    except (OSError, safefs.UnsafePath):
+        return "", 0
+
+
+def cron_daemon_installed(settings: Settings, environ: dict, is_file: Callable[[str], bool] = os.path.isfile) -> bool:
+    """Whether a cron daemon would read the cron directory. Checked for /etc/cron.d (or when the test-only
+    BLUEGREEN_TEST_CRON_DAEMONS lists stand-ins); a BLUEGREEN_CRON_DIR of the admin's is taken as read by a cron."""
+    test_paths = environ.get(TEST_CRON_DAEMONS)
+    if isinstance(test_paths, str):
+        return any(is_file(p) for p in test_paths.split(":") if p)
+    if Path(os.path.abspath(str(settings.cron_dir))) != DEFAULT_CRON_DIR:
+        return True
+    return any(is_file(p) for p in CRON_DAEMONS)
+
+
+def check_runs_as(runner: Runner, owner: Owner, argv: list[str]) -> str | None:
+    """None if `argv --version` runs as `owner` the way cron would start it, else what went wrong."""
+    if os.geteuid() == owner.uid:
+        prefix: list[str] = []
+    elif os.geteuid() == 0:
+        prefix = ["setpriv", f"--reuid={owner.uid}", f"--regid={owner.gid}", "--init-groups", "--"]
+    else:
+        return None  # only root can try it as another user; setup needs root for that user's files anyway
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/", "LANG": "C.UTF-8"}
+    try:
+        result = runner.run([*prefix, *argv, "--version"], check=False, mutates=False, timeout=60, env=env)
+    except ExecutableNotFound:
+        return None if prefix else f"{argv[0]} does not exist"  # with a prefix: no setpriv to check with
+    except CommandError as exc:
+        return exc.output_tail(2)
+    if result.ok:
+        return None
+    tail = [ln.strip() for ln in (result.stderr + result.stdout).splitlines() if ln.strip()][-2:]
+    return _printable("; ".join(tail) or f"exit status {result.returncode}", 300)
 
 
 def _current(path: Path) -> str | None:
@@ -436,7 +540,7 @@ def apply_step(step: Step, *, runner: Runner, settings: Settings, owner: Owner) 
         return "owner set"
     if step.kind == "write":
         step.path.parent.mkdir(parents=True, exist_ok=True)
-        state.atomic_write(step.path, step.data, mode=0o644)
+        state.atomic_write(step.path, step.data, mode=step.mode)
         return "written"
     if step.kind == "systemctl":
         runner.run(list(step.argv), timeout=60)
@@ -503,17 +607,45 @@ def setup_host(
     check_user(who.name)
     root = Path(os.path.abspath(str(settings.root)))
     dirs = (root, root / "projects", root / "nginx", root / "nginx" / "conf.d", Path(logs), Path(backup))
-    command = [*self_command(settings, pyz), "backup-logs", "--logs", logs, "--backup", backup,
+    # The schedule and the launcher name the system python3, never the one setup happens to run with
+    # (a pyenv or virtualenv path of one login, which an upgrade removes).
+    python = stable_python()
+    if python is None:
+        raise UsageError(f"This host has no system python3 ({' or '.join(STABLE_PYTHONS)}), which the daily log backup "
+                         f"and the `bluegreen` launcher run with: install it ({INSTALL_PYTHON}). Nothing was changed.")
+    archive = pyz_path(settings, pyz)
+    pyz_there = os.path.isfile(archive)
+    launcher, launcher_data, invoked_as = None, "", ""
+    if pyz_there:
+        launcher_dir = check_value(LAUNCHER_DIR, environ.get(LAUNCHER_DIR) or DEFAULT_LAUNCHER_DIR)
+        launcher = Path(os.path.abspath(launcher_dir)) / LAUNCHER_NAME
+        invoked_as = launcher_invoked_as(launcher)
+        launcher_data = launcher_text(python, archive, invoked_as)
+    command = [*self_command(settings, archive, python), "backup-logs", "--logs", logs, "--backup", backup,
                "--older-than", f"{older_than:g}", "--keep-days", f"{keep_days:g}"]
     facts, wanted_files = read_facts(
         settings, runner, owner=who, dirs=dirs, schedule=schedule,
         schedule_files=lambda s: schedule_texts(settings, s, owner=who, command=command, logs=logs, backup=backup,
                                                 older_than=older_than, keep_days=keep_days),
         systemd_running=SYSTEMD_RUNNING.is_dir() if systemd_running is None else systemd_running,
+        cron_daemon=cron_daemon_installed(settings, environ),
+        launcher=launcher,
     )
-    wanted = Wanted(include=include_line(settings), upstream_dir=upstream_dir(settings), schedule_files=wanted_files)
+    wanted = Wanted(include=include_line(settings), upstream_dir=upstream_dir(settings), schedule_files=wanted_files,
+                    launcher=launcher_data)
     steps, ok = plan_setup(facts, wanted)
-    for line in facts.warnings:
+    warnings = list(facts.warnings)
+    if not pyz_there:
+        warnings.append(f"{shown(archive)} does not exist, so no `bluegreen` launcher was installed"
+                        f"{' and the daily log backup would fail' if facts.schedule != 'none' else ''}: copy "
+                        f"bluegreen.pyz there (or give its path with --pyz) and run setup again")
+    elif facts.schedule != "none":
+        problem = check_runs_as(runner, who, [python, archive])
+        if problem:
+            warnings.append(f"the daily log backup runs `{python} {shown(archive)}` as {who.name}, but that fails here "
+                            f"({problem}): make the pyz and its directories readable by {who.name} (e.g. chmod 644 "
+                            f"the pyz, 755 its directories) or give another one with --pyz, then run setup again")
+    for line in warnings:
         print(f"warning: {line}.", file=stderr)
     for line in facts.seed_crontab_lines:
         print(f"warning: {who.name}'s crontab still has the seed's line `{line.strip()}`; the backup now runs from "
@@ -555,7 +687,8 @@ def setup_host(
             ) from None
         done.append(step.text)
         print(f"  changed  {step.text}: {note}", file=stdout)
-    me = invocation()
+    ours = launcher is not None and (facts.launcher_text is None or facts.launcher_text.startswith(f"#!/bin/sh\n{LAUNCHER_MARK}"))
+    me = invoked_as if ours else invocation()
     print(f"Done: {len(done)} change(s). Next: {me} init PROJECT --image IMAGE, then {me} deploy PROJECT TAG "
           f"({me} doctor checks everything).", file=stdout)
     return 0

@@ -7,8 +7,9 @@ import io
 import os
 import pwd
 import shlex
+import shutil
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stack as stacklib
-from bluegreen import setup
+from bluegreen import host, setup
 from bluegreen.cli import main
 from bluegreen.config import load_settings
 from bluegreen.errors import BluegreenError, UsageError
@@ -273,6 +274,10 @@ class BareHost:
         self.logs = work / "logs"
         self.backup = work / "backup"
         self.cron_dir.mkdir()
+        self.bin = work / "bin"  # the launcher goes here, never into this machine's /usr/local/bin
+        # A copy of the pyz the owner can read (the session's pyz and pytest's tmp_path are root's only).
+        self.pyz_dir = Path(tempfile.mkdtemp(prefix="bg-setup-pyz-", dir="/tmp"))
+        self.pyz = self.pyz_dir / "bluegreen.pyz"
         self.nginx = stacklib.Nginx(str(work / "nginx"), includes=[])
         self.nginx.start()
         self.conf = Path(self.nginx.conf)
@@ -284,10 +289,13 @@ class BareHost:
             "BLUEGREEN_NGINX": shlex.join(self.nginx.cmd),
             "BLUEGREEN_NGINX_CONF_DIR": str(self.conf_dir),
             "BLUEGREEN_CRON_DIR": str(self.cron_dir),
+            "BLUEGREEN_LAUNCHER_DIR": str(self.bin),
+            # Test-only stand-in for /usr/sbin/cron: this machine has no cron daemon.
+            "BLUEGREEN_TEST_CRON_DAEMONS": str(self.work / "fake-cron"),
         }
 
     def setup_args(self, *extra: str) -> list[str]:
-        return ["setup", "--logs", str(self.logs), "--backup", str(self.backup), *extra]
+        return ["setup", "--logs", str(self.logs), "--backup", str(self.backup), "--pyz", str(self.pyz), *extra]
 
     def snapshot(self) -> dict:
         """Every file and directory under the work dir (but nginx's own logs and pid) with content, mode and owner."""
@@ -301,13 +309,18 @@ class BareHost:
 
 
 @pytest.fixture
-def bare(tmp_path):
+def bare(tmp_path, stack):
     tmp_path.chmod(0o755)  # nginx workers run as nobody
     host = BareHost(tmp_path)
     try:
+        (tmp_path / "fake-cron").write_text("")
+        host.pyz_dir.chmod(0o755)
+        shutil.copyfile(stack.pyz, host.pyz)
+        host.pyz.chmod(0o644)
         yield host
     finally:
         host.nginx.stop()
+        shutil.rmtree(host.pyz_dir, ignore_errors=True)
 
 
 def test_init_setup_deploy_on_an_empty_root_works_first_time_and_setup_twice_changes_nothing(stack, project, bare):
@@ -336,7 +349,10 @@ def test_init_setup_deploy_on_an_empty_root_works_first_time_and_setup_twice_cha
     assert env_file.stat().st_uid == nobody and (bare.root / "nginx" / "conf.d" / f"{project.name}-upstream.conf").stat().st_uid == nobody
     assert bare.conf.read_text().count(f"include {bare.root}/nginx/conf.d/*.conf;") == 1
     cron = (bare.cron_dir / "bluegreen").read_text()
-    assert f" nobody {sys.executable} {stack.pyz} backup-logs --logs {bare.logs} --backup {bare.backup} --older-than 1 --keep-days 90\n" in cron
+    # A stable interpreter, never the one setup ran with (sys.executable is a pyenv path on the test machine).
+    assert f" nobody /usr/bin/python3 {bare.pyz} backup-logs --logs {bare.logs} --backup {bare.backup} --older-than 1 --keep-days 90\n" in cron
+    assert "warning" not in first.stderr, first.stderr  # /usr/bin/python3 runs the pyz as nobody
+    assert (bare.bin / "bluegreen").stat().st_mode & 0o777 == 0o755
 
     settled = bare.snapshot()
     again = project.run(*bare.setup_args("--owner", "nobody"), env=env, check=True)
@@ -383,6 +399,51 @@ def test_setup_without_cron_or_systemd_says_what_to_install(stack, project, bare
     env = dict(bare.env(), BLUEGREEN_CRON_DIR=str(bare.work / "no-cron"))
     proc = project.run(*bare.setup_args(), env=env, check=2)
     assert "neither cron" in proc.stderr and "dnf install -y cronie" in proc.stderr and not bare.root.exists()
+
+
+def test_setup_with_a_cron_directory_but_no_cron_daemon_says_what_to_install(stack, project, bare):
+    """Debian without cron: /etc/cron.d exists (e2fsprogs ships a file there) but nothing would read it. The
+    daemon check looks at the test-only BLUEGREEN_TEST_CRON_DAEMONS, here an empty list: no daemon."""
+    env = dict(bare.env(), BLUEGREEN_TEST_CRON_DAEMONS="")
+    proc = project.run(*bare.setup_args("--schedule", "cron"), env=env, check=2)
+    assert "no cron daemon is installed" in proc.stderr and "apt-get install -y cron" in proc.stderr, proc.stderr
+    assert "dnf install -y cronie" in proc.stderr and "Nothing was changed" in proc.stderr
+    assert list(bare.cron_dir.iterdir()) == [] and not bare.root.exists() and not bare.bin.exists()
+    if not os.path.isdir("/run/systemd/system"):  # auto falls back to a timer only where systemd runs
+        auto = project.run(*bare.setup_args(), env=env, check=2)
+        assert "neither a cron daemon" in auto.stderr and "apt-get install -y cron" in auto.stderr
+        assert list(bare.cron_dir.iterdir()) == [] and not bare.root.exists()
+
+
+def test_setup_warns_when_the_owner_cannot_run_the_pyz(stack, project, bare):
+    # A pyz in a directory only root may enter: cron would fail every night as nobody.
+    private = bare.work / "private"
+    private.mkdir(mode=0o700)
+    pyz = private / "bluegreen.pyz"
+    shutil.copyfile(stack.pyz, pyz)
+    proc = project.run("setup", "--logs", str(bare.logs), "--backup", str(bare.backup), "--pyz", str(pyz),
+                       "--owner", "nobody", env=bare.env(), check=True)
+    assert f"the daily log backup runs `/usr/bin/python3 {pyz}` as nobody, but that fails here" in proc.stderr
+    assert "Permission denied" in proc.stderr and (bare.cron_dir / "bluegreen").is_file()
+
+
+def test_cron_daemon_check_and_interpreter_choice(tmp_path):
+    settings = load_settings(str(tmp_path), {})
+    assert settings.cron_dir == setup.DEFAULT_CRON_DIR
+    assert setup.cron_daemon_installed(settings, {}, is_file=lambda p: p == "/usr/sbin/cron")
+    assert setup.cron_daemon_installed(settings, {}, is_file=lambda p: p == "/usr/sbin/crond")
+    assert not setup.cron_daemon_installed(settings, {}, is_file=lambda p: p == "/etc/cron.d/e2scrub_all")
+    assert setup.cron_daemon_installed(settings, {"BLUEGREEN_TEST_CRON_DAEMONS": "/x:/y"}, is_file=lambda p: p == "/y")
+    with pytest.raises(UsageError, match="no cron daemon"):
+        setup.choose_schedule("cron", cron_dir_exists=True, systemd_running=True, cron_daemon=False)
+    assert setup.choose_schedule("auto", cron_dir_exists=True, systemd_running=True, cron_daemon=False) == "systemd"
+    with pytest.raises(UsageError, match="neither a cron daemon"):
+        setup.choose_schedule("auto", cron_dir_exists=True, systemd_running=False, cron_daemon=False)
+    assert host.stable_python(is_file=lambda p: True) == "/usr/bin/python3"
+    assert host.stable_python(is_file=lambda p: p == "/usr/local/bin/python3") == "/usr/local/bin/python3"
+    assert host.stable_python(is_file=lambda p: False) is None
+    argv = host.self_command(settings, "/opt/deploy/bluegreen.pyz")
+    assert argv[1] == "/opt/deploy/bluegreen.pyz" and argv[0] in host.STABLE_PYTHONS and ".pyenv" not in argv[0]
 
 
 def test_an_nginx_conf_with_bytes_that_are_not_utf8_gets_the_include_and_keeps_its_bytes(stack, project, bare):
