@@ -647,9 +647,9 @@ def setup_host(
                             f"the pyz, 755 its directories) or give another one with --pyz, then run setup again")
     for line in warnings:
         print(f"warning: {line}.", file=stderr)
-    for line in facts.seed_crontab_lines:
+    for line in facts.seed_crontab_lines if facts.schedule != "none" else ():  # with none, the seed's line is the backup
         print(f"warning: {who.name}'s crontab still has the seed's line `{line.strip()}`; the backup now runs from "
-              f"{'/etc/cron.d/' + CRON_FILE if facts.schedule == 'cron' else 'bluegreen setup'}, so remove it "
+              f"{settings.cron_dir / CRON_FILE if facts.schedule == 'cron' else 'the systemd timer ' + TIMER_UNIT}, so remove it "
               f"(`crontab -e -u {who.name}`) to avoid doing it twice.", file=stderr)
     head = "Dry run: setup would" if dry_run else "Setup"
     print(f"{head} (root {root}, owner {who.name}, logs {logs} -> {backup}, schedule {facts.schedule}):", file=stdout)

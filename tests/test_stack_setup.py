@@ -477,6 +477,26 @@ def test_the_owners_crontab_is_shown_bounded_and_without_control_characters():
         assert line.isprintable() and len(line) <= 210 and line.startswith("0 2 * * * find /app/logs -delete")
 
 
+@pytest.mark.parametrize("schedule", ["cron", "systemd", "none"])
+def test_the_seed_crontab_warning_names_the_schedule_really_written(tmp_path, schedule):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"http {{ include {tmp_path}/root/nginx/conf.d/*.conf; }}\n")
+    env = {"BLUEGREEN_ROOT": str(tmp_path / "root"), "BLUEGREEN_NGINX_CONF": str(conf),
+           "BLUEGREEN_CRON_DIR": str(tmp_path), "BLUEGREEN_SYSTEMD_DIR": str(tmp_path)}
+    out, err = io.StringIO(), io.StringIO()
+    code = setup.setup_host(settings=load_settings(None, env), runner=_Crontab("0 2 * * * find /app/logs -mtime +1\n"),
+                            owner=None, logs=str(tmp_path / "logs"), backup=str(tmp_path / "bk"), schedule=schedule,
+                            older_than=1, keep_days=90, pyz=None, dry_run=True, environ=env, stdout=out, stderr=err,
+                            systemd_running=True)
+    assert code == 0, err.getvalue()
+    warned = [ln for ln in err.getvalue().splitlines() if "the seed's line" in ln]
+    if schedule == "none":
+        assert warned == []  # the seed's line is then the only backup: never advise removing it
+    else:
+        where = str(tmp_path / "bluegreen") if schedule == "cron" else f"the systemd timer {setup.TIMER_UNIT}"
+        assert len(warned) == 1 and f"the backup now runs from {where}, so remove it" in warned[0], warned
+
+
 @pytest.mark.parametrize("kind", ["chown", "mkdir"])
 def test_a_symlink_swapped_in_after_the_plan_is_never_followed(tmp_path, monkeypatch, kind):
     """The owner replaces ROOT/projects between setup's reading and its doing (the race is injected by
