@@ -101,6 +101,17 @@ def log_dir_for(project: str, others: Mapping[str, str | None], default: str = D
     return f"{default}/{project}" if any(d is None or d == default for d in taken) else default
 
 
+def shared_log_dirs(log_dirs: Mapping[str, str]) -> dict[str, list[str]]:
+    """LOG_DIR -> the projects that share it, for every directory two or more projects use ('' = none: skipped).
+
+    Their apps' app.log files clash and `backup-logs` mixes them (for doctor)."""
+    users: dict[str, list[str]] = {}
+    for project, log_dir in sorted(log_dirs.items()):
+        if log_dir:
+            users.setdefault(log_dir.rstrip("/") or "/", []).append(project)
+    return {d: names for d, names in users.items() if len(names) > 1}
+
+
 def other_log_dirs(settings: Settings, project: str) -> dict[str, str | None]:
     """Every other project's LOG_DIR under the root (None when its env file does not load)."""
     found: dict[str, str | None] = {}

@@ -394,3 +394,9 @@ def test_init_warns_about_ports_in_the_ephemeral_range(tmp_path):
     if low > 1001:
         code, out, err = run(["init", "b", "--image", "acme/b", "--ports", "1000,1001"], env)
         assert code == 0 and "ephemeral" not in out
+
+
+def test_shared_log_dirs_names_projects_that_share_one():
+    assert init.shared_log_dirs({"a": "/app/logs", "b": "/app/logs/b", "c": ""}) == {}
+    assert init.shared_log_dirs({"b": "/app/logs", "a": "/app/logs/", "c": "/x", "d": "/x"}) == {
+        "/app/logs": ["a", "b"], "/x": ["c", "d"]}
