@@ -179,7 +179,8 @@ def foreign_directives(text: str | None, expected: str = "") -> list[str]:
             continue
         if not expected and managed and (_OWN_SHAPES_RE.fullmatch(line) or (key is not None and _OWN_PARAMS_RE.fullmatch(key))):
             continue  # without an expected text, any value bluegreen itself could have written
-        found.append(line[:200])
+        # Shown in a warning: the file is the deploy user's, so no escape sequence reaches the terminal.
+        found.append("".join(c if c.isprintable() else "?" for c in line[:200]))
     return found[:20]
 
 

@@ -259,3 +259,12 @@ def test_plan_deploy_warns_about_foreign_lines_and_ports_in_the_ephemeral_range(
     _, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=parse_upstream(seed),
                               ephemeral=(8000, 8081))
     assert len(warnings) == 1 and warnings[0].startswith("BLUE_PORT=8081 in ") and "ip_local_reserved_ports=8081" in warnings[0]
+
+
+def test_foreign_lines_are_shown_bounded_and_without_control_characters():
+    from bluegreen.nginx import foreign_directives
+
+    text = "upstream a {\n    server 127.0.0.1:8081;\n    \x1b[2Jevil" + "x" * 5000 + ";\n" + "    y;\n" * 100 + "}\n"
+    found = foreign_directives(text, "")
+    assert len(found) == 20 and found[0].startswith("?[2Jevil") and len(found[0]) == 200
+    assert all(c.isprintable() for line in found for c in line)
