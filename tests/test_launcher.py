@@ -96,3 +96,17 @@ def test_no_launcher_without_a_pyz_to_run(stack, project, bare):  # noqa: F811
                        "--schedule", "none", env=bare.env(), check=True)
     assert f"{missing} does not exist, so no `bluegreen` launcher was installed" in proc.stderr
     assert not (bare.bin / "bluegreen").exists()
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+@pytest.mark.parametrize("guide", ["guide.md", "guide.ko.md"])
+def test_the_guides_give_debian_commands_beside_amazon_linux_ones_and_use_the_launcher(guide):
+    text = (DOCS / guide).read_text()
+    assert "sudo dnf install -y docker nginx cronie python3" in text
+    assert "sudo apt-get update && sudo apt-get install -y docker.io nginx cron python3" in text
+    assert "sudo systemctl enable --now docker nginx crond" in text and "sudo systemctl enable --now docker nginx cron\n" in text
+    assert "sites-enabled/default" in text and "admin" in text and "ubuntu" in text
+    assert "/usr/local/bin/bluegreen" in text and "alias bg=" not in text
+    assert "PULL=never" in text and "docker load -i" in text
