@@ -68,6 +68,19 @@ def parse_image_inspect(text: str) -> LocalImage | None:
     return LocalImage(image_id, tuple(d for d in digests if isinstance(d, str) and len(d) <= 1024))
 
 
+def pull_policy_problem(image: str, policy: str, local: Sequence[LocalImage]) -> str | None:
+    """What a deploy of `image` under `policy` would trip over, given this host's images of that repository
+    (for doctor); None when nothing. Pure."""
+    if policy == "always" and local and not any(i.digest_for(image) for i in local):
+        return (f"this host has {image} only as images loaded with `docker load` or built here (none came from a "
+                f"registry), but PULL=always pulls on every deploy, which fails for them: set PULL=missing (or never) "
+                f"in the env file")
+    if policy == "never" and not local:
+        return (f"PULL=never, but this host has no image of {image}: every deploy fails until it is loaded "
+                f"(`docker load -i FILE.tar`) or built here")
+    return None
+
+
 def pull_needed(policy: str, local: LocalImage | None) -> bool | None:
     """Whether to pull under `policy` given what the host has: True pull, False use the local image,
     None the image is missing and the policy forbids pulling it."""
@@ -209,6 +222,21 @@ class Docker:
         if found is None:  # not the line we asked for: nothing we can trust
             raise CommandError(list(result.argv), result.returncode, result.stdout, result.stderr)
         return found
+
+    def local_images(self, image: str) -> list[LocalImage]:
+        """Every image of repository `image` this host has (any tag), in two docker calls."""
+        listed = self.runner.run([*self.cmd, "images", "--no-trunc", "--format", "{{.ID}}", image], check=False,
+                                 mutates=False, timeout=60, output_limit=256 * 1024)
+        if not listed.ok:
+            raise CommandError(list(listed.argv), listed.returncode, listed.stdout, listed.stderr)
+        ids = sorted({i for i in listed.stdout.split() if _DIGEST_RE.fullmatch(i)})[:100]
+        if not ids:
+            return []
+        found = self.runner.run(image_inspect_argv(self.cmd, ids[0])[:-1] + ids, check=False, mutates=False,
+                                timeout=60, output_limit=1 << 20)
+        if not found.ok:
+            raise CommandError(list(found.argv), found.returncode, found.stdout, found.stderr)
+        return [i for i in (parse_image_inspect(line) for line in found.stdout.splitlines()) if i is not None]
 
     def inspect(self, name: str) -> Container | None:
         """The named container, or None if it does not exist."""

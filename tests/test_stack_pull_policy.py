@@ -40,6 +40,17 @@ def test_parse_image_inspect_and_repo_digest():
         assert dk.parse_image_inspect(bad) is None
 
 
+def test_pull_policy_problem_for_doctor():
+    loaded = [dk.LocalImage(ID)]
+    pulled = [dk.LocalImage(ID, (f"reg:5000/acme/app@{DIGEST}",))]
+    assert "PULL=always pulls on every deploy" in dk.pull_policy_problem("acme/app", "always", loaded)
+    assert dk.pull_policy_problem("reg:5000/acme/app", "always", pulled) is None
+    assert dk.pull_policy_problem("acme/app", "always", []) is None  # nothing here: a pull is the only way
+    assert "PULL=never, but this host has no image of acme/app" in dk.pull_policy_problem("acme/app", "never", [])
+    assert dk.pull_policy_problem("acme/app", "never", loaded) is None
+    assert dk.pull_policy_problem("acme/app", "missing", loaded) is None
+
+
 # -- real stack -------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -81,6 +92,18 @@ def test_loaded_image_deploys_with_pull_never_and_missing(project, loaded_image)
     assert "PULL=missing: this host has it" in second.stderr
     assert project.get("/version") == (200, "v1")
     assert project.containers() == [f"{project.name}-blue", f"{project.name}-green"]
+
+
+def test_doctor_facts_for_a_loaded_image(stack, loaded_image):
+    from bluegreen.runner import SubprocessRunner
+
+    docker = dk.Docker(SubprocessRunner(), ["docker"])
+    local = docker.local_images(loaded_image)
+    assert len(local) == 1 and local[0].digest_for(loaded_image) == ""
+    assert "PULL=always pulls on every deploy" in dk.pull_policy_problem(loaded_image, "always", local)
+    assert docker.local_images(loaded_image + "-absent") == []
+    pulled = docker.local_images(stack.image_repo)
+    assert pulled and dk.pull_policy_problem(stack.image_repo, "always", pulled) is None
 
 
 def test_loaded_image_with_pull_always_names_the_policy(project, loaded_image):
