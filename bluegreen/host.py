@@ -8,7 +8,6 @@ import os
 import re
 import shlex
 import stat
-import sys
 from pathlib import Path
 
 import bluegreen

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bluegreen import host, setup
-from test_stack_setup import BareHost, bare  # noqa: F401  (the fixture, shared with the setup tests)
+from test_stack_setup import bare  # noqa: F401  (the fixture, shared with the setup tests)
 
 
 def test_launcher_text_runs_the_pyz_with_a_stable_python_and_says_how_it_was_called():
