@@ -70,6 +70,7 @@ def deploy_project(
     digest: str = "",
     runner: Runner | None = None,
     clock: Callable[[], float] = time.monotonic,
+    rollback_note: str = "",
 ) -> int:
     """Validate, lock, check the freeze, run hooks around the deploy, journal and notify the outcome."""
     validate_project(project)
@@ -88,6 +89,8 @@ def deploy_project(
     for warning in cfg.warnings:
         say(stderr, f"warning: {warning}")
     if dry_run:
+        if rollback_note:
+            say(stderr, rollback_note)
         return _print_plan(settings, cfg, tag, stdout, stderr, digest)
 
     runner = runner or SubprocessRunner()
@@ -102,7 +105,7 @@ def deploy_project(
             # while it holds the lock: the next deploy never sees a half-reported one.
             summary = _attempt(settings=settings, cfg=cfg, tag=tag, digest=digest, entry=entry, runner=runner,
                                progress=progress, started=started, clock=clock, environ=environ, stderr=stderr,
-                               action=action)
+                               action=action, rollback_note=rollback_note)
     except LockedError as exc:
         if inside[0]:
             raise
@@ -117,7 +120,7 @@ def deploy_project(
 
 def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, entry: journal.Entry, runner: Runner,
              progress: Progress, started: float, clock: Callable[[], float], environ: Mapping[str, str], stderr: TextIO,
-             action: str) -> str:
+             action: str, rollback_note: str = "") -> str:
     """The attempt under the lock: freeze, plan, pre-deploy hook, deploy; then journal, hooks and notify."""
     project = cfg.project
     deployer: Deployer | None = None
@@ -132,14 +135,26 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
         refuse_route_clash(settings, project)
         # Plan under the lock (the previous deploy may have just switched colours), from where nginx
         # really routes now when a probe through it can tell.
-        plan, warnings = read_plan(settings, cfg, tag, probe=health.http_probe, digest=digest)
+        seen: list[health.Probe] = []  # the probe through nginx, so that messages say what it answered
+
+        def probe(url: str, **kwargs) -> health.Probe:
+            answer = health.http_probe(url, **kwargs)
+            seen.append(answer)
+            return answer
+
+        plan, warnings = read_plan(settings, cfg, tag, probe=probe, digest=digest)
         for warning in warnings:
             say(stderr, f"warning: {warning}")
         entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
+        if rollback_note:  # only now: a frozen or locked project refuses before any plan is announced
+            say(stderr, rollback_note)
         _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
         verb = "Rolling back" if action == "rollback" else "Deploying"
         progress.say(f"{verb} {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
-        deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock)
+        # check_nginx_first: before the pull, a deploy that could not switch (nginx down, `nginx -t` failing,
+        # the include missing) fails at once with the cause.
+        deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock,
+                            seen_before=seen[0] if seen else None, check_nginx_first=True)
         summary = deployer.run(plan)
     except BaseException as exc:
         error = _as_error(exc, deployer)
@@ -319,9 +334,11 @@ def rollback_project(
     # deployed then, by the digest the journal recorded.
     pinned = f" (the image it deployed then: {cfg.image}@{digest})" if digest else (
         " (no digest was recorded for it, so it is pulled by tag as it is now)" if not target.startswith("sha256:") else "")
-    say(stderr, f"Rolling back {project} from {serving or 'nothing'} to {target}{pinned}.")
+    # Said by the attempt once the freeze and the lock let it go ahead, never before a refusal.
+    note = f"Rolling back {project} from {serving or 'nothing'} to {target}{pinned}."
     return deploy_project(settings=settings, project=project, tag=target, wait=wait, dry_run=dry_run, stdout=stdout,
-                          stderr=stderr, environ=environ, action="rollback", digest=digest, runner=runner)
+                          stderr=stderr, environ=environ, action="rollback", digest=digest, runner=runner,
+                          rollback_note=note)
 
 
 def recorded_digest(entries: list[journal.Entry], tag: str) -> str:

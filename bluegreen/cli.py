@@ -291,7 +291,9 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     else:
         for item in found:
             print(status.render_line(item), file=ctx.stdout)
-    return EXIT_OK
+    # For cron and monitoring (`bluegreen status user-api || alert`): 0 only when every project is served
+    # by a running, healthy container through a running nginx (docs/exit-codes.md).
+    return EXIT_OK if all(item.verdict == status.OK for item in found) else EXIT_FAILED
 
 
 def cmd_history(args: argparse.Namespace, ctx: Context) -> int:

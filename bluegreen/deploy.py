@@ -407,8 +407,6 @@ class Deployer:
         """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
         cfg = plan.cfg
         start = self.clock()
-        if self.check_nginx_first:
-            self.preflight(plan)
         names = [n for n in (plan.current_name, plan.target_name) if n]
         try:
             # Both colours in one docker call: what serves, and what is left in the idle slot.
@@ -425,6 +423,8 @@ class Deployer:
         self._refuse_serving_leftover(plan, leftover)
         serving = self.serving_note(plan, old)
         self._refuse_unproven_leftover(plan, leftover, serving)
+        if self.check_nginx_first:
+            self.preflight(plan)
 
         try:
             self._pull(plan, serving)

@@ -94,13 +94,20 @@ def _registry_key(key: str) -> str:
     return "docker.io" if key in ("index.docker.io", "registry-1.docker.io", "docker.io") else key
 
 
-def judge_credentials(image: str, config: dict | None, config_path: str) -> Check:
-    """Is there a login for the image's registry in the docker client config of the deploying user?"""
+def judge_credentials(image: str, config: dict | None, config_path: str, open_registry: bool | None = None,
+                      answer: str = "") -> Check:
+    """Is there a login for the image's registry in the docker client config of the deploying user?
+
+    `open_registry`: True when the registry answered an anonymous `/v2/` (`answer`) without asking for
+    credentials, False when it asked (401), None when not known: only a registry that asks needs a login."""
     registry = registry_host(image)
     name = "registry login"
     fix = f"docker login {registry} (as the user that deploys; for GHCR a PAT with read:packages)"
+    if open_registry and not _has_login(registry, config):
+        return Check(name, OK, f"{registry} answers pulls without credentials ({answer}): no login needed")
+    asks = f" ({registry} asks for credentials: {answer})" if open_registry is False else ""
     if config is None:
-        return Check(name, WARN, f"no docker client config at {config_path}: a private image of {registry} will not pull", fix)
+        return Check(name, WARN, f"no docker client config at {config_path}: a private image of {registry} will not pull{asks}", fix)
     # The file is the user's, but any shape of JSON must give an answer, not a crash.
     helpers = config.get("credHelpers") if isinstance(config.get("credHelpers"), dict) else {}
     auths = config.get("auths") if isinstance(config.get("auths"), dict) else {}
@@ -110,7 +117,40 @@ def judge_credentials(image: str, config: dict | None, config_path: str) -> Chec
         return Check(name, OK, f"{registry}: logged in ({config_path})")
     if config.get("credsStore"):
         return Check(name, OK, f"{registry}: credentials, if any, are in the {config['credsStore']} store ({config_path})")
-    return Check(name, WARN, f"no login for {registry} in {config_path}: a private image will not pull", fix)
+    return Check(name, WARN, f"no login for {registry} in {config_path}: a private image will not pull{asks}", fix)
+
+
+def _has_login(registry: str, config: dict | None) -> bool:
+    if not isinstance(config, dict):
+        return False
+    helpers = config.get("credHelpers") if isinstance(config.get("credHelpers"), dict) else {}
+    auths = config.get("auths") if isinstance(config.get("auths"), dict) else {}
+    return any(_registry_key(k) == registry for k in [*helpers, *auths]) or bool(config.get("credsStore"))
+
+
+def registry_url(registry: str) -> str:
+    """The `/v2/` URL docker would use: https, or http for a registry on the loopback (docker's default
+    insecure range)."""
+    host = "registry-1.docker.io" if registry == "docker.io" else registry
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    local = name in ("localhost", "[::1]") or name.startswith("127.")
+    return f"{'http' if local else 'https'}://{host}/v2/"
+
+
+def registry_is_open(registry: str, timeout: float = 3.0) -> tuple[bool | None, str]:
+    """An anonymous, bounded GET of the registry's `/v2/`: (True: answered 200, False: asked for
+    credentials with 401, None: no answer or anything else) and what it answered."""
+    from bluegreen import http_client
+
+    url = registry_url(registry)
+    try:
+        answer = http_client.request("GET", url, timeout=timeout, max_bytes=4096)
+    except http_client.HttpError as exc:
+        return None, f"GET {url}: {exc.detail}"
+    except (OSError, ValueError) as exc:  # a name http_client cannot use: say so, decide nothing
+        return None, f"GET {url}: {exc}"
+    verdict = True if answer.status == 200 else False if answer.status == 401 else None
+    return verdict, f"GET {url} answered HTTP {answer.status}"
 
 
 def judge_disk(label: str, path: str, free: int | None, min_free: int) -> Check:
@@ -488,12 +528,45 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
         checks.append(judge_port(project, colour, port, busy, holders))
 
     config, config_path = _docker_config(environ)
-    checks.append(judge_credentials(cfg.image, config, config_path))
+    registry = registry_host(cfg.image)
+    open_registry, answer = (None, "") if _has_login(registry, config) else registry_is_open(registry)
+    checks.append(judge_credentials(cfg.image, config, config_path, open_registry, answer))
+    checks.append(serving_check(settings, runner, project))
     if cfg.log_dir:
         checks.append(judge_disk("LOG_DIR", cfg.log_dir, _free_bytes(cfg.log_dir), min_free))
     checks.append(lock_check(settings, project))
     checks += project_trust_checks(settings, project, cfg)
     return checks
+
+
+def judge_serving(ps) -> Check:
+    """status's verdict on the path a client takes, as a doctor item: a service that is down is a FAIL."""
+    from bluegreen import status
+
+    if ps.error:
+        return Check("serving", WARN, f"cannot tell: {ps.error.splitlines()[0]}")
+    if ps.serving is None and all(c.state == "absent" for c in ps.colours):
+        return Check("serving", OK, "not deployed yet: nothing to check")
+    failed = status.first_failed(ps.checks)
+    fix = failed.fix if failed is not None and failed.fix else ps.drift[0].fix if ps.drift else ""
+    if ps.verdict == status.DOWN:
+        return Check("serving", FAIL, f"the service is down: {status.reason(ps)}", fix)
+    if ps.verdict == status.DEGRADED:
+        return Check("serving", WARN, f"degraded: {status.reason(ps)}", fix)
+    live = next((c for c in ps.colours if c.colour == ps.serving), None)
+    return Check("serving", OK, f"nginx answers {ps.nginx_answer} and routes to {live.container if live else ps.serving}, "
+                                f"which runs and is healthy")
+
+
+def serving_check(settings: Settings, runner: Runner, project: str) -> Check:
+    """The same facts `bluegreen status` reads: nginx running and answering, routed to the serving container."""
+    from bluegreen import status
+
+    try:
+        (ps,) = status.collect(settings, [project], runner)
+    except BluegreenError as exc:  # docker missing: its own check says so
+        return Check("serving", WARN, f"cannot tell: {exc.message.splitlines()[0]}")
+    return judge_serving(ps)
 
 
 # -- doing: the trust model's facts (lstat only: nothing is opened or followed) --------------------------

@@ -9,11 +9,17 @@ from typing import Callable, Sequence
 from bluegreen import docker as dk
 from bluegreen import journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
-from bluegreen.deploy import current_colour, observe_route
+from bluegreen import nginx as ngx
+from bluegreen.deploy import OBSERVE_TIMEOUT, current_colour, observe_route
 from bluegreen.errors import BluegreenError
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
 from bluegreen.nginx import add_header_line, parse_upstream
+
+# The verdict of one project: what a client gets (docs/exit-codes.md: `status` exits 0 only when all are OK).
+OK = "ok"
+DEGRADED = "degraded"  # clients are served, but something on the path is wrong or unproven
+DOWN = "down"  # a client's request does not reach a running, healthy serving container
 from bluegreen.runner import Runner
 
 
@@ -50,9 +56,121 @@ class ProjectStatus:
     drift: list = field(default_factory=list)  # Drift
     error: str | None = None  # the env file could not be loaded
     nginx_route: int | None = None  # the port a probe through nginx was routed to (None: could not tell)
+    verdict: str | None = None  # OK, DEGRADED or DOWN (None: the env file could not be loaded)
+    checks: list = field(default_factory=list)  # Check: the path a client takes, step by step
+    nginx_answer: str | None = None  # what NGINX_URL + HEALTH_PATH answered ("HTTP 200", "connection refused")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # nginx, through nginx, route, container, health
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class NginxState:
+    """Whether the nginx master runs (its pid file, as `nginx -T` names it, and /proc) and whether -t passes."""
+
+    running: bool
+    pid: int | None
+    pid_file: str
+    error: str | None = None  # `nginx -t` failed: nginx's own words
+
+
+def nginx_state(settings: Settings, runner: Runner) -> NginxState:
+    """One `nginx -T` for all projects: the pid file it names, and the master behind it."""
+    error = None
+    dump = ""
+    try:
+        result = runner.run(ngx.dump_argv(settings.nginx_cmd), check=False, mutates=False, timeout=30)
+        if result.returncode == 0:
+            dump = result.stdout
+        else:
+            lines = [ln for ln in (result.stderr + "\n" + result.stdout).splitlines() if ln.strip()]
+            error = "\n".join(ln for ln in lines if "test failed" not in ln)[-2000:] or "(nginx printed nothing)"
+    except BluegreenError as exc:  # nginx (or sudo) not installed
+        error = exc.message
+    pid, pid_file = ngx.master_pid(dump, settings.nginx_cmd, settings.nginx_pid_file)
+    return NginxState(pid is not None, pid, pid_file, error)
+
+
+def judge(cfg: ProjectConfig, *, nginx: NginxState | None, answer: Probe | None, nginx_route: int | None,
+          serving: str | None, colours: Sequence[ColourState], drift: Sequence[Drift]) -> tuple[str, list[Check]]:
+    """The verdict on the path a client takes (pure): nginx runs, answers NGINX_URL, routes to the serving
+    container, which runs and is healthy. `nginx`/`answer` None: not looked at (no live checks)."""
+    checks: list[Check] = []
+    down = False
+    if nginx is not None:
+        if nginx.running:
+            checks.append(Check("nginx", True, f"master pid {nginx.pid} ({nginx.pid_file})"))
+        else:
+            down = True
+            checks.append(Check("nginx", False, f"nginx is not running (no live master process in {nginx.pid_file})",
+                                "systemctl start nginx  (and `systemctl enable nginx` so that it starts at boot); if "
+                                "nginx runs with another pid file, set BLUEGREEN_NGINX_PID_FILE"))
+        if nginx.error:
+            checks.append(Check("nginx -t", False, f"nginx rejects its configuration: {nginx.error.splitlines()[-1]}",
+                                "fix the error `nginx -t` shows, then `systemctl reload nginx`"))
+    url = f"{cfg.nginx_url}{cfg.health_path}"
+    if answer is not None:
+        if answer.status == cfg.health_expect:
+            checks.append(Check("through nginx", True, f"{url} answered {answer.detail}"))
+        else:
+            down = True
+            checks.append(Check("through nginx", False, f"{url} answered {answer.detail}, not HTTP {cfg.health_expect}",
+                                f"see the checks below; `curl -sv {url}` shows what a client gets"))
+    live = next((c for c in colours if c.colour == serving), None)
+    if live is None:
+        down = True
+        checks.append(Check("container", False, "nothing serves: neither colour is routed to",
+                            f"bluegreen deploy {cfg.project} <tag>"))
+        return DOWN, checks
+    if answer is not None and answer.status is not None:  # no answer at all: nothing to say about the route
+        if nginx_route == live.port:
+            checks.append(Check("route", True, f"nginx routes to {live.container} (127.0.0.1:{live.port}), seen through nginx"))
+        else:
+            checks.append(Check("route", False, f"bluegreen could not see where nginx routes {cfg.project} (no route "
+                                                f"header in nginx's answer), so it cannot prove {live.container} serves",
+                                f"add `{add_header_line(cfg.project)}` to the server block"))
+    if live.state == "running":
+        checks.append(Check("container", True, f"{live.container} runs"))
+    else:
+        down = True
+        what = "does not exist" if live.state == "absent" else f"is {live.state}"
+        checks.append(Check("container", False, f"{live.container} {what}",
+                            f"docker start {live.container}" if live.state != "absent" else f"bluegreen deploy {cfg.project} <tag>"))
+    if live.healthy is True:
+        checks.append(Check("health", True, f"{live.container} answers {live.health} on 127.0.0.1:{live.port}{cfg.health_path}"))
+    elif live.healthy is False:
+        checks.append(Check("health", False, f"{live.container} answers {live.health} on 127.0.0.1:{live.port}{cfg.health_path}",
+                            f"bluegreen logs {cfg.project} --tail 100"))
+    if down:
+        return DOWN, checks
+    if any(not c.ok for c in checks) or drift:
+        return DEGRADED, checks
+    return OK, checks
+
+
+# The cause before its symptom: a stopped container is why nginx answers 502.
+_CAUSES = ("nginx", "nginx -t", "container", "health", "route", "through nginx")
+
+
+def first_failed(checks: Sequence[Check]) -> Check | None:
+    failed = sorted((c for c in checks if not c.ok), key=lambda c: _CAUSES.index(c.name) if c.name in _CAUSES else 99)
+    return failed[0] if failed else None
+
+
+def reason(ps: ProjectStatus) -> str:
+    """Why the verdict is not OK, in a few words (the failed check nearest the cause, else the first drift)."""
+    failed = first_failed(ps.checks)
+    if failed is not None:
+        return failed.detail
+    return ps.drift[0].problem if ps.drift else ""
 
 
 def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, active: str | None,
@@ -131,11 +249,13 @@ def collect(settings: Settings, projects: Sequence[str], runner: Runner,
             configs[name] = getattr(exc, "message", str(exc))
     names = [dk.container_name(n, c) for n, cfg in configs.items() if not isinstance(cfg, str) for c in COLOURS]
     containers = dk.Docker(runner, settings.docker_cmd).inspect_many(names)
+    # nginx once for all projects, and only when status looks live (the master process, `nginx -t`).
+    nginx = nginx_state(settings, runner) if live_health and any(not isinstance(c, str) for c in configs.values()) else None
     out = []
     for name, cfg in configs.items():
         if not isinstance(cfg, str):
             try:
-                out.append(_one(settings, name, cfg, containers, probe, live_health))
+                out.append(_one(settings, name, cfg, containers, probe, live_health, nginx))
                 continue
             except BluegreenError as exc:  # a planted link or FIFO among this project's files: report it, go on
                 cfg = exc.message
@@ -144,13 +264,29 @@ def collect(settings: Settings, projects: Sequence[str], runner: Runner,
     return out
 
 
+def through_nginx(cfg: ProjectConfig, upstream, probe: Callable[..., Probe]) -> tuple[int | None, Probe]:
+    """Where nginx routes the project (observe_route's proof) and what it answered: the request a client makes."""
+    answers: list[Probe] = []
+
+    def recording(url: str, **kwargs) -> Probe:
+        got = probe(url, **kwargs)
+        answers.append(got)
+        return got
+
+    route = observe_route(cfg, upstream, recording)
+    if not answers:  # no probe token yet (hand-written upstream): the status of a plain request
+        recording(f"{cfg.nginx_url}{cfg.health_path}", timeout=min(cfg.health_request_timeout, OBSERVE_TIMEOUT),
+                  host=cfg.server_name)
+    return route, answers[0]
+
+
 def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, probe: Callable[..., Probe],
-         live_health: bool) -> ProjectStatus:
+         live_health: bool, nginx: NginxState | None = None) -> ProjectStatus:
     path = settings.upstream_file(name)
     upstream = parse_upstream(state.read_text(path, root=settings.root))
     active = state.read_active(settings.active_file(name))
     # What nginx really routes to (a probe through it), not only what the upstream file says it will.
-    nginx_route = observe_route(cfg, upstream, probe) if live_health else None
+    nginx_route, via_nginx = through_nginx(cfg, upstream, probe) if live_health else (None, None)
     serving, _ = current_colour(cfg, active=active, upstream=upstream, upstream_path=path, observed=nginx_route)
     if nginx_route is not None and cfg.colour_of_port(nginx_route) is None:
         nginx_route = None
@@ -175,6 +311,10 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
     digest = next((e.digest for e in reversed(entries) if e.result == journal.RESULT_DEPLOYED and e.tag == tag and e.digest), None)
     holder = current_holder(settings.lock_file(name))
     freeze = read_freeze(settings.freeze_file(name))
+    drift = find_drift(cfg, settings, serving=serving, active=active,
+                       upstream_port=upstream.port if upstream else None, colours=colours, nginx_route=nginx_route)
+    verdict, checks = judge(cfg, nginx=nginx, answer=via_nginx, nginx_route=nginx_route, serving=serving, colours=colours,
+                            drift=drift)
     return ProjectStatus(
         project=name,
         serving=serving,
@@ -186,9 +326,11 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
         lock=asdict(holder) if holder else None,
         freeze=asdict(freeze) if freeze else None,
         last_deploy=asdict(last) if last else None,
-        drift=find_drift(cfg, settings, serving=serving, active=active,
-                         upstream_port=upstream.port if upstream else None, colours=colours, nginx_route=nginx_route),
+        drift=drift,
         nginx_route=nginx_route,
+        verdict=verdict,
+        checks=checks,
+        nginx_answer=via_nginx.detail if via_nginx is not None else None,
     )
 
 
@@ -205,6 +347,8 @@ def render_line(ps: ProjectStatus) -> str:
         flags.append("FROZEN")
     if ps.drift:
         flags.append(f"{len(ps.drift)} problem(s)")
+    if ps.verdict in (DOWN, DEGRADED):
+        flags.insert(0, f"{ps.verdict.upper()}: {reason(ps)}")
     return f"{ps.project:<20} {where}" + (f"  [{', '.join(flags)}]" if flags else "  ok")
 
 
@@ -213,6 +357,11 @@ def render(ps: ProjectStatus, settings: Settings) -> str:
     if ps.error:
         return f"{ps.project}: {ps.error}"
     lines = [f"{ps.project}"]
+    if ps.verdict:
+        lines.append(f"  verdict     {ps.verdict.upper()}" + (f": {reason(ps)}" if ps.verdict != OK else
+                                                            ": nginx answers and routes to a running, healthy container"))
+    for c in ps.checks:
+        lines.append(f"  {'ok' if c.ok else 'FAIL':<4} {c.name:<14} {c.detail}" + ("" if c.ok or not c.fix else f"\n       fix: {c.fix}"))
     lines.append(f"  serving     {ps.serving or 'nothing'}" + (f" (tag {ps.tag}, digest {ps.digest or 'unknown'})" if ps.serving else ""))
     lines.append(f"  upstream    {settings.upstream_file(ps.project)} -> " + (f"127.0.0.1:{ps.upstream_port}" if ps.upstream_port else "nowhere"))
     lines.append("  nginx route " + (f"127.0.0.1:{ps.nginx_route} (seen through nginx)" if ps.nginx_route else

@@ -131,9 +131,15 @@ def test_finds_each_seeded_fault(deployed, tmp_path):
     assert f"FAIL green port 127.0.0.1:{p.green_port} (GREEN_PORT) is taken by another process" in out
     assert "1 problem(s) would make a deploy fail" in out
 
-    # 3. no registry login.
+    # 3. no registry login: the open registry needs none; the one with a login asks (HTTP 401).
     out = doctor_run(p, env={"DOCKER_CONFIG": str(tmp_path / "empty")}, check=0).stdout
-    assert "WARN registry login" in out and f"docker login {p.stack.registry.open_addr}" in out
+    assert "ok registry login" in out and "no login needed" in out
+    p.write_env(IMAGE=p.stack.auth_image_repo)
+    os.chmod(p.env_file, 0o600)
+    out = doctor_run(p, env={"DOCKER_CONFIG": str(tmp_path / "empty")}).stdout
+    p.write_env()
+    os.chmod(p.env_file, 0o600)
+    assert "WARN registry login" in out and f"docker login {p.stack.registry.auth_addr}" in out
 
     # 4. a deploy holds the lock.
     lock = Path(p.env_file).with_suffix(".lock")

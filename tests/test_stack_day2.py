@@ -12,8 +12,8 @@ import stack as stacklib
 from test_stack_deploy import deploy_ok, inspect, serving
 
 
-def status_json(project) -> dict:
-    proc = project.run("status", project.name, "--json", check=True)
+def status_json(project, check=True) -> dict:
+    proc = project.run("status", project.name, "--json", check=check)
     (item,) = json.loads(proc.stdout)
     return item
 
@@ -47,7 +47,7 @@ def test_status_names_drift_and_the_fix(project):
     # (Before, status trusted the file and said "the service is down".)
     upstream = Path(project.upstream_file)
     upstream.write_text(upstream.read_text().replace(f"127.0.0.1:{project.green_port}", f"127.0.0.1:{project.blue_port}"))
-    item = status_json(project)
+    item = status_json(project, check=1)  # degraded: exit 1 (docs/exit-codes.md)
     assert item["serving"] == "green" and item["nginx_route"] == project.green_port and item["tag"] == "v2"
     problems = {d["problem"]: d["fix"] for d in item["drift"]}
     assert not any("service is down" in p for p in problems), problems
@@ -55,13 +55,13 @@ def test_status_names_drift_and_the_fix(project):
                f"through nginx), but the upstream file routes to 127.0.0.1:{project.blue_port}: nginx has not loaded" in p]
     assert pending and f"would switch traffic to {project.name}-blue, which is exited" in pending[0], problems
     assert problems[pending[0]].startswith(f"bluegreen deploy {project.name} <tag>")
-    overview = project.run("status", check=True).stdout
+    overview = project.run("status", check=1).stdout
     assert "problem(s)" in [ln for ln in overview.splitlines() if ln.startswith(project.name)][0]
 
     # Restore the file, then stop the serving container.
     upstream.write_text(upstream.read_text().replace(f"127.0.0.1:{project.blue_port}", f"127.0.0.1:{project.green_port}"))
     stacklib.docker("stop", "-t", "1", f"{project.name}-green")
-    item = status_json(project)
+    item = status_json(project, check=1)  # down: exit 1
     assert [d["fix"] for d in item["drift"]] == [f"docker start {project.name}-green"]
 
 

@@ -196,13 +196,19 @@ def test_nginx_t_failure_restores_the_upstream_and_old_keeps_serving(project):
     project.serve()
     upstream = Path(project.upstream_file).read_bytes()
     broken = Path(project.stack.conf_d) / f"{project.name}-zz-broken.conf"
-    broken.write_text("this_is_not_a_directive on;\n")
+    # Broken while the deploy runs (at the start of the switch): a config broken before it starts is refused
+    # before the pull (tests/test_stack_truth.py).
+    proc = project.popen(project.name, "v2", env={"BLUEGREEN_FAULT_PAUSE": "switch:2"})
+    watch = LineWatcher(proc)
     try:
-        proc = project.run(project.name, "v2", check=1)
+        watch.wait_for("fault-pause: switch")
+        broken.write_text("this_is_not_a_directive on;\n")
+        assert proc.wait(timeout=60) == 1
     finally:
-        broken.unlink()
-    assert 'unknown directive "this_is_not_a_directive"' in proc.stderr
-    assert "The upstream file was put back" in proc.stderr and "still serves" in proc.stderr
+        broken.unlink(missing_ok=True)
+    stderr = watch.text()
+    assert 'unknown directive "this_is_not_a_directive"' in stderr
+    assert "The upstream file was put back" in stderr and "still serves" in stderr
     assert Path(project.upstream_file).read_bytes() == upstream
     assert_old_still_serves(project)
     # With the config fixed, the same deploy goes through.
