@@ -8,8 +8,9 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
+from bluegreen import settings
 from bluegreen.errors import CommandError
 from bluegreen.runner import Runner
 
@@ -206,11 +207,18 @@ def setting_for(line: str) -> str:
     return " and ".join(wanted)
 
 
-def foreign_warning(lines: list[str], path: str, source: str) -> list[str]:
-    """One warning per foreign line: what the deploy does to it and which setting to use instead."""
+def foreign_warning(lines: list[str], path: str, source: str, known: Collection[str] | None = None) -> list[str]:
+    """One warning per foreign line: what the deploy does to it and which setting to use instead.
+
+    `known`: the env-file keys bluegreen reads (default: the settings table); a setting not among them is
+    never suggested, since it would only reach the app as environment."""
+    if known is None:
+        known = settings.BY_KEY
     out = []
     for line in lines:
         setting = setting_for(line)
+        if setting and not all(part.split("=")[0] in known for part in setting.split(" and ")):
+            setting = ""
         fix = (f"set {setting} in {source} instead" if setting else
                "no bluegreen setting writes it: put it in the server block (a `proxy_*` directive) or ask for a setting")
         out.append(f"{path} has `{line}`, which bluegreen did not write; this deploy rewrites the file without it. "

@@ -236,8 +236,11 @@ def test_foreign_directives_names_hand_added_lines_and_the_setting_to_use():
     assert setting_for("keepalive_timeout 1m;") == "UPSTREAM_KEEPALIVE_TIMEOUT=60"
     assert setting_for("server 127.0.0.1:8081 max_fails=3 fail_timeout=30s;") == \
         "UPSTREAM_MAX_FAILS=3 and UPSTREAM_FAIL_TIMEOUT=30"
-    (warning,) = foreign_warning(["keepalive 64;"], "/x/user-api-upstream.conf", "user-api.env")
+    (warning,) = foreign_warning(["keepalive 64;"], "/x/user-api-upstream.conf", "user-api.env", known={"UPSTREAM_KEEPALIVE"})
     assert "has `keepalive 64;`, which bluegreen did not write" in warning and "UPSTREAM_KEEPALIVE=64 in user-api.env" in warning
+    # A setting the env file does not know yet is never suggested (it would only reach the app as environment).
+    (warning,) = foreign_warning(["keepalive 64;"], "/x/user-api-upstream.conf", "user-api.env", known=set())
+    assert "UPSTREAM_KEEPALIVE" not in warning and "no bluegreen setting writes it" in warning
 
 
 def test_a_file_a_deploy_wrote_is_not_foreign_after_a_setting_changed():
@@ -255,7 +258,7 @@ def test_plan_deploy_warns_about_foreign_lines_and_ports_in_the_ephemeral_range(
     seed = "upstream user-api {\n    server 127.0.0.1:8081;\n    keepalive 32;\n}\n"
     _, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=parse_upstream(seed),
                               upstream_text=seed, ephemeral=(32768, 60999))
-    assert len(warnings) == 1 and "UPSTREAM_KEEPALIVE=32" in warnings[0]
+    assert len(warnings) == 1 and "has `keepalive 32;`, which bluegreen did not write" in warnings[0]
     _, warnings = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=parse_upstream(seed),
                               ephemeral=(8000, 8081))
     assert len(warnings) == 1 and warnings[0].startswith("BLUE_PORT=8081 in ") and "ip_local_reserved_ports=8081" in warnings[0]
