@@ -267,6 +267,10 @@ class ProjectConfig:
     server_name: str = _DEFAULTS["server_name"]  # type: ignore[assignment]
     notify_webhook_url: str = _DEFAULTS["notify_webhook_url"]  # type: ignore[assignment]  # a secret: never printed
     hook_timeout: float = _DEFAULTS["hook_timeout"]  # type: ignore[assignment]
+    upstream_keepalive: int = _DEFAULTS["upstream_keepalive"]  # type: ignore[assignment]
+    upstream_keepalive_timeout: int = _DEFAULTS["upstream_keepalive_timeout"]  # type: ignore[assignment]
+    upstream_max_fails: int = _DEFAULTS["upstream_max_fails"]  # type: ignore[assignment]
+    upstream_fail_timeout: int = _DEFAULTS["upstream_fail_timeout"]  # type: ignore[assignment]
     app_env: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
 

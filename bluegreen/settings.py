@@ -236,6 +236,7 @@ def upstream_options(cfg: object) -> dict[str, int]:
     return {row.field[len("upstream_"):]: getattr(cfg, row.field, row.default) for row in UPSTREAM_ROWS}  # type: ignore[misc]
 
 
+TABLE = TABLE + UPSTREAM_ROWS
 BY_KEY: dict[str, Setting] = {s.key: s for s in TABLE}
 KEYS: tuple[str, ...] = tuple(s.key for s in TABLE)
 

@@ -271,3 +271,12 @@ def test_foreign_lines_are_shown_bounded_and_without_control_characters():
     found = foreign_directives(text, "")
     assert len(found) == 20 and found[0].startswith("?[2Jevil") and len(found[0]) == 200
     assert all(c.isprintable() for line in found for c in line)
+
+
+def test_upstream_settings_from_the_env_file_reach_the_upstream_file():
+    plan, _ = plan_deploy(SETTINGS, make_cfg("UPSTREAM_KEEPALIVE=0\nUPSTREAM_MAX_FAILS=3\nUPSTREAM_FAIL_TIMEOUT=30\n"),
+                          "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    assert "    server 127.0.0.1:8082 max_fails=3 fail_timeout=30s;\n}\n" in plan.upstream_text()
+    plan, _ = plan_deploy(SETTINGS, make_cfg("UPSTREAM_KEEPALIVE=32\nUPSTREAM_KEEPALIVE_TIMEOUT=60\n"),
+                          "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    assert "    keepalive 32;\n    keepalive_timeout 60s;\n" in plan.upstream_text()
