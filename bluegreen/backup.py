@@ -321,7 +321,9 @@ def _open_dir(option: str, d: Path) -> int:
     except OSError as exc:
         raise UsageError(f"{option} {shown(d)}: cannot open it ({exc.strerror or exc}). Nothing was changed.") from None
     if fd is None:
-        raise UsageError(f"{option} {shown(d)}: no such directory. `bluegreen setup` creates it. Nothing was changed.")
+        from bluegreen.host import invocation
+
+        raise UsageError(f"{option} {shown(d)}: no such directory. `sudo {invocation()} setup` creates it. Nothing was changed.")
     return fd
 
 

@@ -182,8 +182,10 @@ def read_freeze(path: Path, *, root: Path | None = None) -> Freeze | None:
     try:
         data = safefs.read_bytes(path, root=_state_root(path, root), max_bytes=MAX_FREEZE_BYTES)
     except UnsafePath as exc:
+        from bluegreen.host import invocation  # only for this message: lock stays below host in the layers
+
         return Freeze(f"(the freeze file {exc.path} is {exc.found}, so it was not read; remove it with "
-                      f"`bluegreen unlock` or `rm`, see docs/security.md)", "?", "?")
+                      f"`{invocation()} unlock` or `rm`, see docs/security.md)", "?", "?")
     except OSError as exc:
         return Freeze(f"(freeze file unreadable: {exc.strerror or exc})", "?", "?")
     if data is None:
