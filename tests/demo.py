@@ -77,7 +77,9 @@ def main() -> int:
         print(f"demo: building the demo app v1 and v2 (busybox, boots in 2 s) and pushing them to {registry.open_addr}", flush=True)
         for version in ("v1", "v2"):
             stack.build_app_image(f"{repo}:{version}", version, "ok", boot_delay=2)
-        blue, green, listen = stack.free_port(), stack.free_port(), stack.free_port()
+        blue, green, listen = stack.free_low_port(), stack.free_low_port(), stack.free_port()
+        while green == blue:
+            green = stack.free_low_port()
         (root / "projects" / f"{PROJECT}.env").write_text(
             f"IMAGE={repo}\nBLUE_PORT={blue}\nGREEN_PORT={green}\nAPP_PORT=8080\nHEALTH_TIMEOUT=30\n"
             f"STOP_TIMEOUT=5\nLOG_DIR=\nDB_PASSWORD=demo-secret\n"

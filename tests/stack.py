@@ -136,6 +136,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def free_low_port(low: int = 20000, high: int = 32000) -> int:
+    """A free port below the kernel's default ephemeral range (32768-60999), as `init` advises for BLUE/GREEN_PORT,
+    so that no outgoing connection can hold it."""
+    import random
+
+    for port in random.sample(range(low, high), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 def wait_port(port: int, timeout: float = 10, host: str = "127.0.0.1") -> None:
     """Wait until something accepts TCP connections on host:port.
 
