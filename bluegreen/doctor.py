@@ -527,16 +527,59 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
                 holders = []
         checks.append(judge_port(project, colour, port, busy, holders))
 
-    config, config_path = _docker_config(environ)
-    registry = registry_host(cfg.image)
-    open_registry, answer = (None, "") if _has_login(registry, config) else registry_is_open(registry)
-    checks.append(judge_credentials(cfg.image, config, config_path, open_registry, answer))
+    try:
+        local = dk.Docker(runner, settings.docker_cmd).local_images(cfg.image)
+    except BluegreenError:  # docker missing or not answering: its own check says so
+        local = None
+    checks.append(judge_pull(cfg, local, settings.env_file(project)))
+    if cfg.pull == "never":
+        checks.append(Check("registry login", OK, "PULL=never: deploys use only images this host has, no registry"))
+    else:
+        config, config_path = _docker_config(environ)
+        registry = registry_host(cfg.image)
+        open_registry, answer = (None, "") if _has_login(registry, config) else registry_is_open(registry)
+        checks.append(judge_credentials(cfg.image, config, config_path, open_registry, answer))
+    checks.append(judge_log_dir_shared(project, cfg.log_dir, _other_log_dirs(settings, project), settings.env_file(project)))
     checks.append(serving_check(settings, runner, project))
     if cfg.log_dir:
         checks.append(judge_disk("LOG_DIR", cfg.log_dir, _free_bytes(cfg.log_dir), min_free))
     checks.append(lock_check(settings, project))
     checks += project_trust_checks(settings, project, cfg)
     return checks
+
+
+def judge_pull(cfg: ProjectConfig, local: list | None, env_file: Path) -> Check:
+    """The pull policy against the images this host has (`local` None: docker could not tell)."""
+    if local is None:
+        return Check("pull policy", WARN, f"PULL={cfg.pull}: cannot list this host's images of {cfg.image}")
+    problem = dk.pull_policy_problem(cfg.image, cfg.pull, local)
+    if problem:
+        return Check("pull policy", FAIL, problem, f"set PULL in {env_file} (docs/env-reference.md), or load the image")
+    have = f"this host has {len(local)} image(s) of {cfg.image}" if local else f"this host has no image of {cfg.image} yet"
+    return Check("pull policy", OK, f"PULL={cfg.pull}; {have}")
+
+
+def judge_log_dir_shared(project: str, log_dir: str, others: Mapping[str, str | None], env_file: Path) -> Check:
+    """Two projects writing one LOG_DIR: their apps' app.log clash and backup-logs mixes them."""
+    from bluegreen.init import shared_log_dirs
+
+    if not log_dir:
+        return Check("shared LOG_DIR", OK, "no log volume (LOG_DIR is empty)")
+    dirs = {name: d for name, d in others.items() if d is not None}
+    dirs[project] = log_dir
+    shared = shared_log_dirs(dirs).get(log_dir.rstrip("/") or "/")
+    if shared:
+        with_ = ", ".join(n for n in shared if n != project)
+        return Check("shared LOG_DIR", WARN, f"{log_dir} is also the LOG_DIR of {with_}: the apps' app.log files clash and "
+                                      f"backup-logs mixes their logs",
+                     f"give {project} its own directory: LOG_DIR={log_dir.rstrip('/')}/{project} in {env_file}")
+    return Check("shared LOG_DIR", OK, f"{log_dir} is {project}'s own")
+
+
+def _other_log_dirs(settings: Settings, project: str) -> dict:
+    from bluegreen.init import other_log_dirs
+
+    return other_log_dirs(settings, project)
 
 
 def judge_serving(ps) -> Check:

@@ -179,3 +179,21 @@ def test_doctor_asks_for_a_registry_login_only_where_the_registry_asks(project, 
         assert f"docker login {reg.auth_addr}" in proc.stdout
     else:
         assert line[0].split()[0] == "ok" and "no login needed" in line[0], line
+
+
+def test_doctor_names_the_pull_policy_and_a_shared_log_dir(project, stack, tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    other = Path(stack.projects_dir, project.name + "-other.env")
+    try:
+        project.write_env(PULL="never", IMAGE=stack.image_repo + "-never-loaded", LOG_DIR=str(logs))
+        other.write_text(f"IMAGE={stack.image_repo}\nLOG_DIR={logs}\nBLUE_PORT=1081\nGREEN_PORT=1082\n")
+        proc = project.run("doctor", project.name)
+        out = re.sub(r" +", " ", proc.stdout)
+        assert proc.returncode == 1, out
+        assert "FAIL pull policy PULL=never, but this host has no image of" in out, out
+        assert "ok registry login PULL=never" in out
+        assert f"WARN shared LOG_DIR {logs} is also the LOG_DIR of {project.name}-other" in out, out
+        assert f"LOG_DIR={logs}/{project.name} in {project.env_file}" in out
+    finally:
+        other.unlink(missing_ok=True)

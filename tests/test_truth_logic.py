@@ -190,3 +190,25 @@ def test_the_serving_note_says_only_what_was_seen(host, seen, says):
     assert says in exc.value.message
     if "still serves" not in says:
         assert "still serves" not in exc.value.message
+
+
+def test_doctor_pull_policy_item(cfg, tmp_path):
+    from dataclasses import replace
+
+    from bluegreen.docker import LocalImage
+
+    env = tmp_path / "projects" / "api.env"
+    loaded = LocalImage("sha256:" + "a" * 64)
+    assert doctor.judge_pull(replace(cfg, pull="never"), [], env).status == doctor.FAIL
+    assert doctor.judge_pull(replace(cfg, pull="always"), [loaded], env).status == doctor.FAIL
+    assert doctor.judge_pull(replace(cfg, pull="missing"), [loaded], env).status == doctor.OK
+    assert doctor.judge_pull(cfg, None, env).status == doctor.WARN
+
+
+def test_doctor_flags_two_projects_sharing_one_log_dir(tmp_path):
+    env = tmp_path / "a.env"
+    shared = doctor.judge_log_dir_shared("a", "/app/logs", {"b": "/app/logs/", "c": "/app/logs/c", "d": None}, env)
+    assert shared.status == doctor.WARN and "also the LOG_DIR of b" in shared.detail
+    assert shared.fix == f"give a its own directory: LOG_DIR=/app/logs/a in {env}"
+    assert doctor.judge_log_dir_shared("a", "/app/logs", {"c": "/app/logs/c"}, env).status == doctor.OK
+    assert doctor.judge_log_dir_shared("a", "", {"b": ""}, env).status == doctor.OK
