@@ -503,7 +503,7 @@ class Deployer:
                 return
             if decision is None:
                 digest_note = (
-                    f" A digest names a registry manifest: an image loaded with `docker load` or built on this host has "
+                    " A digest names a registry manifest: an image loaded with `docker load` or built on this host has "
                     f"none (the sha256 `docker image inspect` shows is its ID), so deploy it by its tag."
                 ) if pinned else ""
                 raise DeployFailed(
@@ -524,7 +524,7 @@ class Deployer:
                 else:
                     hint = (f"Check that the tag exists in the registry and that this host is logged in to it "
                             f"(`docker login {registry}`).")
-                missing = (f" This host does not have it either (PULL=missing pulls only what is not here)."
+                missing = (" This host does not have it either (PULL=missing pulls only what is not here)."
                            if policy == "missing" else "")
                 raise DeployFailed(
                     f"Could not pull {plan.ref} (PULL={policy}): {exc.output_tail(4)}{missing}\n{serving} {hint} "
