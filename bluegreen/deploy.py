@@ -504,7 +504,7 @@ class Deployer:
             if decision is None:
                 digest_note = (
                     " A digest names a registry manifest: an image loaded with `docker load` or built on this host has "
-                    f"none (the sha256 `docker image inspect` shows is its ID), so deploy it by its tag."
+                    "none (the sha256 `docker image inspect` shows is its ID), so deploy it by its tag."
                 ) if pinned else ""
                 raise DeployFailed(
                     f"This host has no image {plan.ref}, and PULL=never ({env_file}) forbids pulling it, so nothing was "
