@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Mapping, TextIO
 
+from bluegreen.host import invocation
 from bluegreen import health, hooks, journal, notify
 from bluegreen import docker as dk
 from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
@@ -130,7 +131,7 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
         if freeze is not None:
             raise LockedError(
                 f"{project} is {freeze.describe()}. Nothing was changed; the serving version keeps serving. "
-                f"When the freeze is over: `bluegreen unlock {project}`."
+                f"When the freeze is over: `{invocation()} unlock {project}`."
             )
         refuse_route_clash(settings, project)
         # Plan under the lock (the previous deploy may have just switched colours), from where nginx
@@ -192,7 +193,7 @@ def _as_error(exc: BaseException, deployer: Deployer | None) -> BaseException:
     if isinstance(exc, Exception):
         return NeedsAttention(
             f"bluegreen failed unexpectedly ({type(exc).__name__}: {exc}). The step in progress was undone where "
-            f"possible; check what serves with `bluegreen status` and report this with the output of --verbose."
+            f"possible; check what serves with `{invocation()} status` and report this with the output of --verbose."
         )
     return exc  # SystemExit, a second KeyboardInterrupt: let it through as it is
 
@@ -326,7 +327,7 @@ def rollback_project(
         raise UsageError(
             f"Nothing to roll back to for {project}: "
             + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else "the deploy journal has no successful deploy. ")
-            + f"Nothing was changed. Name a tag with `bluegreen rollback {project} --to TAG`, or list the images "
+            + f"Nothing was changed. Name a tag with `{invocation()} rollback {project} --to TAG`, or list the images "
             f"with `docker images {cfg.image}`."
         )
     digest = recorded_digest(entries, target)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence, TextIO
 
+from bluegreen.host import invocation
 from bluegreen import __version__, attempt, journal, safefs
 from bluegreen import docker as dk
 from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
@@ -337,7 +338,7 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
     path = ctx.settings.freeze_file(args.project)
     existing = read_freeze(path)
     if existing is not None:
-        raise UsageError(f"{args.project} is already {existing.describe()}. Nothing was changed; `bluegreen unlock {args.project}` lifts it.")
+        raise UsageError(f"{args.project} is already {existing.describe()}. Nothing was changed; `{invocation()} unlock {args.project}` lifts it.")
     if not args.message.strip():
         raise UsageError("lock needs a message (-m) saying why deploys are frozen.")
     freeze = Freeze(message=args.message.strip(), user=attempt.user_name(ctx.environ), since=attempt.now_iso())
@@ -345,7 +346,7 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
         print(f"would write {path}: {freeze_json(freeze).strip()}", file=ctx.stdout)
         return EXIT_OK
     atomic_write(path, freeze_json(freeze), root=ctx.settings.root)
-    print(f"{args.project} is now {freeze.describe()}. Deploys and rollbacks are refused until `bluegreen unlock {args.project}`.", file=ctx.stdout)
+    print(f"{args.project} is now {freeze.describe()}. Deploys and rollbacks are refused until `{invocation()} unlock {args.project}`.", file=ctx.stdout)
     return EXIT_OK
 
 
@@ -451,7 +452,7 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
         if verbose:
             traceback.print_exc(file=stderr)
         say(stderr, f"bluegreen: internal error ({type(exc).__name__}: {exc}). Steps in progress were undone where "
-                    f"possible; check `bluegreen status` and `nginx -t`, and rerun with --verbose to report it.")
+                    f"possible; check `{invocation()} status` and `nginx -t`, and rerun with --verbose to report it.")
         return EXIT_ATTENTION
 
 

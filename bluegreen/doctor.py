@@ -160,7 +160,7 @@ def judge_disk(label: str, path: str, free: int | None, min_free: int) -> Check:
     gib = free / 2**30
     if free < min_free:
         return Check(name, FAIL, f"{gib:.1f} GiB free under {path}, less than {min_free / 2**30:.1f} GiB",
-                     "free space: `docker image prune -a --filter until=168h`, `bluegreen backup-logs`, or grow the volume")
+                     f"free space: `docker image prune -a --filter until=168h`, `{invocation()} backup-logs`, or grow the volume")
     return Check(name, OK, f"{gib:.1f} GiB free under {path}")
 
 

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
+from bluegreen.host import invocation
 from bluegreen import docker as dk
 from bluegreen import journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
@@ -128,7 +129,7 @@ def judge(cfg: ProjectConfig, *, nginx: NginxState | None, answer: Probe | None,
     if live is None:
         down = True
         checks.append(Check("container", False, "nothing serves: neither colour is routed to",
-                            f"bluegreen deploy {cfg.project} <tag>"))
+                            f"{invocation()} deploy {cfg.project} <tag>"))
         return DOWN, checks
     if answer is not None and answer.status is not None:  # no answer at all: nothing to say about the route
         if nginx_route == live.port:
@@ -143,12 +144,12 @@ def judge(cfg: ProjectConfig, *, nginx: NginxState | None, answer: Probe | None,
         down = True
         what = "does not exist" if live.state == "absent" else f"is {live.state}"
         checks.append(Check("container", False, f"{live.container} {what}",
-                            f"docker start {live.container}" if live.state != "absent" else f"bluegreen deploy {cfg.project} <tag>"))
+                            f"docker start {live.container}" if live.state != "absent" else f"{invocation()} deploy {cfg.project} <tag>"))
     if live.healthy is True:
         checks.append(Check("health", True, f"{live.container} answers {live.health} on 127.0.0.1:{live.port}{cfg.health_path}"))
     elif live.healthy is False:
         checks.append(Check("health", False, f"{live.container} answers {live.health} on 127.0.0.1:{live.port}{cfg.health_path}",
-                            f"bluegreen logs {cfg.project} --tail 100"))
+                            f"{invocation()} logs {cfg.project} --tail 100"))
     if down:
         return DOWN, checks
     if any(not c.ok for c in checks) or drift:
@@ -190,12 +191,12 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
             f"routes {'to 127.0.0.1:' + str(upstream_port) if upstream_port else 'nowhere'}: nginx has not loaded that "
             f"file (a deploy was interrupted between writing it and reloading nginx, or it was edited by hand); a "
             f"reload of nginx would switch traffic to {after}",
-            f"bluegreen deploy {p} <tag>  (deploys from what nginx really routes to and rewrites the file)",
+            f"{invocation()} deploy {p} <tag>  (deploys from what nginx really routes to and rewrites the file)",
         ))
     if upstream_port and serving is None:
         out.append(Drift(
             f"the upstream file points at port {upstream_port}, which is neither BLUE_PORT ({cfg.blue_port}) nor GREEN_PORT ({cfg.green_port})",
-            f"bluegreen deploy {p} <tag>  (rewrites the upstream file)",
+            f"{invocation()} deploy {p} <tag>  (rewrites the upstream file)",
         ))
     # Without a route seen through nginx (a server block without the route header line, nginx not answering)
     # only the upstream file speaks: say so, and never advise stopping a container that may be serving.
@@ -204,11 +205,11 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
         live = by_colour[serving]
         if live.state != "running":
             what = "does not exist" if live.state == "absent" else f"is {live.state}"
-            fix = f"docker start {live.container}" if live.state != "absent" else f"bluegreen deploy {p} <tag>"
+            fix = f"docker start {live.container}" if live.state != "absent" else f"{invocation()} deploy {p} <tag>"
             down = "the service is down" if nginx_route else "if nginx has loaded that file, the service is down"
             out.append(Drift(f"{routes} to {live.container} (127.0.0.1:{live.port}), but that container {what}: {down}", fix))
         elif live.healthy is False:
-            out.append(Drift(f"{live.container} runs but its health check answers {live.health}", f"bluegreen logs {p} --tail 100"))
+            out.append(Drift(f"{live.container} runs but its health check answers {live.health}", f"{invocation()} logs {p} --tail 100"))
         other = by_colour["green" if serving == "blue" else "blue"]
         # When the upstream file (not loaded yet) names the other colour, the next reload of nginx sends
         # traffic there: stopping it would take the service down. The drift above says what to do instead.
@@ -233,7 +234,7 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
         if running:
             out.append(Drift(
                 f"{', '.join(c.container for c in running)} runs but nginx routes to neither colour (no upstream file)",
-                f"bluegreen deploy {p} <tag>",
+                f"{invocation()} deploy {p} <tag>",
             ))
     return out
 

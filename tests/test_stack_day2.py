@@ -54,7 +54,8 @@ def test_status_names_drift_and_the_fix(project):
     pending = [p for p in problems if f"nginx routes to {project.name}-green (127.0.0.1:{project.green_port}, seen "
                f"through nginx), but the upstream file routes to 127.0.0.1:{project.blue_port}: nginx has not loaded" in p]
     assert pending and f"would switch traffic to {project.name}-blue, which is exited" in pending[0], problems
-    assert problems[pending[0]].startswith(f"bluegreen deploy {project.name} <tag>")
+    # The fix names the command the way it was run (here `python3 …/bluegreen.pyz`; `bluegreen` through the launcher).
+    assert problems[pending[0]].startswith(f"python3 {project.stack.pyz} deploy {project.name} <tag>")
     overview = project.run("status", check=1).stdout
     assert "problem(s)" in [ln for ln in overview.splitlines() if ln.startswith(project.name)][0]
 
@@ -151,7 +152,7 @@ def test_freeze_refuses_deploys_until_unlocked(project):
     project.run("lock", project.name, "-m", "incident 42: payments down", check=True)
     refused = project.run(project.name, "v2", check=3)
     assert "frozen by" in refused.stderr and "incident 42: payments down" in refused.stderr
-    assert f"bluegreen unlock {project.name}" in refused.stderr
+    assert f"python3 {project.stack.pyz} unlock {project.name}" in refused.stderr
     assert project.run("rollback", project.name, "--to", "v2", check=3)
     assert status_json(project)["freeze"]["message"] == "incident 42: payments down"
     assert serving(project) == "v1"
