@@ -85,7 +85,10 @@ class Plan:
         retire = f"{display(dk.stop_argv(d, self.current_name, cfg.stop_timeout))}" if self.current_name else "(nothing was serving)"
         env_note = " (app environment piped to docker's stdin: never in argv or a file)" if cfg.container_env() else ""
         return [
-            f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}",
+            f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}" if cfg.pull == "always" else
+            f"[1/6] pull    {display(dk.image_inspect_argv(d, self.ref))}  then "
+            + (f"{display(dk.pull_argv(d, self.ref))} only if this host lacks it (PULL=missing)" if cfg.pull == "missing"
+               else "no pull at all: the image must be on this host (PULL=never)"),
             f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
             f"              {display(self.run_argv(dk.ENV_STDIN if cfg.container_env() else None))}{env_note}",
             f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",

@@ -280,3 +280,17 @@ def test_upstream_settings_from_the_env_file_reach_the_upstream_file():
     plan, _ = plan_deploy(SETTINGS, make_cfg("UPSTREAM_KEEPALIVE=32\nUPSTREAM_KEEPALIVE_TIMEOUT=60\n"),
                           "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
     assert "    keepalive 32;\n    keepalive_timeout 60s;\n" in plan.upstream_text()
+
+
+def test_dry_run_plan_shows_what_the_pull_policy_will_run():
+    from dataclasses import replace
+
+    for policy, says in (("always", "docker pull ghcr.io/acme/user-api:v1"),
+                         ("missing", "only if this host lacks it (PULL=missing)"),
+                         ("never", "no pull at all: the image must be on this host (PULL=never)")):
+        plan, _ = plan_deploy(SETTINGS, replace(make_cfg(), pull=policy), "v1", active=None, upstream=None,
+                              token_factory=lambda: TOKEN)
+        first = plan.describe()[0]
+        assert says in first, first
+        if policy != "always":
+            assert "docker image inspect" in first
