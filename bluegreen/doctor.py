@@ -526,6 +526,7 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
             except BluegreenError:  # docker missing: reported by its own check
                 holders = []
         checks.append(judge_port(project, colour, port, busy, holders))
+    checks.extend(ephemeral_and_foreign_checks(settings, cfg))
 
     try:
         local = dk.Docker(runner, settings.docker_cmd).local_images(cfg.image)
@@ -825,6 +826,28 @@ def _clean(text: str) -> str:
     """Text for the terminal: line breaks kept, every other control character (a terminal escape in a lock
     holder's name, a planted file name, a command's output) shown escaped."""
     return "".join(ch if ch == "\n" or ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def ephemeral_and_foreign_checks(settings: Settings, cfg: ProjectConfig) -> list[Check]:
+    """BLUE/GREEN_PORT inside the kernel's ephemeral range (an outgoing connection can hold them), and lines in the
+    managed upstream file that bluegreen did not write (the next deploy drops them): both WARN, with the fix."""
+    from bluegreen import ports
+    from bluegreen.deploy import read_plan
+
+    checks = []
+    warning = ports.ephemeral_warning([("BLUE_PORT", cfg.blue_port), ("GREEN_PORT", cfg.green_port)],
+                                      ports.ephemeral_range(), cfg.source)
+    checks.append(Check("ports", WARN, shown(warning), "see the warning") if warning else
+                  Check("ports", OK, "BLUE_PORT and GREEN_PORT are outside the kernel's ephemeral range"))
+    path = settings.upstream_file(cfg.project)
+    try:
+        text = state.read_text(path, root=settings.root)
+        plan, _ = read_plan(settings, cfg, "doctor")
+    except BluegreenError:  # a planted upstream file: its own check says so
+        return checks
+    for line in ngx.foreign_warning(ngx.foreign_directives(text, plan.upstream_text()), str(path), cfg.source):
+        checks.append(Check("upstream", WARN, shown(line), "use the setting it names; the next deploy rewrites the file"))
+    return checks
 
 
 def render(sections: list[tuple[str, list[Check]]]) -> list[str]:

@@ -271,10 +271,13 @@ class Project:
     def __init__(self, stack: Stack, name: str):
         self.stack = stack
         self.name = name
-        ports = set()
-        while len(ports) < 3:
-            ports.add(stacklib.free_port())
-        self.blue_port, self.green_port, self.nginx_port = sorted(ports)
+        # BLUE/GREEN_PORT below the kernel's ephemeral range, as `init` and `doctor` advise (an outgoing
+        # connection can never hold them); nginx's own port anywhere free.
+        colours = set()
+        while len(colours) < 2:
+            colours.add(stacklib.free_low_port())
+        self.blue_port, self.green_port = sorted(colours)
+        self.nginx_port = stacklib.free_port()
         self.env_file = os.path.join(stack.projects_dir, name + ".env")
         self.upstream_file = os.path.join(stack.conf_d, name + "-upstream.conf")
         self._popens: List[subprocess.Popen] = []

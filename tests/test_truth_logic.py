@@ -212,3 +212,29 @@ def test_doctor_flags_two_projects_sharing_one_log_dir(tmp_path):
     assert shared.fix == f"give a its own directory: LOG_DIR=/app/logs/a in {env}"
     assert doctor.judge_log_dir_shared("a", "/app/logs", {"c": "/app/logs/c"}, env).status == doctor.OK
     assert doctor.judge_log_dir_shared("a", "", {"b": ""}, env).status == doctor.OK
+
+
+def test_doctor_warns_about_ephemeral_ports_and_hand_added_upstream_lines(tmp_path):
+    from bluegreen import doctor, ports
+    from bluegreen.config import load_project, load_settings
+    from bluegreen.deploy import read_plan
+
+    low, high = ports.ephemeral_range()
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "api.env").write_text(f"IMAGE=reg/x\nBLUE_PORT={low + 10}\nGREEN_PORT={low + 11}\n")
+    settings = load_settings(str(tmp_path), {}, euid=0)
+    cfg = load_project(settings, "api")
+    plan, _ = read_plan(settings, cfg, "v1")
+    upstream = settings.upstream_file("api")
+    upstream.parent.mkdir(parents=True)
+    text = plan.upstream_text()
+    head, brace, rest = text.partition("{\n")
+    upstream.write_text(head + brace + "    least_conn;\n" + rest)  # a line bluegreen never writes
+    checks = doctor.ephemeral_and_foreign_checks(settings, cfg)
+    by_name = {c.name: c for c in checks}
+    assert by_name["ports"].status == doctor.WARN and f"BLUE_PORT={low + 10}" in by_name["ports"].detail
+    assert by_name["upstream"].status == doctor.WARN and "least_conn;" in by_name["upstream"].detail
+    upstream.write_text(text)
+    (tmp_path / "projects" / "api.env").write_text("IMAGE=reg/x\nBLUE_PORT=8081\nGREEN_PORT=8082\n")
+    clean = doctor.ephemeral_and_foreign_checks(settings, load_project(settings, "api"))
+    assert [c.status for c in clean] == [doctor.OK]
