@@ -12,7 +12,7 @@ from typing import Collection, Sequence
 
 from bluegreen import settings
 from bluegreen.errors import CommandError
-from bluegreen.runner import Runner
+from bluegreen.runner import Runner, proc_stat
 
 _UPSTREAM_RE = re.compile(r"^\s*upstream\s+([^\s{]+)\s*\{", re.MULTILINE)
 _SERVER_RE = re.compile(r"^\s*server\s+(?:[^\s;:]+):([0-9]+)\b([^;]*);", re.MULTILINE)
@@ -270,17 +270,9 @@ def read_pid(path: str | Path) -> int | None:
 
 
 def parent_pid(pid: int | str, proc: Path = Path("/proc")) -> int | None:
-    """The parent of `pid` from /proc/PID/stat; None once it has exited.
-
-    Read as bytes: field 2 is the command name, which any local user can make any bytes (even ones that
-    are not UTF-8) and which may hold spaces and ')': everything after the last ')' is ours to split."""
-    try:
-        with open(proc / str(pid) / "stat", "rb") as fh:
-            data = fh.read(4096)
-    except OSError:
-        return None
-    fields = data.rsplit(b")", 1)[-1].split()
-    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+    """The parent of `pid` from /proc/PID/stat (bytes-safe: see runner.proc_stat); None once it has exited."""
+    fields = proc_stat(pid, str(proc))
+    return int(fields[1]) if fields is not None and len(fields) > 1 and fields[1].isdigit() else None
 
 
 def children(pid: int, proc: Path = Path("/proc")) -> set[int]:

@@ -300,6 +300,19 @@ def _stop(proc: subprocess.Popen, group: bool, grace: float = KILL_GRACE) -> Non
             pass
 
 
+def proc_stat(pid: int | str, proc: str = "/proc") -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, ...); None once it has exited.
+
+    Read as bytes: the command name is any local user's choice (spaces, ')', bytes that are not UTF-8), so
+    everything after its last ')' is split, never decoded."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as fh:
+            data = fh.read(4096)
+    except OSError:
+        return None
+    return data[data.rfind(b")") + 1:].split()
+
+
 def _group_alive(pgid: int) -> bool:
     """True while any process of group `pgid` is alive (zombies waiting for their parent do not count)."""
     try:
@@ -315,14 +328,8 @@ def _group_alive(pgid: int) -> bool:
     for name in names:
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read(4096)
-        except OSError:
-            continue
-        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split after the last ')'.
-        fields = stat[stat.rfind(b")") + 2:].split()
-        if len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
+        fields = proc_stat(name)
+        if fields is not None and len(fields) >= 3 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X"):
             return True
     return False
 
