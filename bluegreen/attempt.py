@@ -126,6 +126,7 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
     project = cfg.project
     deployer: Deployer | None = None
     plan: Plan | None = None
+    stepping = False  # whether the deploy's steps (pull onwards) have begun
     try:
         freeze = read_freeze(settings.freeze_file(project))
         if freeze is not None:
@@ -149,16 +150,18 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
         entry = replace(entry, image=plan.ref, from_colour=plan.current, to_colour=plan.target)
         if rollback_note:  # only now: a frozen or locked project refuses before any plan is announced
             say(stderr, rollback_note)
+        # check_nginx_first: before the pre-deploy hook (which may migrate a database) and the pull, a deploy
+        # that could not switch (nginx down, `nginx -t` failing, the include missing) fails at once with the cause.
+        deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock,
+                            seen_before=seen[0] if seen else None, check_nginx_first=True)
+        deployer.check(plan)
         _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
         verb = "Rolling back" if action == "rollback" else "Deploying"
         progress.say(f"{verb} {plan.ref} to {project} as {plan.target_name} (127.0.0.1:{plan.target_port})")
-        # check_nginx_first: before the pull, a deploy that could not switch (nginx down, `nginx -t` failing,
-        # the include missing) fails at once with the cause.
-        deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock,
-                            seen_before=seen[0] if seen else None, check_nginx_first=True)
+        stepping = True
         summary = deployer.run(plan)
     except BaseException as exc:
-        error = _as_error(exc, deployer)
+        error = _as_error(exc, stepping)
         entry = _finish(entry, deployer, progress, clock() - started, error.exit_code, error.message)
         _record(settings, cfg, entry, stderr)
         try:
@@ -180,11 +183,11 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
     return summary
 
 
-def _as_error(exc: BaseException, deployer: Deployer | None) -> BaseException:
+def _as_error(exc: BaseException, stepping: bool) -> BaseException:
     """Any failure of an attempt as a BluegreenError, so that it is journaled, notified and reported alike."""
     if isinstance(exc, BluegreenError):
         return exc
-    if deployer is None:  # before the first step: nothing of this deploy was changed
+    if not stepping:  # before the first step: nothing of this deploy was changed
         if isinstance(exc, Interrupted):
             return DeployFailed(f"Interrupted by {exc.signame} before the deploy started. Nothing was changed.")
         if isinstance(exc, OSError):

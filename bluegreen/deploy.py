@@ -329,14 +329,17 @@ class Deployer:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     # What the probe through nginx before this deploy answered (read_plan's), so that messages say what was
-    # seen; and whether run() first checks nginx (attempt does; the pure tests of the steps do not).
+    # seen; and whether check() also checks nginx (attempt does; the pure tests of the steps do not).
     seen_before: health.Probe | None = None
     check_nginx_first: bool = False
 
     def __post_init__(self) -> None:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
         self.nginx = Nginx(self.runner, self.settings.nginx_cmd)
-        self.old: dk.Container | None = None  # what served before, once run() has looked
+        self.old: dk.Container | None = None  # what served before, once check() has looked
+        self.leftover: dk.Container | None = None  # what sat in the idle slot
+        self.serving = ""  # serving_note(): what serves now, as far as was seen
+        self.checked: Plan | None = None  # the plan check() passed
         self.digest = ""  # what docker pull reported
         # Whether nginx was asked to route to the new container, and whether the undo routed it back: the
         # new container is removed by the undo only when nginx cannot be routing to it.
@@ -406,10 +409,9 @@ class Deployer:
                 f"`sudo {me} setup`, which adds exactly that line to nginx.conf's http block, then deploy again."
             )
 
-    def run(self, plan: Plan) -> str:
-        """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
-        cfg = plan.cfg
-        start = self.clock()
+    def check(self, plan: Plan) -> None:
+        """What serves and what sits in the idle slot, and (check_nginx_first) whether nginx could take a
+        switch: every refusal that needs no pull. Changes nothing; run() calls it unless the caller did."""
         names = [n for n in (plan.current_name, plan.target_name) if n]
         try:
             # Both colours in one docker call: what serves, and what is left in the idle slot.
@@ -422,12 +424,21 @@ class Deployer:
             ) from exc
         old = found.get(plan.current_name) if plan.current_name else None
         leftover = found.get(plan.target_name)
-        self.old = old
+        self.old, self.leftover = old, leftover
         self._refuse_serving_leftover(plan, leftover)
-        serving = self.serving_note(plan, old)
-        self._refuse_unproven_leftover(plan, leftover, serving)
+        self.serving = self.serving_note(plan, old)
+        self._refuse_unproven_leftover(plan, leftover, self.serving)
         if self.check_nginx_first:
             self.preflight(plan)
+        self.checked = plan
+
+    def run(self, plan: Plan) -> str:
+        """Deploy; returns the final one-line summary. Raises a BluegreenError on failure."""
+        cfg = plan.cfg
+        start = self.clock()
+        if self.checked is not plan:
+            self.check(plan)
+        old, leftover, serving = self.old, self.leftover, self.serving
 
         try:
             self._pull(plan, serving)

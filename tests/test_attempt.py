@@ -29,6 +29,7 @@ def run_deploy(root, monkeypatch, failure: BaseException):
     def explode(self, plan):
         raise failure
 
+    monkeypatch.setattr(Deployer, "check", lambda self, plan: None)  # no docker or nginx is asked
     monkeypatch.setattr(Deployer, "run", explode)
     settings = load_settings(str(root), {}, euid=0)
     err = io.StringIO()

@@ -95,6 +95,13 @@ def test_status_with_nginx_stopped_exits_1_and_never_says_ok(served, nginx_stopp
 
 
 def test_a_deploy_while_nginx_is_down_fails_before_the_pull(served, nginx_stopped):
+    # A pre-deploy hook (a database migration, say) must not run for a deploy that cannot switch.
+    hooks = Path(served.stack.root) / "hooks" / served.name
+    hooks.mkdir(parents=True, exist_ok=True)
+    marker = hooks / "pre-deploy-ran"
+    hook = hooks / "pre-deploy"
+    hook.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    hook.chmod(0o700)
     started = time.monotonic()
     proc = served.run(served.name, "v2")
     took = time.monotonic() - started
@@ -107,6 +114,7 @@ def test_a_deploy_while_nginx_is_down_fails_before_the_pull(served, nginx_stoppe
     assert entry["duration"] < 1.0, entry
     assert took < 10, took  # the interpreter's start included; the deploy itself is the journal's duration
     assert served.containers() == [f"{served.name}-blue"]
+    assert "hook pre-deploy" not in proc.stderr and not marker.exists()
 
 
 def test_a_deploy_without_the_upstream_include_points_at_setup(project, tmp_path):
