@@ -681,10 +681,12 @@ class Nginx:
                     pids.append(pid)
         return sorted(pids)
 
-    def start(self, timeout: float = 10) -> "Nginx":
+    def start(self, timeout: float = 10, keep_config: bool = False) -> "Nginx":
+        """Start the master; ``keep_config`` starts it with nginx.conf as it is now (e.g. as `setup` left it)."""
         if self.master_pid() is not None:
             raise RuntimeError("nginx in %s is already running" % self.workdir)
-        self.write_config()
+        if not keep_config:
+            self.write_config()
         self.test_config()
         self._run()  # daemonizes; returns once the master is forked
         deadline = time.monotonic() + timeout
