@@ -8,6 +8,7 @@ inside a FROM-scratch busybox image by `chroot /host` over a read-only bind moun
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -204,3 +205,25 @@ def test_a_port_held_by_an_outgoing_connection_is_named_as_such(project):
     finally:
         client.close()
         listener.close()
+
+
+def test_ports_in_the_ephemeral_range_are_warned_about_by_deploy_and_doctor(project):
+    """BLUE/GREEN_PORT picked from the kernel's ephemeral range (as port 0 binds get them): the deploy goes on
+    with a warning naming both fixes, and doctor warns the same."""
+    from bluegreen import ports
+
+    low, high = ports.ephemeral_range()
+    picked = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))  # the kernel picks from the ephemeral range
+            picked.append(sock.getsockname()[1])
+    assert all(low <= p <= high for p in picked) and picked[0] != picked[1], (picked, low, high)
+    project.write_env(BLUE_PORT=str(picked[0]), GREEN_PORT=str(picked[1]))
+    proc = project.run(project.name, "v1", check=True)
+    said = f"BLUE_PORT={picked[0]} and GREEN_PORT={picked[1]} in {project.name}.env are inside the kernel's " \
+           f"ephemeral port range {low}-{high}"
+    assert f"warning: {said}" in proc.stderr, proc.stderr
+    assert f"ip_local_reserved_ports={picked[0]},{picked[1]}" in proc.stderr and f"below {low}" in proc.stderr
+    doctor = project.run("doctor", project.name)
+    assert re.search(r"WARN\s+ports\s+" + re.escape(said), doctor.stdout), doctor.stdout
