@@ -15,7 +15,8 @@ from bluegreen.errors import CommandError
 from bluegreen.runner import Runner, proc_stat
 
 _UPSTREAM_RE = re.compile(r"^\s*upstream\s+([^\s{]+)\s*\{", re.MULTILINE)
-_SERVER_RE = re.compile(r"^\s*server\s+(?:[^\s;:]+):([0-9]+)\b([^;]*);", re.MULTILINE)
+# `server` first on its line, or right after `{` or `;` (the guide's one-line `upstream u { server ...; }`).
+_SERVER_RE = re.compile(r"(?:^|[{;])[ \t]*server\s+(?:[^\s;:]+):([0-9]+)\b([^;]*);", re.MULTILINE)
 _TOKEN_RE = re.compile(r'^\s*"([0-9a-f]{32})"\s+\$upstream_addr;', re.MULTILINE)
 _PID_RE = re.compile(r"^\s*pid\s+([^;\s]+)\s*;", re.MULTILINE)
 
@@ -310,7 +311,7 @@ class Nginx:
 
     def test_and_dump(self) -> str:
         """`nginx -T`: tests like -t and returns the whole configuration it loaded."""
-        return self.runner.run(dump_argv(self.cmd), timeout=60).stdout
+        return self.runner.run(dump_argv(self.cmd), timeout=60, mutates=False).stdout
 
     def reload(self) -> None:
         self.runner.run(reload_argv(self.cmd), timeout=60)
