@@ -143,6 +143,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("--force", action="store_true", help="replace existing files (the previous content is kept as FILE.bak)")
     p.set_defaults(func=cmd_init)
 
+    p = sub.add_parser("adopt", help="take over a project the guide's deploy.sh runs, in place, without moving traffic")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("--force", action="store_true",
+                   help="also add bluegreen's route line and keep-alive lines to the server block (nothing else in it changes)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    p.set_defaults(func=cmd_adopt)
+
     p = sub.add_parser("setup", help="idempotent host set-up: directories, the nginx include, the daily log backup")
     _common(p)
     p.add_argument("--owner", metavar="USER", help="owner of the directories and user of the backup job (default: the sudo user, else you)")
@@ -224,6 +232,13 @@ def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
         force=args.force,
         stdout=ctx.stdout,
     )
+
+
+def cmd_adopt(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import adopt
+
+    return adopt.adopt_project(settings=ctx.settings, runner=SubprocessRunner(), project=args.project, force=args.force,
+                               dry_run=args.dry_run, environ=ctx.environ, stdout=ctx.stdout, stderr=ctx.stderr)
 
 
 def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:

@@ -407,17 +407,23 @@ def render_template() -> str:
         if section in _TEMPLATE_SECTION_NOTES:
             out.append(_TEMPLATE_SECTION_NOTES[section])
         for s in (s for s in TABLE if s.section == section):
-            doc = s.doc[0].upper() + s.doc[1:] + "."
-            if s.hint:
-                doc += f" {s.hint[0].upper()}{s.hint[1:]}."
-            if s.empty and s.empty != "none":
-                doc += f" Empty: {s.empty}."
-            if s.secret:
-                doc += " A secret: bluegreen never prints it."
-            out.extend(_wrap(doc, "# "))
-            out.append(f"{s.key}={s.template}" if s.template else f"#{s.key}={s.default_text()}")
+            out.extend(setting_lines(s, filled=True))
     out.append(_TEMPLATE_TAIL.rstrip("\n"))
     return "\n".join(out) + "\n"
+
+
+def setting_lines(s: Setting, *, filled: bool) -> list[str]:
+    """One setting as the env template writes it: its doc as comments, then `#KEY=DEFAULT` (or, `filled`,
+    `KEY=@PLACEHOLDER@` for the keys init fills in). `adopt` appends the same lines for the keys a file lacks."""
+    doc = s.doc[0].upper() + s.doc[1:] + "."
+    if s.hint:
+        doc += f" {s.hint[0].upper()}{s.hint[1:]}."
+    if s.empty and s.empty != "none":
+        doc += f" Empty: {s.empty}."
+    if s.secret:
+        doc += " A secret: bluegreen never prints it."
+    line = f"{s.key}={s.template}" if filled and s.template else f"#{s.key}={s.default_text()}"
+    return [*_wrap(doc, "# "), line]
 
 
 _REFERENCE_HEAD = """\
