@@ -516,6 +516,8 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
         else:
             checks.append(Check("server block", OK, f"proxies to http://{name} and reports the route"))
 
+    checks.append(adoption_check(settings, runner, project, facts.nginx_dump))
+
     for colour in ("blue", "green"):
         port = cfg.port(colour)
         busy = port_busy(port)
@@ -547,6 +549,24 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
     checks.append(lock_check(settings, project))
     checks += project_trust_checks(settings, project, cfg)
     return checks
+
+
+def adoption_check(settings: Settings, runner: Runner, project: str, dump: str | None) -> Check:
+    """On a host the guide's deploy.sh set up (a hand-written upstream, a container bluegreen did not start):
+    what `adopt` would change. A WARN: deploys work without it, but cannot prove where nginx routes."""
+    from bluegreen import adopt
+
+    try:
+        changes = adopt.pending(settings, runner, project, dump)
+    except BluegreenError as exc:  # nginx or docker not answering: their own checks say so
+        return Check("adoption", INFO, f"cannot tell whether {project} needs adopting: {exc.message.splitlines()[0]}")
+    if changes is None:
+        return Check("adoption", OK, f"{project} is bluegreen's (a managed upstream file, containers it started)")
+    if not changes:
+        return Check("adoption", OK, f"{project} is adopted; its deploy.sh container is retired by the next deploy")
+    return Check("adoption", WARN, f"set up by the guide's deploy.sh; `adopt --force` would: {'; '.join(changes)}",
+                 f"{invocation()} adopt {project} --dry-run, then {invocation()} adopt {project} --force "
+                 f"(docs/migrate-from-deploy-sh.md)")
 
 
 def judge_pull(cfg: ProjectConfig, local: list | None, env_file: Path) -> Check:

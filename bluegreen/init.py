@@ -357,6 +357,15 @@ def init_project(
         raise UsageError(ngx.route_clash_message(project, other, str(settings.root / "projects")))
     blue_green = parse_ports(ports)
     existing = ngx.parse_upstream(state.read_text(settings.upstream_file(project), root=settings.root))
+    if existing is not None and not existing.token and settings.env_file(project).exists():
+        # A host the guide's deploy.sh set up: init would keep the hand-written upstream (no route map) and
+        # nginx would then reject init's server block. adopt takes such a project over in place.
+        raise UsageError(
+            f"{project} already runs here from a hand-written upstream file ({settings.upstream_file(project)}, "
+            f"upstream {existing.name} -> 127.0.0.1:{existing.port or '(down)'}), as the guide's deploy.sh sets it up; "
+            f"init writes new projects. Nothing was written. Take it over in place with `{invocation()} adopt "
+            f"{project} --dry-run` (shows every change), then `{invocation()} adopt {project} --force`."
+        )
     token = existing.token if existing and existing.token else ngx.new_token()
     files = project_files(
         settings, project=project, image=image, ports=blue_green, listen=listen, server_name=server_name,

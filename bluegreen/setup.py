@@ -689,9 +689,27 @@ def setup_host(
         print(f"  changed  {step.text}: {note}", file=stdout)
     ours = launcher is not None and (facts.launcher_text is None or facts.launcher_text.startswith(f"#!/bin/sh\n{LAUNCHER_MARK}"))
     me = invoked_as if ours else invocation()
+    guide = guide_projects(settings)
+    if guide:  # a host the guide's deploy.sh set up: its projects are adopted, not init'ed
+        print(f"Done: {len(done)} change(s). Next: {me} adopt {guide[0]} --dry-run, then {me} adopt {guide[0]} --force "
+              f"(takes over what deploy.sh set up; docs/migrate-from-deploy-sh.md).", file=stdout)
+        return 0
     print(f"Done: {len(done)} change(s). Next: {me} init PROJECT --image IMAGE, then {me} deploy PROJECT TAG "
           f"({me} doctor checks everything).", file=stdout)
     return 0
+
+
+def guide_projects(settings: Settings) -> list[str]:
+    """Projects with an env file and a hand-written upstream file (no probe token): the guide's deploy.sh layout."""
+    found = []
+    for project in settings.projects():
+        try:
+            upstream = ngx.parse_upstream(state.read_text(settings.upstream_file(project), root=settings.root))
+        except BluegreenError:  # a planted file: doctor names it
+            continue
+        if upstream is not None and not upstream.token:
+            found.append(project)
+    return found
 
 
 def _done_note(done: list[str]) -> str:
