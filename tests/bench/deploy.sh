@@ -63,7 +63,9 @@ step_done 1 pull "$IMAGE:$TAG"
 # 2. start the idle colour
 step_start
 docker rm -f "$NEW_NAME" >/dev/null 2>&1 || true
-RUN_ARGS=(-d --name "$NEW_NAME" -p "127.0.0.1:$NEW_PORT:$APP_PORT")
+# PUBLISH_HOST= (empty) publishes on all addresses, as the guide's hosts were found running (issue 11).
+PUBLISH_HOST=${PUBLISH_HOST-127.0.0.1}
+RUN_ARGS=(-d --name "$NEW_NAME" -p "${PUBLISH_HOST:+$PUBLISH_HOST:}$NEW_PORT:$APP_PORT")
 if [ -n "$LOG_DIR" ]; then RUN_ARGS+=(-v "$LOG_DIR:$LOG_DIR"); fi
 if [ -n "$SPRING_PROFILES" ]; then RUN_ARGS+=(-e "SPRING_PROFILES_ACTIVE=$SPRING_PROFILES"); fi
 # Bench only: the demo app's boot time for this deploy (bench.py writes it into the env file).
