@@ -420,7 +420,12 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
                                     f"deploys work but cannot prove where nginx routes")
     probe = {k: v for k, v in probe.items() if k not in mentioned_keys(facts.env_text)}
     addition, commented = env_additions(facts.env_text, set_values=probe)
-    if addition:
+    foreign = [c for c in facts.containers.values() if c.running and dk.LABEL_PROJECT not in c.labels]
+    if upstream_new is None and not foreign:
+        # bluegreen's project already (init wrote it, or it was adopted and deployed since): its env file is
+        # the user's as it is; only a server block without the route line is still worth a --force.
+        plan.ok.append(f"{cfg.project} is bluegreen's already: its env file stays as it is")
+    elif addition:
         set_now = f"sets {', '.join(f'{k}={v}' for k, v in probe.items())}; " if probe else ""
         plan.changes.append(Change(facts.env_path, facts.env_text, facts.env_text + addition,
                                    f"{facts.env_path.name}: {set_now}adds {len(commented)} setting(s) it did not "
@@ -488,8 +493,9 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
             print(f"  changed  {change.what}", file=stdout)
         print(_verify(facts, settings, probe), file=stdout)
     me = host.invocation()
+    retires = " (it retires the container deploy.sh started)" if plan.warnings else ""
     print(f"Done: {len(plan.changes)} change(s); the originals are in {settings.root / BACKUP_DIR / project}. Next: "
-          f"`{me} status {project}`, then `{me} deploy {project} TAG` (it retires the deploy.sh container).", file=stdout)
+          f"`{me} status {project}`, then `{me} deploy {project} TAG`{retires}.", file=stdout)
     return 0
 
 
