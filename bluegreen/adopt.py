@@ -24,7 +24,7 @@ from bluegreen.errors import BluegreenError, CommandError, DeployFailed, UsageEr
 from bluegreen.lock import Holder, project_lock
 from bluegreen.runner import Runner, indent
 
-BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the guide's files as they were before the first adoption
+BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the upstream file and server block before the first adoption
 ADDED_HEAD = "# --- added by `bluegreen adopt`: the settings this file did not mention, at their defaults"
 KEEPALIVE_LINES = ("proxy_http_version 1.1;", 'proxy_set_header Connection "";')
 VERIFY_SECONDS = 5.0  # how long the probe through nginx waits for the reloaded workers to answer with the route
@@ -430,7 +430,9 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
         plan.changes.append(Change(facts.env_path, facts.env_text, facts.env_text + addition,
                                    f"{facts.env_path.name}: {set_now}adds {len(commented)} setting(s) it did not "
                                    f"mention, commented out at their defaults; every line it had stays as it was",
-                                   settings.root, mode=facts.env_mode, owner=facts.env_owner, backup="env"))
+                                   # No copy of the env file: it holds the app's secrets, and adopt only appends
+                                   # below the user's lines (deleting the added block gives the original back).
+                                   settings.root, mode=facts.env_mode, owner=facts.env_owner))
     else:
         plan.ok.append(f"{facts.env_path.name} mentions every setting")
     for colour in COLOURS:

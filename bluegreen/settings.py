@@ -506,7 +506,7 @@ other layouts and for the tests (which never touch the machine's real `/etc`).
 | `ROOT/nginx/conf.d/PROJECT-upstream.conf` | `init` (placeholder), `adopt` (from the guide's hand-written one, same name and port), every deploy | never edit; `init --force` keeps it |
 | `NGINX_CONF_DIR/PROJECT.conf` | `init` (then yours) | the server block: `listen`, `server_name`, `proxy_pass http://PROJECT;` and the route header line |
 | `ROOT/projects/PROJECT.active`, `.lock`, `.journal`, `.freeze` | deploys and the day-2 commands | |
-| `ROOT/adopt-backup/PROJECT/` | `adopt`, once | the guide's env file (mode 0600), upstream file and server block as they were before the first adoption |
+| `ROOT/adopt-backup/PROJECT/` | `adopt`, once | the guide's upstream file and server block as they were before the first adoption (never the env file: it holds secrets, and adopt only appends to it) |
 | env file, server block of a guide project | `adopt` | the env file: settings it did not mention appended, commented out; the server block (only with `--force`): the route line and keep-alive lines added, nothing else changed |
 | nginx.conf | `setup`, once | one `include ROOT/nginx/conf.d/*.conf;` line at the top of the http block |
 | `/etc/cron.d/bluegreen` | `setup` | one daily job; rewritten only when it differs |
