@@ -1,0 +1,177 @@
+"""Pure tests of issue 11's recognition of a container the guide's deploy.sh started (`docker run -d --name
+PROJECT-COLOUR -p PORT:8080 IMAGE:TAG`): no bluegreen labels, its port published on every address.
+
+The real-stack test (test_stack_recognise.py) proves the same against real docker and nginx."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bluegreen import docker as dk
+from bluegreen.runner import RecordingRunner, Result
+
+IMAGE = "reg.local/acme/api"
+
+
+def inspected(*, name="api-blue", image=f"{IMAGE}:v1", labels=None, status="running", bindings=None, live=None):
+    """One item of `docker container inspect`, shaped as docker 20.10 prints it (checked against a real one)."""
+    return {
+        "Id": "c0ffee", "Name": "/" + name, "RestartCount": 0,
+        "State": {"Status": status, "ExitCode": 0, "StartedAt": "2026-11-26T00:00:00Z"},
+        "Config": {"Image": image, "Labels": labels},
+        "HostConfig": {"PortBindings": bindings if bindings is not None else {}},
+        "NetworkSettings": {"Ports": live if live is not None else {}},
+    }
+
+
+# `docker run -p 8081:8080` (deploy.sh) and `--publish 127.0.0.1:8081:8080` (bluegreen), as docker reports them.
+DEPLOY_SH_BINDINGS = {"8080/tcp": [{"HostIp": "", "HostPort": "8081"}]}
+DEPLOY_SH_LIVE = {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8081"}, {"HostIp": "::", "HostPort": "8081"}]}
+LOOPBACK_BINDINGS = {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8081"}]}
+LABELS = {dk.LABEL_PROJECT: "api", dk.LABEL_COLOUR: "blue", dk.LABEL_TAG: "v1"}
+
+
+def parse_one(item) -> dk.Container:
+    (found,) = dk.parse_inspect(json.dumps([item]))
+    return found
+
+
+# --- parse_inspect: labels and bindings ---------------------------------------------------------------------
+
+def test_a_deploy_sh_container_has_no_labels_and_publishes_on_every_address():
+    c = parse_one(inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE))
+    assert (c.name, c.image, c.labels, c.managed, c.running) == ("api-blue", f"{IMAGE}:v1", {}, False, True)
+    # While it runs, what docker forwards now (NetworkSettings.Ports): both address families.
+    assert c.bindings == (dk.Binding("8080/tcp", "0.0.0.0", 8081), dk.Binding("8080/tcp", "::", 8081))
+    assert [b.address() for b in c.exposed()] == ["0.0.0.0:8081", "[::]:8081"]
+
+
+def test_a_bluegreen_container_is_managed_and_published_on_loopback_only():
+    live = {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8081"}]}
+    c = parse_one(inspected(labels=LABELS, bindings=LOOPBACK_BINDINGS, live=live))
+    assert c.managed and c.bindings == (dk.Binding("8080/tcp", "127.0.0.1", 8081),)
+    assert c.exposed() == () and dk.exposed_note(c) is None
+
+
+def test_a_stopped_container_keeps_its_configured_bindings_but_exposes_nothing():
+    # docker empties NetworkSettings.Ports when the container stops; HostConfig.PortBindings stays.
+    c = parse_one(inspected(status="exited", bindings=DEPLOY_SH_BINDINGS, live={}))
+    assert c.bindings == (dk.Binding("8080/tcp", "", 8081),) and c.bindings[0].all_addresses
+    assert c.exposed() == () and dk.exposed_note(c) is None  # not reachable while it does not run
+
+
+def test_a_container_without_any_published_port():
+    c = parse_one(inspected(bindings=None, live=None))
+    assert c.bindings == () and dk.exposed_note(c) is None
+
+
+@pytest.mark.parametrize("host_ip, every", [
+    ("", True), ("0.0.0.0", True), ("::", True), ("[::]", True), ("0:0::0", True),
+    ("127.0.0.1", False), ("::1", False), ("10.0.0.5", False), ("localhost", False), ("0", False), (None, False), (0, False),
+])
+def test_which_host_ips_mean_every_address(host_ip, every):
+    assert dk.on_all_addresses(host_ip) is every
+
+
+HOSTILE = [
+    None, 1, "x", [], True, {"8080/tcp": "0.0.0.0:8081"}, {"8080/tcp": [None, 1, "s", [], {"HostIp": 5, "HostPort": "8081"}]},
+    {"8080/tcp": [{"HostIp": "", "HostPort": "65536"}, {"HostIp": "", "HostPort": "-1"}, {"HostIp": "", "HostPort": "8O81"},
+                  {"HostIp": "", "HostPort": True}, {"HostIp": "", "HostPort": 8.5}, {"HostIp": "", "HostPort": None},
+                  {"HostIp": "", "HostPort": "١٢٣"}, {"HostIp": "", "HostPort": {"a": 1}}, {"HostIp": "x" * 100, "HostPort": "1"}]},
+]
+
+
+@pytest.mark.parametrize("ports", HOSTILE)
+def test_hostile_port_maps_give_no_binding_and_never_crash(ports):
+    c = parse_one(inspected(bindings=ports, live=ports))
+    assert c.bindings == () and dk.exposed_note(c) is None
+
+
+def test_good_bindings_survive_next_to_hostile_ones_and_a_port_docker_picks():
+    ports = {"8080/tcp": [None, {"HostIp": "", "HostPort": "8081"}, {"HostPort": 9090}, {"HostIp": "", "HostPort": ""}]}
+    c = parse_one(inspected(bindings=ports, live=ports))
+    assert c.bindings == (dk.Binding("8080/tcp", "", 8081), dk.Binding("8080/tcp", "", 9090), dk.Binding("8080/tcp", "", None))
+    assert [b.address() for b in c.exposed()] == ["*:8081", "*:9090", "*:?"]
+    # Not from JSON (its keys are strings), but parse_bindings takes any object.
+    assert dk.parse_bindings({5: [{"HostIp": "", "HostPort": "1"}], "1/udp": [{"HostIp": "", "HostPort": "1"}] * 3}) == (
+        dk.Binding("1/udp", "", 1),)
+    many = {"8080/tcp": [{"HostIp": "", "HostPort": str(p)} for p in range(1, 5000)]}
+    assert len(dk.parse_bindings(many)) == dk.MAX_BINDINGS
+
+
+@pytest.mark.parametrize("field, value", [
+    ("State", "running"), ("State", [1]), ("Config", None), ("Config", "x"), ("Name", 5), ("Id", {}),
+    ("RestartCount", "3"), ("RestartCount", True), ("HostConfig", 7), ("NetworkSettings", [None]),
+])
+def test_a_field_of_the_wrong_type_reads_as_absent(field, value):
+    item = inspected(labels=LABELS, bindings=DEPLOY_SH_BINDINGS)
+    item[field] = value
+    parse_one(item)  # never raises
+
+
+def test_wrong_types_inside_state_and_config_read_as_absent():
+    item = inspected()
+    item["State"] = {"Status": 1, "ExitCode": "3", "StartedAt": None}
+    item["Config"] = {"Image": ["a"], "Labels": {"bluegreen.tag": 5, "ok": "yes", "n": None}}
+    c = parse_one(item)
+    assert (c.status, c.exit_code, c.image, c.labels, c.started_at) == ("", 0, "", {"ok": "yes"}, "")
+
+
+def test_items_that_are_not_containers_are_skipped_and_a_non_list_is_refused():
+    found = dk.parse_inspect(json.dumps([None, 3, "x", [], inspected()]))
+    assert [c.name for c in found] == ["api-blue"]
+    for text in ('{"Name": "/api-blue"}', '"x"', "3", "[" * 100000 + "]" * 100000):
+        with pytest.raises(ValueError):
+            dk.parse_inspect(text)
+
+
+def test_inspect_many_turns_garbage_into_a_command_error_not_a_crash():
+    runner = RecordingRunner(responder=lambda argv: Result(tuple(argv), 0, '{"not": "a list"}', ""))
+    with pytest.raises(dk.CommandError):
+        dk.Docker(runner, ("docker",)).inspect_many(["api-blue"])
+
+
+# --- tag_in ----------------------------------------------------------------------------------------------------
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize("image, labels, tag", [
+    (f"{IMAGE}:v1", None, "v1"),  # deploy.sh
+    (f"{IMAGE}:1.2.3-rc_1", {}, "1.2.3-rc_1"),
+    (IMAGE, None, "latest"),  # `docker run IMAGE` runs IMAGE:latest
+    (f"{IMAGE}@{DIGEST}", None, DIGEST),  # what runs, and what `deploy PROJECT sha256:...` deploys again
+    (f"{IMAGE}:v1@{DIGEST}", None, DIGEST),  # docker ignores the tag next to a digest
+    (f"{IMAGE}@sha256:short", None, None),
+    (f"{IMAGE}:sha256:{'ab' * 32}", None, None),  # no docker reference
+    (f"{IMAGE}:-bad", None, None),
+    (f"{IMAGE}:a..b", None, None),
+    (f"{IMAGE}/sub:v1", None, None),  # another repository
+    (f"{IMAGE}2:v1", None, None),
+    ("other/app:v1", None, None),
+    ("", None, None),
+    (f"{IMAGE}:v1", {dk.LABEL_TAG: "v9"}, "v9"),  # bluegreen's label wins
+    (f"{IMAGE}@{DIGEST}", {dk.LABEL_TAG: "v1"}, "v1"),  # a rollback by digest is labelled with its tag
+    (f"{IMAGE}:v1", {dk.LABEL_TAG: "--privileged"}, None),  # a label that is no tag is not believed
+    (f"{IMAGE}:v1", {"com.example": "x"}, "v1"),  # someone else's labels: still deploy.sh's
+])
+def test_tag_in_reads_the_label_else_the_image_reference(image, labels, tag):
+    c = parse_one(inspected(image=image, labels=labels))
+    assert c.tag_in(IMAGE) == tag
+
+
+def test_tag_in_of_a_container_built_by_hand():
+    c = dk.Container(name="api-blue", id="", status="running", exit_code=0, image=f"{IMAGE}:v1")
+    assert c.tag_in(IMAGE) == "v1" and c.tag_in("") is None and c.tag_in(IMAGE + ":") is None
+
+
+# --- exposed_note ----------------------------------------------------------------------------------------------
+
+def test_exposed_note_names_the_addresses_the_reason_and_what_ends_it():
+    note = dk.exposed_note(parse_one(inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE)))
+    assert note.startswith("api-blue publishes its port on every address of this host (0.0.0.0:8081, [::]:8081)")
+    assert "reachable directly, around nginx and bypassing it" in note and "other hosts in the VPC" in note
+    assert "The next bluegreen deploy of this project replaces it with a container published on 127.0.0.1 only" in note
+    assert "\n" not in note
