@@ -229,11 +229,10 @@ def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO
 
 
 def _finish(entry: journal.Entry, deployer: Deployer | None, progress: Progress, duration: float, code: int, message: str) -> journal.Entry:
-    old = deployer.old if deployer else None
     return replace(
         entry,
         digest=deployer.digest if deployer else "",
-        from_tag=old.labels.get(dk.LABEL_TAG) if old is not None else None,
+        from_tag=deployer.old_tag if deployer else None,
         result=_result_for(code),
         exit_code=code,
         failed_step=progress.failed_step if code != EXIT_OK else None,
@@ -358,9 +357,9 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def serving_tag(settings: Settings, cfg: ProjectConfig, runner: Runner) -> str | None:
-    """The tag label of the container nginx routes to, if it runs."""
+    """The tag the container nginx routes to runs (its label, else its image reference), if it runs."""
     colour, _, _ = read_current(settings, cfg, probe=health.http_probe)
     if colour is None:
         return None
     found = dk.Docker(runner, settings.docker_cmd).inspect(dk.container_name(cfg.project, colour))
-    return found.labels.get(dk.LABEL_TAG) if found is not None and found.running else None
+    return found.tag_in(cfg.image) if found is not None and found.running else None

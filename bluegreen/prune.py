@@ -33,8 +33,9 @@ def plan_prune(*, image: str, containers: Sequence[dk.Container], serving: str |
                keep_all_images: str = "") -> PrunePlan:
     """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other successful
     tags, never a tag another project with the same IMAGE may serve or roll back to (`others`: project -> tags)."""
-    # The routed container's tag is kept even if it is stopped: `docker start` must still work.
-    serving_tag = next((c.labels.get(dk.LABEL_TAG) for c in containers if c.name == serving), None)
+    # The routed container's tag is kept even if it is stopped: `docker start` must still work. A container
+    # without bluegreen's labels (the guide's deploy.sh started it) has its tag in its image reference.
+    serving_tag = next((c.tag_in(image) for c in containers if c.name == serving), None)
     targets = [t for t in successful if t != serving_tag][:keep]
     kept = ([f"{serving_tag} (serving)"] if serving_tag else []) + [f"{t} (rollback target)" for t in targets]
     keep_tags = set(targets) | ({serving_tag} if serving_tag else set())
@@ -64,7 +65,7 @@ def other_projects_tags(settings: Settings, project: str, image: str, keep: int,
         if other_cfg.image != image:
             continue
         containers = docker.inspect_many([dk.container_name(other, c) for c in COLOURS]).values()
-        tags = [t for t in (c.labels.get(dk.LABEL_TAG) for c in containers) if t]
+        tags = [t for t in (c.tag_in(image) for c in containers) if t]
         tags += journal.successful_tags(journal.read(settings.journal_file(other)))[:keep]
         found[other] = list(dict.fromkeys(tags))
     return found, ""

@@ -6,13 +6,20 @@ The real-stack test (test_stack_recognise.py) proves the same against real docke
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from bluegreen import docker as dk
+from bluegreen import status
+from bluegreen.config import load_settings, parse_env, project_from_entries
+from bluegreen.prune import plan_prune
 from bluegreen.runner import RecordingRunner, Result
+from test_deploy_logic import env  # noqa: F401  (the fixture: a FakeHost behind a recording runner)
 
 IMAGE = "reg.local/acme/api"
+CFG = project_from_entries("api", "api.env", parse_env(f"IMAGE={IMAGE}\n", "api.env"))
+SETTINGS = load_settings("/opt/deploy", {}, euid=0)
 
 
 def inspected(*, name="api-blue", image=f"{IMAGE}:v1", labels=None, status="running", bindings=None, live=None):
@@ -175,3 +182,125 @@ def test_exposed_note_names_the_addresses_the_reason_and_what_ends_it():
     assert "reachable directly, around nginx and bypassing it" in note and "other hosts in the VPC" in note
     assert "The next bluegreen deploy of this project replaces it with a container published on 127.0.0.1 only" in note
     assert "\n" not in note
+
+
+# --- prune -----------------------------------------------------------------------------------------------------
+
+def test_prune_keeps_the_serving_deploy_sh_container_and_its_image():
+    blue = parse_one(inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE))
+    plan = plan_prune(image=IMAGE, containers=[blue], serving="api-blue", image_tags=["v0", "v1"], successful=[], keep=3)
+    assert plan.containers == [] and plan.images == [f"{IMAGE}:v0"] and plan.kept == ["v1 (serving)"]
+
+
+def test_prune_keeps_a_stopped_serving_deploy_sh_container_and_its_image():
+    blue = parse_one(inspected(status="exited", bindings=DEPLOY_SH_BINDINGS))
+    plan = plan_prune(image=IMAGE, containers=[blue], serving="api-blue", image_tags=["v1"], successful=[], keep=0)
+    assert plan.containers == [] and plan.images == [] and plan.kept == ["v1 (serving)"]
+
+
+# --- status ----------------------------------------------------------------------------------------------------
+
+def status_of(tmp_path, items, *, upstream_port=8081, active="blue", probe_status=200):
+    (tmp_path / "projects").mkdir()
+    (tmp_path / "projects" / "api.env").write_text(f"IMAGE={IMAGE}\nBLUE_PORT=8081\nGREEN_PORT=8082\n")
+    (tmp_path / "projects" / "api.active").write_text(active + "\n")
+    (tmp_path / "nginx" / "conf.d").mkdir(parents=True)
+    # As the guide writes it by hand: no probe token, so status sees only the answer's status.
+    (tmp_path / "nginx" / "conf.d" / "api-upstream.conf").write_text(f"upstream api {{\n    server 127.0.0.1:{upstream_port};\n}}\n")
+    # A live pid stands for nginx's master (this test's own process): status finds nginx running.
+    (tmp_path / "nginx.pid").write_text(f"{os.getpid()}\n")
+    settings = load_settings(str(tmp_path), {"BLUEGREEN_NGINX_PID_FILE": str(tmp_path / "nginx.pid")}, euid=0)
+    names = {i["Name"].lstrip("/") for i in items}
+
+    def respond(argv):
+        if argv[:3] == ("docker", "container", "inspect"):
+            missing = [f"Error: No such container: {n}" for n in argv[3:] if n not in names]
+            return Result(tuple(argv), 1 if missing else 0, json.dumps(items), "\n".join(missing))
+        return Result(tuple(argv), 0, "", "")
+
+    def probe(url, timeout, host="", headers=None):
+        from bluegreen.health import Probe
+        return Probe(probe_status, f"HTTP {probe_status}")
+
+    (ps,) = status.collect(settings, ["api"], RecordingRunner(responder=respond), probe=probe, live_health=True)
+    return ps, settings
+
+
+def test_status_of_a_deploy_sh_container_shows_its_tag_serving_and_warns_without_drift(tmp_path):
+    ps, settings = status_of(tmp_path, [inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE)])
+    assert (ps.serving, ps.tag, ps.drift) == ("blue", "v1", [])
+    blue, green = ps.colours
+    assert (blue.state, blue.tag, blue.managed, blue.healthy) == ("running", "v1", False, True)
+    assert blue.exposed and "every address of this host (0.0.0.0:8081, [::]:8081)" in blue.exposed
+    assert (green.state, green.exposed) == ("absent", None)
+    # The warning is informational: it is no drift and no failed check. (The hand-written upstream has no probe
+    # token, so the route cannot be proven: that, not the warning, is why the verdict is degraded here.)
+    assert ps.verdict == status.DEGRADED and [c.name for c in ps.checks if not c.ok] == ["route"]
+    text = status.render(ps, settings)
+    blue_line = [ln for ln in text.splitlines() if ln.startswith("  blue ")][0]
+    assert "running, health HTTP 200 tag v1" in blue_line and "no bluegreen labels" in blue_line
+    assert "              warning: api-blue publishes its port on every address" in text
+    assert "no drift" in text
+    assert "warning: api-blue published on every address" in status.render_line(ps)
+    assert json.loads(status.to_json([ps]))[0]["colours"][0]["exposed"] == blue.exposed
+
+
+def test_the_exposure_warning_never_changes_the_verdict(tmp_path):
+    live = parse_one(inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE))
+    colours = [status.ColourState("blue", "api-blue", 8081, "running", live.tag_in(IMAGE), None, "HTTP 200", True,
+                                  live.managed, dk.exposed_note(live)),
+               status.ColourState("green", "api-green", 8082, "absent")]
+    assert status.find_drift(CFG, SETTINGS, serving="blue", active="blue", upstream_port=8081, colours=colours,
+                             nginx_route=8081) == []
+    from bluegreen.health import Probe
+    verdict, checks = status.judge(CFG, nginx=status.NginxState(True, 42, "/run/nginx.pid"),
+                                   answer=Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8081"}),
+                                   nginx_route=8081, serving="blue", colours=colours, drift=[])
+    assert verdict == status.OK and all(c.ok for c in checks)
+
+
+def test_status_of_a_stopped_deploy_sh_container_has_no_warning(tmp_path):
+    ps, settings = status_of(tmp_path, [
+        inspected(status="exited", bindings=DEPLOY_SH_BINDINGS),
+        inspected(name="api-green", image=f"{IMAGE}:v2", labels={**LABELS, dk.LABEL_TAG: "v2"},
+                  bindings={"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8082"}]},
+                  live={"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8082"}]}),
+    ], upstream_port=8082, active="green")
+    assert (ps.serving, ps.tag, ps.drift) == ("green", "v2", [])
+    assert [(c.tag, c.managed, c.exposed) for c in ps.colours] == [("v1", False, None), ("v2", True, None)]
+    assert "warning" not in status.render(ps, settings) and "warning" not in status.render_line(ps)
+
+
+# --- deploy over a deploy.sh container -------------------------------------------------------------------------
+
+def deploy_sh_host(env):  # noqa: F811
+    """The state deploy.sh leaves: api-blue runs IMAGE:v1 on every address, the upstream and active file name blue."""
+    env.host.containers["api-blue"] = inspected(bindings=DEPLOY_SH_BINDINGS, live=DEPLOY_SH_LIVE)
+    conf = env.root / "nginx" / "conf.d"
+    conf.mkdir(parents=True)
+    (conf / "api-upstream.conf").write_text("upstream api {\n    server 127.0.0.1:8081;\n}\n")
+    (env.root / "projects" / "api.active").write_text("blue\n")
+
+
+def test_a_deploy_over_deploy_sh_names_the_old_tag_warns_and_retires_it(env):  # noqa: F811
+    deploy_sh_host(env)
+    summary = env.deploy("v2")
+    assert "api v2 now serves from api-green on 127.0.0.1:8082 (was v1 in api-blue)" in summary
+    assert env.host.containers["api-blue"]["State"]["Status"] == "exited"  # retired as usual: stopped, kept
+    warnings = [ln for ln in env.err.getvalue().splitlines() if ln.startswith("warning: api-blue")]
+    assert len(warnings) == 1
+    assert ("warning: api-blue, which serves now, publishes its port on every address of this host (0.0.0.0:8081, "
+            "[::]:8081), not on 127.0.0.1 only: the app is reachable directly, around nginx and bypassing it") in warnings[0]
+    assert "This deploy replaces it: api-green is published on 127.0.0.1:8082 only" in warnings[0]
+    # The warning comes before the deploy changes anything.
+    err = env.err.getvalue()
+    assert err.index("warning: api-blue") < err.index("[1/6] pull")
+
+
+def test_the_next_deploy_after_that_says_nothing_about_addresses(env):  # noqa: F811
+    deploy_sh_host(env)
+    env.deploy("v2")
+    env.err.truncate(0)
+    env.err.seek(0)
+    summary = env.deploy("v3")
+    assert "(was v2 in api-green)" in summary and "every address" not in env.err.getvalue()
