@@ -325,10 +325,12 @@ def rollback_project(
     serving = serving_tag(settings, cfg, runner or SubprocessRunner())
     target = to or journal.rollback_target(entries, serving)
     if target is None:
-        known = journal.successful_tags(entries)
+        known = journal.rollback_candidates(entries)
         raise UsageError(
             f"Nothing to roll back to for {project}: "
-            + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else "the deploy journal has no successful deploy. ")
+            + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else
+               "the deploy journal has no successful deploy (a version deployed before bluegreen, e.g. by deploy.sh, "
+               "is not in it until bluegreen deploys over it). ")
             + f"Nothing was changed. Name a tag with `{invocation()} rollback {project} --to TAG`, or list the images "
             f"with `docker images {cfg.image}`."
         )

@@ -11,7 +11,7 @@ import os
 import pytest
 
 from bluegreen import docker as dk
-from bluegreen import status
+from bluegreen import journal, status
 from bluegreen.config import load_settings, parse_env, project_from_entries
 from bluegreen.prune import plan_prune
 from bluegreen.runner import RecordingRunner, Result
@@ -184,6 +184,42 @@ def test_exposed_note_names_the_addresses_the_reason_and_what_ends_it():
     assert "\n" not in note
 
 
+# --- rollback target -------------------------------------------------------------------------------------------
+
+def entry(tag, result="deployed", from_tag=None, action="deploy"):
+    return journal.Entry(time="2026-11-26T00:00:00+00:00", host="h", user="u", project="api", action=action,
+                         tag=tag, result=result, exit_code=0 if result == "deployed" else 1, from_tag=from_tag)
+
+
+def test_rollback_after_the_first_deploy_over_deploy_sh_goes_to_what_served_before():
+    # deploy.sh ran v1 (no journal); bluegreen deployed v2 over it.
+    entries = [entry("v2", from_tag="v1")]
+    assert journal.rollback_target(entries, "v2") == "v1"
+    assert journal.rollback_candidates(entries) == ["v2", "v1"]
+    # Then the rollback itself is journaled: back from v1 goes to v2, as before.
+    entries.append(entry("v1", from_tag="v2", action="rollback"))
+    assert journal.rollback_target(entries, "v1") == "v2"
+
+
+def test_rollback_fallback_skips_what_serves_and_unknown_or_failed_from_tags():
+    # Redeploying v2 over itself: the newest deploy's from_tag is v2, what served before the first one is v1.
+    assert journal.rollback_target([entry("v2", from_tag="v1"), entry("v2", from_tag="v2")], "v2") == "v1"
+    # The first deploy ever (nothing served before): nothing to fall back to.
+    assert journal.rollback_target([entry("v1")], "v1") is None
+    # A failed deploy proves nothing about what served before it.
+    assert journal.rollback_target([entry("v2"), entry("v3", "failed", from_tag="v9")], "v2") is None
+    # A from_tag that is what serves is no target.
+    assert journal.rollback_target([entry("v2", from_tag="v2")], "v2") is None
+
+
+def test_rollback_target_prefers_successful_tags_as_before():
+    entries = [entry("v1", from_tag="v0"), entry("v2", from_tag="v1"), entry("v3", "failed", from_tag="v2")]
+    assert journal.rollback_target(entries, "v2") == "v1"
+    assert journal.rollback_target(entries, "v1") == "v2"
+    assert journal.rollback_candidates(entries) == ["v2", "v1", "v0"]
+    assert journal.rollback_target([], None) is None
+
+
 # --- prune -----------------------------------------------------------------------------------------------------
 
 def test_prune_keeps_the_serving_deploy_sh_container_and_its_image():
@@ -196,6 +232,15 @@ def test_prune_keeps_a_stopped_serving_deploy_sh_container_and_its_image():
     blue = parse_one(inspected(status="exited", bindings=DEPLOY_SH_BINDINGS))
     plan = plan_prune(image=IMAGE, containers=[blue], serving="api-blue", image_tags=["v1"], successful=[], keep=0)
     assert plan.containers == [] and plan.images == [] and plan.kept == ["v1 (serving)"]
+
+
+def test_prune_after_the_first_deploy_keeps_the_deploy_sh_version_as_the_rollback_target():
+    blue = parse_one(inspected(status="exited", bindings=DEPLOY_SH_BINDINGS))
+    green = parse_one(inspected(name="api-green", image=f"{IMAGE}:v2", labels={**LABELS, dk.LABEL_TAG: "v2"}))
+    plan = plan_prune(image=IMAGE, containers=[blue, green], serving="api-green", image_tags=["v0", "v1", "v2"],
+                      successful=journal.rollback_candidates([entry("v2", from_tag="v1")]), keep=3)
+    assert plan.containers == ["api-blue"]  # stopped and not serving, as any retired container
+    assert plan.images == [f"{IMAGE}:v0"] and plan.kept == ["v2 (serving)", "v1 (rollback target)"]
 
 
 # --- status ----------------------------------------------------------------------------------------------------
@@ -304,3 +349,36 @@ def test_the_next_deploy_after_that_says_nothing_about_addresses(env):  # noqa: 
     env.err.seek(0)
     summary = env.deploy("v3")
     assert "(was v2 in api-green)" in summary and "every address" not in env.err.getvalue()
+
+
+def test_the_journal_gets_the_deploy_sh_tag_as_from_tag(env):  # noqa: F811
+    from bluegreen.attempt import _finish
+    from bluegreen.deploy import Deployer, Progress, read_plan
+
+    deploy_sh_host(env)
+    plan, _ = read_plan(env.settings, env.cfg, "v2")
+    d = Deployer(settings=env.settings, runner=env.runner, progress=Progress(env.err), probe=lambda *a, **k: None,
+                 port_busy=lambda p: False)
+    d.check(plan)
+    assert d.old_tag == "v1"
+    progress = Progress(env.err)
+    done = _finish(entry("v2", result="pending"), d, progress, 1.0, 0, "ok")
+    assert done.from_tag == "v1" and done.result == journal.RESULT_DEPLOYED
+    # And what the journal then says is where a rollback goes.
+    assert journal.rollback_target(list(journal.parse_lines([done.to_json()])), "v2") == "v1"
+
+
+def test_rollback_before_any_bluegreen_deploy_says_why_the_deploy_sh_version_is_unknown(env):  # noqa: F811
+    import io
+
+    from bluegreen.attempt import rollback_project
+    from bluegreen.errors import UsageError
+
+    deploy_sh_host(env)
+    with pytest.raises(UsageError) as exc:
+        rollback_project(settings=env.settings, project="api", to=None, wait=0, dry_run=False, stdout=io.StringIO(),
+                         stderr=io.StringIO(), environ={}, runner=env.runner)
+    assert exc.value.message.startswith(
+        "Nothing to roll back to for api: the deploy journal has no successful deploy (a version deployed before "
+        "bluegreen, e.g. by deploy.sh, is not in it until bluegreen deploys over it). Nothing was changed.")
+    assert [c[1] for c in env.runner.calls] == ["container"]  # it only looked
