@@ -229,11 +229,10 @@ def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO
 
 
 def _finish(entry: journal.Entry, deployer: Deployer | None, progress: Progress, duration: float, code: int, message: str) -> journal.Entry:
-    old = deployer.old if deployer else None
     return replace(
         entry,
         digest=deployer.digest if deployer else "",
-        from_tag=old.labels.get(dk.LABEL_TAG) if old is not None else None,
+        from_tag=deployer.old_tag if deployer else None,
         result=_result_for(code),
         exit_code=code,
         failed_step=progress.failed_step if code != EXIT_OK else None,
@@ -326,10 +325,12 @@ def rollback_project(
     serving = serving_tag(settings, cfg, runner or SubprocessRunner())
     target = to or journal.rollback_target(entries, serving)
     if target is None:
-        known = journal.successful_tags(entries)
+        known = journal.rollback_candidates(entries)
         raise UsageError(
             f"Nothing to roll back to for {project}: "
-            + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else "the deploy journal has no successful deploy. ")
+            + (f"the journal knows only {', '.join(known)}, which is what serves now. " if known else
+               "the deploy journal has no successful deploy (a version deployed before bluegreen, e.g. by deploy.sh, "
+               "is not in it until bluegreen deploys over it). ")
             + f"Nothing was changed. Name a tag with `{invocation()} rollback {project} --to TAG`, or list the images "
             f"with `docker images {cfg.image}`."
         )
@@ -358,9 +359,9 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def serving_tag(settings: Settings, cfg: ProjectConfig, runner: Runner) -> str | None:
-    """The tag label of the container nginx routes to, if it runs."""
+    """The tag the container nginx routes to runs (its label, else its image reference), if it runs."""
     colour, _, _ = read_current(settings, cfg, probe=health.http_probe)
     if colour is None:
         return None
     found = dk.Docker(runner, settings.docker_cmd).inspect(dk.container_name(cfg.project, colour))
-    return found.labels.get(dk.LABEL_TAG) if found is not None and found.running else None
+    return found.tag_in(cfg.image) if found is not None and found.running else None

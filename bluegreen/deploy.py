@@ -304,6 +304,21 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def exposed_warning(plan: Plan, old: dk.Container | None) -> str | None:
+    """What a deploy says when the container it replaces publishes its port on every address (the guide's
+    deploy.sh did, `-p PORT:8080`): why that matters and that this deploy ends it (pure)."""
+    exposed = old.exposed() if old is not None else ()
+    if not exposed:
+        return None
+    addresses = ", ".join(dict.fromkeys(b.address() for b in exposed))
+    return (
+        f"{old.name}, which serves now, publishes its port on every address of this host ({addresses}), not on "
+        f"127.0.0.1 only: the app is reachable directly, around nginx and bypassing it, from anything that can "
+        f"reach this host, e.g. other hosts in the VPC. This deploy replaces it: {plan.target_name} is published on "
+        f"127.0.0.1:{plan.target_port} only, and {old.name} is stopped once the new version serves."
+    )
+
+
 def port_in_use(port: int) -> bool:
     """True if something listens on 127.0.0.1:port (a bind test, as docker itself would fail)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -337,6 +352,7 @@ class Deployer:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
         self.nginx = Nginx(self.runner, self.settings.nginx_cmd)
         self.old: dk.Container | None = None  # what served before, once check() has looked
+        self.old_tag: str | None = None  # the tag it runs (its label, else its image reference)
         self.leftover: dk.Container | None = None  # what sat in the idle slot
         self.serving = ""  # serving_note(): what serves now, as far as was seen
         self.checked: Plan | None = None  # the plan check() passed
@@ -351,7 +367,7 @@ class Deployer:
             return "Nothing was serving before this deploy, and nothing new serves now."
         port = plan.cfg.port(plan.current)
         if old is not None and old.running:
-            tag = old.labels.get(dk.LABEL_TAG, "?")
+            tag = old.tag_in(plan.cfg.image) or "?"
             what = f"The previous version ({tag}, container {old.name}, 127.0.0.1:{port})"
             seen = self.seen_before
             routed = seen is not None and ngx.route_port(_header(seen, ngx.ROUTE_HEADER)) == port
@@ -425,11 +441,15 @@ class Deployer:
         old = found.get(plan.current_name) if plan.current_name else None
         leftover = found.get(plan.target_name)
         self.old, self.leftover = old, leftover
+        self.old_tag = old.tag_in(plan.cfg.image) if old is not None else None
         self._refuse_serving_leftover(plan, leftover)
         self.serving = self.serving_note(plan, old)
         self._refuse_unproven_leftover(plan, leftover, self.serving)
         if self.check_nginx_first:
             self.preflight(plan)
+        note = exposed_warning(plan, old)
+        if note:
+            self.progress.say(f"warning: {note}")
         self.checked = plan
 
     def run(self, plan: Plan) -> str:
@@ -491,7 +511,7 @@ class Deployer:
                 f"{new_desc}, but then: {os_problem(exc)} Check that {plan.current_name or 'no old container'} is "
                 f"stopped (`docker ps`) and that {plan.active_path} says {plan.target}."
             ) from exc
-        was = f" (was {old.labels.get(dk.LABEL_TAG, '?')} in {old.name})" if old is not None and old.running else ""
+        was = f" (was {self.old_tag or '?'} in {old.name})" if old is not None and old.running else ""
         return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
 
     def _pull(self, plan: Plan, serving: str) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from bluegreen.config import ProjectConfig
+from bluegreen.config import ProjectConfig, is_tag
 from bluegreen.errors import CommandError
 from bluegreen.runner import Runner
 
@@ -32,6 +33,7 @@ PULL_POLICIES = ("always", "missing", "never")
 
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_TAG_ONLY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a docker tag (not a digest: `IMAGE:sha256:...` is no reference)
 
 
 def image_inspect_argv(docker: Sequence[str], ref: str) -> list[str]:
@@ -147,6 +149,86 @@ def logs_argv(docker: Sequence[str], name: str, tail: int) -> list[str]:
     return [*docker, "logs", "--tail", str(tail), name]
 
 
+def on_all_addresses(host_ip: str) -> bool:
+    """Whether a published port's HostIp means every address of the host (pure): docker's empty HostIp (what
+    `-p 8081:8080` configures), `0.0.0.0` or `::` (any spelling of the unspecified address). Such a port is
+    reachable from anything that reaches the host, not only from nginx on it."""
+    if not isinstance(host_ip, str):
+        return False
+    if host_ip == "":
+        return True
+    try:
+        return ipaddress.ip_address(host_ip.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One published port: docker forwards HOST_IP:HOST_PORT to the container's `container_port`."""
+
+    container_port: str  # "8080/tcp"
+    host_ip: str  # "" (every address), "0.0.0.0", "::", "127.0.0.1", ...
+    host_port: int | None  # None: a port docker picks when the container starts
+
+    @property
+    def all_addresses(self) -> bool:
+        return on_all_addresses(self.host_ip)
+
+    def address(self) -> str:
+        """`0.0.0.0:8081`, `[::]:8081`, `127.0.0.1:8081` (`*` for docker's empty HostIp, `?` for a port it picks)."""
+        host = self.host_ip or "*"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.host_port if self.host_port is not None else '?'}"
+
+
+MAX_BINDINGS = 256  # more than any real container publishes: the rest of a hostile list is ignored
+
+
+def _port_number(value: object) -> int | None | bool:
+    """A HostPort as docker writes it ("8081"; "" or "0": docker picks one) -> int, None (picked), or False (not
+    a port at all)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        if value in ("", "0"):
+            return None
+        if not value.isdigit() or not value.isascii() or len(value) > 5:
+            return False
+        value = int(value)
+    if not isinstance(value, int):
+        return False
+    if value == 0:
+        return None
+    return value if 0 < value < 65536 else False
+
+
+def parse_bindings(ports: object) -> tuple[Binding, ...]:
+    """Bindings from a `{"8080/tcp": [{"HostIp": "", "HostPort": "8081"}, ...]}` map, the shape of both
+    `HostConfig.PortBindings` and `NetworkSettings.Ports` (pure). Untrusted: an item of any other shape is
+    skipped, never raised about; a missing HostIp is docker's default, every address."""
+    out: list[Binding] = []
+    if not isinstance(ports, dict):
+        return ()
+    for container_port, items in ports.items():
+        if not isinstance(container_port, str) or not isinstance(items, list):
+            continue
+        for item in items:
+            if len(out) >= MAX_BINDINGS:
+                return tuple(out)
+            if not isinstance(item, dict):
+                continue
+            host_ip = item.get("HostIp", "")
+            port = _port_number(item.get("HostPort", ""))
+            if not isinstance(host_ip, str) or len(host_ip) > 64 or port is False:
+                continue
+            binding = Binding(container_port[:32], host_ip, port)
+            if binding not in out:
+                out.append(binding)
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Container:
     """What `docker container inspect` says about one container."""
@@ -159,10 +241,52 @@ class Container:
     labels: dict = field(default_factory=dict)
     started_at: str = ""
     restart_count: int = 0
+    # Its published ports: what docker forwards now (NetworkSettings.Ports) while it runs, else what it
+    # publishes when started (HostConfig.PortBindings).
+    bindings: tuple = ()  # Binding
 
     @property
     def running(self) -> bool:
         return self.status in ("running", "restarting")
+
+    @property
+    def managed(self) -> bool:
+        """Whether bluegreen started it (its labels); a container started by the guide's deploy.sh or by hand
+        under the same name has none."""
+        return LABEL_PROJECT in self.labels
+
+    def tag_in(self, image: str) -> str | None:
+        """The tag of `image` this container runs, or None when that is unknown (pure).
+
+        Its `bluegreen.tag` label when it has one (bluegreen's containers; a label that is no valid tag gives
+        None). Without labels (deploy.sh's `docker run IMAGE:TAG`), its image reference as `docker run` was
+        given it (`Config.Image`): `IMAGE:TAG` gives TAG; a bare `IMAGE` gives `latest`, as docker reads it;
+        `IMAGE@sha256:...` (or `IMAGE:TAG@sha256:...`, where docker ignores the tag) gives the digest, which is
+        what runs, and which deploy and rollback accept as TAG. Another repository, or a reference that is no
+        valid tag, gives None: a tag is never guessed.
+        """
+        if LABEL_TAG in self.labels:
+            label = self.labels[LABEL_TAG]
+            return label if is_tag(label) else None
+        ref = self.image
+        if not isinstance(ref, str) or not isinstance(image, str) or not image:
+            return None
+        name, at, digest = ref.partition("@")
+        if at:
+            repo_ok = name == image or (name.startswith(image + ":") and _TAG_ONLY.fullmatch(name[len(image) + 1:]))
+            return digest if repo_ok and _DIGEST_RE.fullmatch(digest) else None
+        if ref == image:
+            return "latest"
+        if ref.startswith(image + ":"):
+            tag = ref[len(image) + 1:]
+            return tag if _TAG_ONLY.fullmatch(tag) and is_tag(tag) else None
+        return None
+
+    def exposed(self) -> tuple[Binding, ...]:
+        """Its published ports on every address (0.0.0.0, ::), while it runs: reachable around nginx."""
+        if not self.running:
+            return ()
+        return tuple(b for b in self.bindings if b.all_addresses)
 
     def crash_note(self) -> str | None:
         """How the container ended, or None while it runs as first started.
@@ -177,25 +301,68 @@ class Container:
         return f"the container stopped ({self.status}, exit code {self.exit_code})"
 
 
+def _dict(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: object, limit: int = 4096) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and -(1 << 31) <= value < (1 << 31) else 0
+
+
 def parse_inspect(text: str) -> list[Container]:
-    """Containers from `docker container inspect` JSON output."""
+    """Containers from `docker container inspect` JSON output. Raises ValueError when it is not a JSON list;
+    a field of any other type than docker's is read as absent, never raised about."""
+    try:
+        items = json.loads(text or "[]")
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+    if not isinstance(items, list):
+        raise ValueError("not a list of containers")
     out = []
-    for item in json.loads(text or "[]"):
-        state = item.get("State") or {}
-        config = item.get("Config") or {}
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        state = _dict(item.get("State"))
+        config = _dict(item.get("Config"))
+        labels = {k: v for k, v in _dict(config.get("Labels")).items() if isinstance(k, str) and isinstance(v, str)}
+        status = _text(state.get("Status"), 64)
+        live = parse_bindings(_dict(item.get("NetworkSettings")).get("Ports"))
+        configured = parse_bindings(_dict(item.get("HostConfig")).get("PortBindings"))
         out.append(
             Container(
-                name=(item.get("Name") or "").lstrip("/"),
-                id=item.get("Id", ""),
-                status=state.get("Status", ""),
-                exit_code=int(state.get("ExitCode") or 0),
-                image=config.get("Image", ""),
-                labels=dict(config.get("Labels") or {}),
-                started_at=state.get("StartedAt", ""),
-                restart_count=int(item.get("RestartCount") or 0),
+                name=_text(item.get("Name"), 256).lstrip("/"),
+                id=_text(item.get("Id"), 256),
+                status=status,
+                exit_code=_count(state.get("ExitCode")),
+                image=_text(config.get("Image"), 1024),
+                labels=labels,
+                started_at=_text(state.get("StartedAt"), 64),
+                restart_count=_count(item.get("RestartCount")),
+                bindings=live if live and status in ("running", "restarting") else configured,
             )
         )
     return out
+
+
+def exposed_note(container: Container) -> str | None:
+    """Why a running container that publishes a port on every address is a problem, and what ends it, for
+    status and doctor (pure); None when it publishes nothing there (bluegreen's containers never do) or does
+    not run. The guide's deploy.sh published with `-p PORT:8080`, which is every address."""
+    exposed = container.exposed()
+    if not exposed:
+        return None
+    addresses = ", ".join(dict.fromkeys(b.address() for b in exposed))
+    return (
+        f"{container.name} publishes its port on every address of this host ({addresses}), not on 127.0.0.1 "
+        f"only as bluegreen does: the app is reachable directly, around nginx and bypassing it (its access "
+        f"rules, TLS, rate limits), from anything that can reach this host, e.g. other hosts in the VPC. The next "
+        f"bluegreen deploy of this project replaces it with a container published on 127.0.0.1 only (deploying the "
+        f"tag that serves now is enough)."
+    )
 
 
 class Docker:

@@ -178,9 +178,22 @@ def successful_tags(entries: list[Entry]) -> list[str]:
     return seen
 
 
+def rollback_candidates(entries: list[Entry]) -> list[str]:
+    """What a rollback may go to, newest first, each once: the tags of successful deploys, then what served
+    before them (their `from_tag`), which is the only record of a version deployed before bluegreen took over
+    (by the guide's deploy.sh, or by hand)."""
+    tags = successful_tags(entries)
+    for entry in reversed(entries):
+        if entry.result == RESULT_DEPLOYED and entry.from_tag and entry.from_tag not in tags:
+            tags.append(entry.from_tag)
+    return tags
+
+
 def rollback_target(entries: list[Entry], serving_tag: str | None) -> str | None:
-    """The tag of the newest successful deploy that is not what serves now."""
-    for tag in successful_tags(entries):
+    """The tag of the newest successful deploy that is not what serves now; when there is none, what served
+    before the newest successful deploy that replaced something else (its `from_tag`): after `deploy.sh` ran v1
+    and bluegreen deployed v2, that is v1."""
+    for tag in rollback_candidates(entries):
         if tag != serving_tag:
             return tag
     return None

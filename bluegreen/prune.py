@@ -31,10 +31,12 @@ class PrunePlan:
 def plan_prune(*, image: str, containers: Sequence[dk.Container], serving: str | None, image_tags: Sequence[str],
                successful: Sequence[str], keep: int, others: Mapping[str, Sequence[str]] | None = None,
                keep_all_images: str = "") -> PrunePlan:
-    """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other successful
-    tags, never a tag another project with the same IMAGE may serve or roll back to (`others`: project -> tags)."""
-    # The routed container's tag is kept even if it is stopped: `docker start` must still work.
-    serving_tag = next((c.labels.get(dk.LABEL_TAG) for c in containers if c.name == serving), None)
+    """Decide what goes (pure): never the serving container or its tag, never the newest `keep` other rollback
+    targets (`successful`: journal.rollback_candidates, newest first), never a tag another project with the same
+    IMAGE may serve or roll back to (`others`: project -> tags)."""
+    # The routed container's tag is kept even if it is stopped: `docker start` must still work. A container
+    # without bluegreen's labels (the guide's deploy.sh started it) has its tag in its image reference.
+    serving_tag = next((c.tag_in(image) for c in containers if c.name == serving), None)
     targets = [t for t in successful if t != serving_tag][:keep]
     kept = ([f"{serving_tag} (serving)"] if serving_tag else []) + [f"{t} (rollback target)" for t in targets]
     keep_tags = set(targets) | ({serving_tag} if serving_tag else set())
@@ -64,8 +66,8 @@ def other_projects_tags(settings: Settings, project: str, image: str, keep: int,
         if other_cfg.image != image:
             continue
         containers = docker.inspect_many([dk.container_name(other, c) for c in COLOURS]).values()
-        tags = [t for t in (c.labels.get(dk.LABEL_TAG) for c in containers) if t]
-        tags += journal.successful_tags(journal.read(settings.journal_file(other)))[:keep]
+        tags = [t for t in (c.tag_in(image) for c in containers) if t]
+        tags += journal.rollback_candidates(journal.read(settings.journal_file(other)))[:keep]
         found[other] = list(dict.fromkeys(tags))
     return found, ""
 
@@ -90,7 +92,7 @@ def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout:
         # Another project's rollback targets are kept as its own prune would keep them.
         others, keep_all = other_projects_tags(settings, project, cfg.image, DEFAULT_KEEP, docker)
         plan = plan_prune(image=cfg.image, containers=containers, serving=serving, image_tags=tags,
-                          successful=journal.successful_tags(journal.read(settings.journal_file(project))), keep=keep,
+                          successful=journal.rollback_candidates(journal.read(settings.journal_file(project))), keep=keep,
                           others=others, keep_all_images=keep_all)
         print(f"keeping: {', '.join(plan.kept) or 'nothing'}", file=stdout)
         failures = []

@@ -34,6 +34,9 @@ class ColourState:
     started_at: str | None = None
     health: str | None = None  # "HTTP 200", "connection refused", ... (running containers only)
     healthy: bool | None = None
+    managed: bool | None = None  # bluegreen started it (its labels); False: deploy.sh or a hand-run `docker run`
+    # Informational, never part of the verdict: it runs with its port published on every address (docker.exposed_note).
+    exposed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -303,8 +306,8 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
         if found.status == "running" and live_health:
             answer = probe(f"http://127.0.0.1:{port}{cfg.health_path}", timeout=cfg.health_request_timeout, host=cfg.health_host)
             health, healthy = answer.detail, answer.status == cfg.health_expect
-        colours.append(ColourState(colour, cname, port, found.status, found.labels.get(dk.LABEL_TAG),
-                                   found.started_at or None, health, healthy))
+        colours.append(ColourState(colour, cname, port, found.status, found.tag_in(cfg.image),
+                                   found.started_at or None, health, healthy, found.managed, dk.exposed_note(found)))
     entries = journal.read_tail(settings.journal_file(name), root=settings.root)
     last = entries[-1] if entries else None
     live = next((c for c in colours if c.colour == serving), None)
@@ -348,6 +351,7 @@ def render_line(ps: ProjectStatus) -> str:
         flags.append("FROZEN")
     if ps.drift:
         flags.append(f"{len(ps.drift)} problem(s)")
+    flags += [f"warning: {c.container} published on every address" for c in ps.colours if c.exposed]
     if ps.verdict in (DOWN, DEGRADED):
         flags.insert(0, f"{ps.verdict.upper()}: {reason(ps)}")
     return f"{ps.project:<20} {where}" + (f"  [{', '.join(flags)}]" if flags else "  ok")
@@ -371,7 +375,11 @@ def render(ps: ProjectStatus, settings: Settings) -> str:
     for c in ps.colours:
         extra = f" tag {c.tag}, started {c.started_at}" if c.tag else ""
         health = f", health {c.health}" if c.health else ""
-        lines.append(f"  {c.colour:<6}      {c.container} 127.0.0.1:{c.port} {c.state}{health}{extra}")
+        foreign = (f" (no bluegreen labels: started by deploy.sh or by hand; "
+                   f"{'tag read from its image' if c.tag else 'its image names no tag of IMAGE'})" if c.managed is False else "")
+        lines.append(f"  {c.colour:<6}      {c.container} 127.0.0.1:{c.port} {c.state}{health}{extra}{foreign}")
+        if c.exposed:
+            lines.append(f"              warning: {c.exposed}")
     if ps.lock:
         lines.append(f"  lock        deploy of {ps.lock['tag']} running: pid {ps.lock['pid']}, {ps.lock['user']}, since {ps.lock['since']}")
     if ps.freeze:
