@@ -273,17 +273,6 @@ def probe_settings(text: str, upstream: str, cfg: ProjectConfig) -> dict[str, st
     return {}
 
 
-def container_tag(found: dk.Container | None, image: str) -> str:
-    """The tag a container runs: its bluegreen label, else the tag of its image reference (deploy.sh's)."""
-    if found is None:
-        return "-"
-    label = found.labels.get(dk.LABEL_TAG)
-    if label:
-        return label
-    prefix = image + ":"
-    return found.image[len(prefix):] if found.image.startswith(prefix) and "/" not in found.image[len(prefix):] else "-"
-
-
 def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers: Mapping[str, dk.Container],
                     root: Path, owner: tuple[int, int] | None = None) -> tuple[Change | None, str]:
     """The managed file replacing a hand-written one (same name, same port), or None with why it stays."""
@@ -311,7 +300,7 @@ def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers
     serving = containers.get(dk.container_name(cfg.project, colour)) if colour != "-" else None
     after = ngx.render_upstream(
         name=found.name, port=found.port or cfg.blue_port, project=cfg.project, colour=colour,
-        tag=container_tag(serving, cfg.image), token=found.token or ngx.new_token(), down=not found.port,
+        tag=(serving.tag_in(cfg.image) if serving is not None else None) or "-", token=found.token or ngx.new_token(), down=not found.port,
         options=ngx.UpstreamOptions(**table.upstream_options(cfg)))
     where = f"127.0.0.1:{found.port}" if found.port else "nowhere (down)"
     return (Change(path, text, after, f"upstream {found.name} as bluegreen's managed file, still routing to {where}, "
@@ -420,7 +409,7 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
                                     f"deploys work but cannot prove where nginx routes")
     probe = {k: v for k, v in probe.items() if k not in mentioned_keys(facts.env_text)}
     addition, commented = env_additions(facts.env_text, set_values=probe)
-    foreign = [c for c in facts.containers.values() if c.running and dk.LABEL_PROJECT not in c.labels]
+    foreign = [c for c in facts.containers.values() if c.running and not c.managed]
     if upstream_new is None and not foreign:
         # bluegreen's project already (init wrote it, or it was adopted and deployed since): its env file is
         # the user's as it is; only a server block without the route line is still worth a --force.
@@ -437,10 +426,13 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
         plan.ok.append(f"{facts.env_path.name} mentions every setting")
     for colour in COLOURS:
         found = facts.containers.get(dk.container_name(cfg.project, colour))
-        if found is not None and found.running and dk.LABEL_PROJECT not in found.labels:
+        if found is not None and found.running and not found.managed:
             plan.warnings.append(
                 f"{found.name} ({found.image}) was not started by bluegreen; it keeps running, and the next deploy "
                 f"starts its replacement and retires it as usual")
+            exposed = dk.exposed_note(found)
+            if exposed:
+                plan.warnings.append(exposed.rstrip("."))
     return plan
 
 
@@ -449,11 +441,12 @@ def pending(settings: Settings, runner: Runner, project: str, dump: str | None =
     (a managed upstream file and no running container bluegreen did not start)."""
     facts = read_facts(settings, runner, project, dump)
     upstream = ngx.parse_upstream(facts.upstream_text)
-    foreign = [c for c in facts.containers.values() if c.running and dk.LABEL_PROJECT not in c.labels]
+    foreign = [c for c in facts.containers.values() if c.running and not c.managed]
     if upstream is not None and upstream.token and not foreign:
         return None
     plan = plan_adopt(facts, settings, force=True)
-    return [c.what for c in plan.changes] + [f"by hand: {line}" for line in plan.manual]
+    exposed = [note for note in (dk.exposed_note(c) for c in foreign) if note]
+    return [c.what for c in plan.changes] + [f"by hand: {line}" for line in plan.manual] + exposed
 
 
 def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bool, dry_run: bool,

@@ -511,8 +511,10 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
             checks.append(Check("server block", WARN, f"no server block nginx loads proxies to http://{name}",
                                 f"{me} init {project} --image {cfg.image} --server-name NAME writes one"))
         elif not reports:
+            from bluegreen.status import route_line_fix
+
             checks.append(Check("server block", WARN, "the server block lacks the route header line, so deploys cannot prove the switch",
-                                f"add `{ngx.add_header_line(project)}` to it"))
+                                route_line_fix(project, upstream is None or bool(upstream.token))))
         else:
             checks.append(Check("server block", OK, f"proxies to http://{name} and reports the route"))
 
@@ -564,6 +566,9 @@ def adoption_check(settings: Settings, runner: Runner, project: str, dump: str |
         return Check("adoption", OK, f"{project} is bluegreen's (a managed upstream file, containers it started)")
     if not changes:
         return Check("adoption", OK, f"{project} is adopted; its deploy.sh container is retired by the next deploy")
+    if all(" publishes its port on every address " in line for line in changes):
+        return Check("adoption", WARN, f"{project} is adopted, but: {' '.join(changes)}",
+                     f"{invocation()} deploy {project} TAG (the tag that serves now is enough)")
     return Check("adoption", WARN, f"set up by the guide's deploy.sh; `adopt --force` would: {'; '.join(changes)}",
                  f"{invocation()} adopt {project} --dry-run, then {invocation()} adopt {project} --force "
                  f"(docs/migrate-from-deploy-sh.md)")

@@ -103,8 +103,19 @@ def nginx_state(settings: Settings, runner: Runner) -> NginxState:
     return NginxState(pid is not None, pid, pid_file, error)
 
 
+def route_line_fix(project: str, managed_upstream: bool) -> str:
+    """How a server block gets the route line: by hand once the managed upstream file defines its variable;
+    on a deploy.sh host (a hand-written upstream file, no map) only through adopt, as the line alone fails nginx -t."""
+    if managed_upstream:
+        return (f"add `{add_header_line(project)}` to the server block (or `{invocation()} adopt {project} --force` "
+                f"adds it)")
+    return (f"`{invocation()} adopt {project} --force`: it adds the route map to the upstream file and this line to "
+            f"the server block (the line alone would fail `nginx -t` while the upstream file is hand-written)")
+
+
 def judge(cfg: ProjectConfig, *, nginx: NginxState | None, answer: Probe | None, nginx_route: int | None,
-          serving: str | None, colours: Sequence[ColourState], drift: Sequence[Drift]) -> tuple[str, list[Check]]:
+          serving: str | None, colours: Sequence[ColourState], drift: Sequence[Drift],
+          managed_upstream: bool = True) -> tuple[str, list[Check]]:
     """The verdict on the path a client takes (pure): nginx runs, answers NGINX_URL, routes to the serving
     container, which runs and is healthy. `nginx`/`answer` None: not looked at (no live checks)."""
     checks: list[Check] = []
@@ -140,7 +151,7 @@ def judge(cfg: ProjectConfig, *, nginx: NginxState | None, answer: Probe | None,
         else:
             checks.append(Check("route", False, f"bluegreen could not see where nginx routes {cfg.project} (no route "
                                                 f"header in nginx's answer), so it cannot prove {live.container} serves",
-                                f"add `{add_header_line(cfg.project)}` to the server block"))
+                                route_line_fix(cfg.project, managed_upstream)))
     if live.state == "running":
         checks.append(Check("container", True, f"{live.container} runs"))
     else:
@@ -178,7 +189,8 @@ def reason(ps: ProjectStatus) -> str:
 
 
 def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, active: str | None,
-               upstream_port: int | None, colours: Sequence[ColourState], nginx_route: int | None = None) -> list[Drift]:
+               upstream_port: int | None, colours: Sequence[ColourState], nginx_route: int | None = None,
+               managed_upstream: bool = True) -> list[Drift]:
     """Plain-words disagreements between nginx's live route, the active file, the upstream file and the
     containers (pure). `serving` is the colour nginx routes to (seen through nginx when `nginx_route` is set)."""
     by_colour = {c.colour: c for c in colours}
@@ -225,7 +237,7 @@ def find_drift(cfg: ProjectConfig, settings: Settings, *, serving: str | None, a
                 out.append(Drift(
                     f"{other.container} also runs, and the route through nginx could not be seen, so bluegreen cannot "
                     f"tell which of the two serves (the upstream file names {live.container})",
-                    f"add `{add_header_line(p)}` to the server block (then status can tell), or check `nginx -T`",
+                    f"{route_line_fix(p, managed_upstream)} (then status can tell), or check `nginx -T`",
                 ))
     if active and serving and active != serving:
         out.append(Drift(
@@ -315,10 +327,11 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
     digest = next((e.digest for e in reversed(entries) if e.result == journal.RESULT_DEPLOYED and e.tag == tag and e.digest), None)
     holder = current_holder(settings.lock_file(name))
     freeze = read_freeze(settings.freeze_file(name))
-    drift = find_drift(cfg, settings, serving=serving, active=active,
-                       upstream_port=upstream.port if upstream else None, colours=colours, nginx_route=nginx_route)
+    managed = upstream is None or bool(upstream.token)  # a hand-written one (deploy.sh's) has no route map yet
+    drift = find_drift(cfg, settings, serving=serving, active=active, upstream_port=upstream.port if upstream else None,
+                       colours=colours, nginx_route=nginx_route, managed_upstream=managed)
     verdict, checks = judge(cfg, nginx=nginx, answer=via_nginx, nginx_route=nginx_route, serving=serving, colours=colours,
-                            drift=drift)
+                            drift=drift, managed_upstream=managed)
     return ProjectStatus(
         project=name,
         serving=serving,

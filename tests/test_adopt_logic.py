@@ -206,12 +206,11 @@ def test_an_upstream_adopt_cannot_take_over_is_refused(text, said):
     assert said in exc.value.message and "nothing was changed" in exc.value.message
 
 
-def test_container_tag_reads_the_label_else_the_image_reference():
-    assert adopt.container_tag(deploy_sh_container("v7"), "ghcr.io/acme/user-api") == "v7"
-    assert adopt.container_tag(deploy_sh_container("v7", image="other/app"), "ghcr.io/acme/user-api") == "-"
-    labelled = dk.Container(name="a", id="x", status="running", exit_code=0, image="whatever", labels={dk.LABEL_TAG: "v3"})
-    assert adopt.container_tag(labelled, "ghcr.io/acme/user-api") == "v3"
-    assert adopt.container_tag(None, "x") == "-"
+def test_the_upstream_says_the_tag_deploy_sh_ran_and_reads_a_one_line_file():
+    change, _ = adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"),
+                                      "upstream user-api { server 127.0.0.1:8082; }\n",
+                                      {"user-api-green": deploy_sh_container("v7", name="user-api-green")}, Path("/x"))
+    assert "colour=green tag=v7 " in change.after and ngx.parse_upstream(change.after).port == 8082
 
 
 def test_split_dump_keeps_each_file():

@@ -19,6 +19,7 @@ import pytest
 
 import stack as stacklib
 from bluegreen import nginx as ngx
+from test_stack_keepalive import serve_init_block
 from test_stack_setup import bare  # noqa: F401  (the fixture, shared with the setup tests)
 
 DEPLOY_SH = Path(__file__).parent / "bench" / "deploy.sh"
@@ -142,15 +143,17 @@ def test_a_guide_host_is_taken_over_without_one_failed_request(stack, project, g
         assert "guide-s3cret" not in out + first.stderr
         backups = bare.root / "adopt-backup" / name
         assert (backups / "upstream.conf").read_bytes() == before[str(upstream)][0]
-        assert (backups / "env").stat().st_mode & 0o777 == 0o600
+        assert sorted(p.name for p in backups.iterdir()) == ["server-" + server.name, "upstream.conf"]  # no env copy
+        assert (backups / ("server-" + server.name)).read_bytes() == before[str(server)][0]
 
         # Twice: nothing changes.
-        settled = snapshot(*files, backups / "env", backups / "upstream.conf")
+        settled = snapshot(*files, *backups.iterdir())
         again = project.run("adopt", name, "--force", env=env, check=True)
         assert f"Nothing to change: {name} is adopted already." in again.stdout, again.stdout
-        assert snapshot(*files, backups / "env", backups / "upstream.conf") == settled
+        assert snapshot(*files, *backups.iterdir()) == settled
         doctor = project.run("doctor", name, env=env)
-        assert re.search(r"ok\s+adoption\s+\S+ is adopted", doctor.stdout), doctor.stdout
+        assert re.search(r"WARN\s+adoption\s+\S+ is adopted, but: \S+-blue publishes its port on every address",
+                         doctor.stdout), doctor.stdout
 
         status = project.run("status", name, env=env)
         assert status.returncode == 0, status.stdout + status.stderr
@@ -168,8 +171,56 @@ def test_a_guide_host_is_taken_over_without_one_failed_request(stack, project, g
         time.sleep(1.0)
 
     final = project.run("status", name, env=env)
-    assert final.returncode == 0 and "drift" not in final.stdout.lower(), final.stdout
+    assert final.returncode == 0 and "verdict     OK" in final.stdout and "no drift:" in final.stdout, final.stdout
     assert "0.0.0.0" not in final.stdout + final.stderr  # the deploy.sh container is gone from the route
     assert traffic.failures == [], f"{len(traffic.failures)} failed of {traffic.ok + len(traffic.failures)}: {traffic.failures[:5]}"
     assert traffic.ok > 200 and traffic.seen == {"v1", "v2"}, (traffic.ok, traffic.seen)
     assert pwd.getpwnam(CRON_USER)
+
+
+def test_adopt_on_a_project_bluegreen_manages_changes_nothing(project):
+    """As init and deploys leave a project (init's server block): adopt, with --force even, changes nothing."""
+    project.write_env()
+    project.run(project.name, "v1", check=True)
+    serve_init_block(project)
+    files = [Path(project.upstream_file), Path(project.stack.projects_dir) / f"{project.name}.env",
+             Path(project.stack.nginx.site_path(project.name))]
+    before = snapshot(*files)
+    proc = project.run("adopt", project.name, "--force", check=True)
+    assert f"Nothing to change: {project.name} is adopted already." in proc.stdout, proc.stdout
+    assert "is bluegreen's already" in proc.stdout and snapshot(*files) == before
+
+
+def test_adopt_puts_every_file_back_when_nginx_refuses_them(project, tmp_path):
+    """A guide project on the session's nginx; an nginx that refuses the adopted files. FAKE BINARY, on purpose:
+    this nginx 1.22 accepts everything adopt writes, so a wrapper makes `nginx -t` refuse once the route line is
+    in the server block (as an nginx without `keepalive_timeout` in upstreams, before 1.15.3, would refuse)."""
+    project.write_env()
+    upstream = Path(project.upstream_file)
+    upstream.write_text(f"upstream {project.name} {{ server 127.0.0.1:{project.blue_port}; }}\n")
+    Path(project.stack.projects_dir, f"{project.name}.active").write_text("blue\n")
+    stacklib.docker("run", "-d", "--name", f"{project.name}-blue", "-p", f"127.0.0.1:{project.blue_port}:8080",
+                    project.stack.images["v1"])
+    project.serve(probe=False)
+    deadline = time.monotonic() + 20
+    while project.get("/version") != (200, "v1"):
+        assert time.monotonic() < deadline, project.get("/version")
+        time.sleep(0.2)
+    site = Path(project.stack.nginx.site_path(project.name))
+    wrapper = tmp_path / "nginx"
+    wrapper.write_text("#!/bin/sh\n"
+                       "for a in \"$@\"; do [ \"$a\" = -t ] && grep -q X-Bluegreen-Upstream " + shlex.quote(str(site)) +
+                       " && { echo 'nginx: [emerg] unknown directive \"keepalive_timeout\" in " + str(upstream) +
+                       ":6' >&2; exit 1; }; done\nexec " + " ".join(shlex.quote(w) for w in project.stack.nginx.cmd) +
+                       " \"$@\"\n")
+    wrapper.chmod(0o755)
+    files = [upstream, Path(project.stack.projects_dir) / f"{project.name}.env", site]
+    before = snapshot(*files)
+    proc = project.run("adopt", project.name, "--force", env={"BLUEGREEN_NGINX": str(wrapper)})
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert 'unknown directive "keepalive_timeout"' in proc.stderr and "put back as it was" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(*files) == before
+    backups = Path(project.stack.root) / "adopt-backup" / project.name
+    assert not backups.exists() or list(backups.iterdir()) == []
+    assert project.get("/version") == (200, "v1")
