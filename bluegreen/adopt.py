@@ -225,7 +225,8 @@ def _level_for(text: str, levels: list[nginxconf.Directive], name: str, conf: Ng
 def apply_inserts(text: str, inserts: list[Insert]) -> str:
     """`text` with each line inserted on a line of its own (later offsets first, so earlier ones stay valid)."""
     out = text
-    for ins in sorted(inserts, key=lambda i: i.offset, reverse=True):
+    # Last offset first; at one offset the last line first, so that lines read in the order given.
+    for _, ins in sorted(enumerate(inserts), key=lambda pair: (pair[1].offset, pair[0]), reverse=True):
         out = out[:ins.offset] + "\n" + ins.indent + ins.line + out[ins.offset:]
     return out
 
