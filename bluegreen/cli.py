@@ -94,6 +94,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
     p.set_defaults(func=cmd_history)
 
+    p = sub.add_parser("rollout", help="deploy PROJECT TAG to several hosts over ssh: preflight and pull everywhere, then host by host")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("tag", metavar="TAG")
+    p.add_argument("--hosts", metavar="HOST[,HOST...]", default="", help="the hosts, in order (USER@HOST, HOST:PORT accepted)")
+    p.add_argument("--hosts-file", metavar="FILE", default="", help="the hosts, one a line (# comments)")
+    p.add_argument("--ssh-user", metavar="USER", default="", help="ssh login user (default: your ssh config's)")
+    p.add_argument("-i", "--identity", metavar="FILE", default="", help="ssh private key")
+    p.add_argument("--ssh-option", metavar="KEY=VALUE", action="append", default=[], help="passed to ssh as -o (repeatable)")
+    p.add_argument("--ssh-config", metavar="FILE", default="", help="ssh config file (ssh -F; default: ~/.ssh/config)")
+    p.add_argument("--remote-pyz", metavar="PATH", default="/opt/deploy/bluegreen.pyz", help="where the tool lives on the hosts")
+    p.add_argument("--remote-root", metavar="DIR", default="", help="BLUEGREEN_ROOT on the hosts (default: theirs)")
+    p.add_argument("--batch", metavar="N|N%", default="1", help="hosts switched at a time (default 1)")
+    p.add_argument("--pause", metavar="SECONDS", type=float, default=0.0, help="wait between batches")
+    p.add_argument("--before-host", metavar="CMD", default="", help="run here before each host (take it out of the load balancer)")
+    p.add_argument("--after-host", metavar="CMD", default="", help="run here after each host (put it back)")
+    p.add_argument("--revert-on-failure", action="store_true", help="roll the hosts switched in this rollout back if one fails")
+    p.add_argument("--skip-preflight", action="store_true", help="do not check every host first (not recommended)")
+    p.add_argument("--dry-run", action="store_true", help="preflight, then print each host's plan; change nothing")
+    p.add_argument("--json", action="store_true", help="print the final table as JSON")
+    p.set_defaults(func=cmd_rollout)
+
     p = sub.add_parser("pull", help="fetch the image of PROJECT TAG as a deploy would (PULL policy), changing nothing that serves")
     _common(p)
     p.add_argument("project", metavar="PROJECT")
@@ -174,6 +196,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     _common(p)
     p.add_argument("project", metavar="PROJECT", nargs="?", help="check this project (default: every project)")
     p.add_argument("--min-free-mb", metavar="MB", type=int, default=1024, help="free disk below this fails (default 1024)")
+    p.add_argument("--json", action="store_true", help="every check as JSON, with whether the project is frozen or locked")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("backup-logs", help="compress rolled logs into the backup directory and delete old backups")
@@ -240,6 +263,19 @@ def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
     )
 
 
+def cmd_rollout(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import fleet, rollout
+
+    opts = fleet.SshOptions(user=args.ssh_user, identity=args.identity, config=args.ssh_config,
+                            options=tuple(fleet.check_option(o) for o in args.ssh_option))
+    return rollout.run_rollout(
+        settings=ctx.settings, project=args.project, tag=args.tag, hosts=args.hosts, hosts_file=args.hosts_file,
+        ssh=opts, remote=rollout.Remote(pyz=args.remote_pyz, root=args.remote_root), batch=args.batch,
+        pause=args.pause, before_host=args.before_host, after_host=args.after_host, revert=args.revert_on_failure,
+        skip_preflight=args.skip_preflight, dry_run=args.dry_run, json_out=args.json, stdout=ctx.stdout,
+        stderr=ctx.stderr, environ=ctx.environ)
+
+
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import attempt
 
@@ -286,6 +322,7 @@ def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
         min_free_mb=args.min_free_mb,
         environ=ctx.environ,
         stdout=ctx.stdout,
+        json_out=args.json,
     )
 
 

@@ -893,7 +893,20 @@ def render(sections: list[tuple[str, list[Check]]]) -> list[str]:
     return lines
 
 
-def run_doctor(*, settings: Settings, runner: Runner, project: str | None, min_free_mb: int, environ: Mapping[str, str], stdout: TextIO) -> int:
+def as_json(sections: list[tuple[str, list[Check]]], *, frozen: str | None, locked: str | None) -> str:
+    """doctor's findings for a program (a fleet rollout's preflight): every check, and whether the project is
+    frozen or a deploy holds its lock (both: exit 3 for a rollout)."""
+    return json.dumps({
+        "fails": sum(c.status == FAIL for _, checks in sections for c in checks),
+        "frozen": frozen,
+        "locked": locked,
+        "sections": [{"title": title, "checks": [{"name": c.name, "status": c.status, "detail": _clean(c.detail),
+                                                   "fix": _clean(c.fix)} for c in checks]} for title, checks in sections],
+    }, sort_keys=True)
+
+
+def run_doctor(*, settings: Settings, runner: Runner, project: str | None, min_free_mb: int, environ: Mapping[str, str],
+               stdout: TextIO, json_out: bool = False) -> int:
     min_free = min_free_mb * 2**20
     host, facts = host_checks(settings, runner, min_free=min_free)
     host += trust_checks(settings, facts)
@@ -908,6 +921,18 @@ def run_doctor(*, settings: Settings, runner: Runner, project: str | None, min_f
                               f"{invocation()} init PROJECT --image IMAGE"))
     for name in names:
         sections.append((f"project {name}:", project_checks(settings, runner, name, facts, min_free=min_free, environ=environ)))
-    for line in render(sections):
-        print(line, file=stdout)
+    if json_out:
+        frozen = locked = None
+        if project is not None:
+            freeze = read_freeze(settings.freeze_file(project))
+            frozen = freeze.describe() if freeze is not None else None
+            try:
+                holder = current_holder(settings.lock_file(project), root=settings.root)
+            except BluegreenError as exc:
+                holder, locked = None, exc.message
+            locked = holder.describe() if holder is not None else locked
+        print(as_json(sections, frozen=frozen, locked=locked), file=stdout)
+    else:
+        for line in render(sections):
+            print(line, file=stdout)
     return verdict([c for _, checks in sections for c in checks])

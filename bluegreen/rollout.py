@@ -1,0 +1,484 @@
+"""`bluegreen rollout`: deploy one project to a fleet of hosts over the system OpenSSH client.
+
+Preflight on every host in parallel (the tool itself sent where its copy differs), pull everywhere in
+parallel, then the ordinary `deploy` host by host (or batch by batch) between the load balancer hooks; on a
+failure no later host is touched, and `--revert-on-failure` rolls the switched hosts back. Deciding is in
+`bluegreen.fleet`; this module runs ssh and the hooks and reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence, TextIO
+
+from bluegreen import fleet, host
+from bluegreen.config import Settings, validate_project, validate_tag
+from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, UsageError
+from bluegreen.fleet import HostResult, SshOptions, Target
+
+DEFAULT_REMOTE_PYZ = "/opt/deploy/bluegreen.pyz"
+REMOTE_MIN_PYTHON = (3, 9)
+SSH_UNREACHABLE = 255  # ssh's own exit code for a connection or authentication failure
+PARALLEL = 16  # hosts preflighted and pulled at once
+HOOK_NAMES = ("rollout-before-host", "rollout-after-host")
+LINE_MAX = 2000  # a remote line shown at most this long (the host's output is untrusted)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+# Runs on any python3 the host may have (2.7 included): its version, and the sha256 of the tool there.
+PROBE = """import sys, os, hashlib
+p = sys.argv[1]
+print("%d.%d" % tuple(sys.version_info[:2]))
+h = "-"
+if os.path.isfile(p):
+    d = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(65536), b""):
+            d.update(b)
+    h = d.hexdigest()
+print(h)
+"""
+
+# Receives the tool on stdin into a temporary file next to its place, checks size and sha256, then renames it
+# into place: a host never sees a half-written tool, and no sftp/scp subsystem is needed.
+UPLOAD = """import sys, os, hashlib, tempfile
+dest, want, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd, tmp = tempfile.mkstemp(prefix=".bluegreen.pyz.", dir=os.path.dirname(dest) or ".")
+try:
+    h, n = hashlib.sha256(), 0
+    with os.fdopen(fd, "wb") as f:
+        while n < size:
+            b = sys.stdin.buffer.read(min(65536, size - n))
+            if not b:
+                break
+            f.write(b)
+            h.update(b)
+            n += len(b)
+        f.flush()
+        os.fsync(f.fileno())
+    if n != size or h.hexdigest() != want:
+        sys.stderr.write("incomplete upload: %d of %d bytes, sha256 %s; the tool in place was kept\\n" % (n, size, h.hexdigest()))
+        sys.exit(3)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+finally:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+"""
+
+
+def clean(text: str) -> str:
+    """A line from a host, fit for this terminal and a CI log: no control characters, bounded."""
+    return _CONTROL.sub("?", text[:LINE_MAX])
+
+
+@dataclass(frozen=True)
+class Remote:
+    """How the tool is run on every host."""
+
+    pyz: str = DEFAULT_REMOTE_PYZ
+    root: str = ""  # BLUEGREEN_ROOT there ("" : the host's own default)
+
+    def argv(self, *args: str) -> list[str]:
+        env = ["env", f"BLUEGREEN_ROOT={self.root}"] if self.root else []
+        return [*env, "python3", self.pyz, *args]
+
+
+@dataclass
+class Host:
+    target: Target
+    result: HostResult
+    before: str = ""
+    lines: list = field(default_factory=list)
+
+
+class Stop:
+    """The controller's signals: the first stops new hosts from starting, the second aborts."""
+
+    def __init__(self) -> None:
+        self.requested = ""
+        self.aborted = False
+        self.current: list[str] = []
+
+    def handle(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            self.aborted = True
+            raise KeyboardInterrupt(name)
+        self.requested = name
+
+
+class Rollout:
+    """One rollout: hosts, ssh, hooks, output."""
+
+    def __init__(self, *, settings: Settings, project: str, tag: str, targets: Sequence[Target], ssh: SshOptions,
+                 remote: Remote, pyz: Path, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str],
+                 before_host: Sequence[str] = (), after_host: Sequence[str] = (), hook_timeout: float = 600.0,
+                 github: bool = False, ssh_cmd: str = "ssh") -> None:
+        self.settings, self.project, self.tag = settings, project, tag
+        self.hosts = [Host(t, HostResult(str(t))) for t in targets]
+        self.ssh, self.remote, self.pyz = ssh, remote, pyz
+        self.stdout, self.stderr, self.environ = stdout, stderr, environ
+        self.before_host, self.after_host, self.hook_timeout = list(before_host), list(after_host), hook_timeout
+        self.github, self.ssh_cmd = github, ssh_cmd
+        self.stop = Stop()
+        self._print_lock = threading.Lock()
+        self.data = pyz.read_bytes()
+        self.sha = hashlib.sha256(self.data).hexdigest()
+
+    # -- output ------------------------------------------------------------------------------------------
+    def say(self, text: str, host: Target | None = None) -> None:
+        with self._print_lock:
+            for line in text.splitlines() or [""]:
+                print(f"[{host}] {line}" if host else line, file=self.stderr, flush=True)
+
+    # -- ssh -----------------------------------------------------------------------------------------------
+    def ssh_run(self, target: Target, remote: Sequence[str], *, input: bytes | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess:
+        argv = fleet.ssh_argv(target, self.ssh, remote, ssh=self.ssh_cmd)
+        try:
+            return subprocess.run(argv, input=input if input is not None else b"", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            return subprocess.CompletedProcess(argv, 124, exc.stdout or b"",
+                                               (exc.stderr or b"") + f"\ntimed out after {timeout:g}s".encode())
+
+    def ssh_stream(self, target: Target, remote: Sequence[str], keep: list[str]) -> int:
+        """Run `remote` on `target`, every line shown live with the host as prefix; the last lines kept."""
+        argv = fleet.ssh_argv(target, self.ssh, remote, ssh=self.ssh_cmd)
+        # No terminal on the remote side: a signal here never reaches the remote deploy, which finishes.
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = clean(raw.decode("utf-8", "replace").rstrip("\n"))
+            keep.append(line)
+            del keep[:-60]
+            self.say(line, target)
+        return proc.wait()
+
+    @staticmethod
+    def _text(data: bytes) -> str:
+        return clean(data.decode("utf-8", "replace")).strip()
+
+    # -- preflight -----------------------------------------------------------------------------------------
+    def preflight_one(self, h: Host) -> None:
+        r = h.result
+        started = time.monotonic()
+        try:
+            self._preflight(h)
+        finally:
+            r.seconds = round(time.monotonic() - started, 2)
+
+    def _preflight(self, h: Host) -> None:
+        t, r = h.target, h.result
+        probe = self.ssh_run(t, ["python3", "-c", PROBE, self.remote.pyz], timeout=60)
+        if probe.returncode != 0:
+            return self._refuse(r, "ssh", self._unreachable(t, probe))
+        lines = self._text(probe.stdout).splitlines()
+        version = tuple(int(x) for x in lines[0].split(".")) if lines and re.fullmatch(r"[0-9]+\.[0-9]+", lines[0]) else ()
+        if not version or version < REMOTE_MIN_PYTHON:
+            return self._refuse(r, "python", f"python3 on {t} is {lines[0] if lines else 'unknown'}; bluegreen needs "
+                                             f"3.9 or newer there (Amazon Linux 2023 and Debian 12 have it).")
+        if len(lines) < 2 or lines[1] != self.sha:
+            self.say(f"sending bluegreen ({len(self.data)} bytes, sha256 {self.sha[:12]}) to {self.remote.pyz}", t)
+            sent = self.ssh_run(t, ["python3", "-c", UPLOAD, self.remote.pyz, self.sha, str(len(self.data))],
+                                input=self.data, timeout=300)
+            if sent.returncode != 0:
+                return self._refuse(r, "upload", f"could not install the tool at {self.remote.pyz} on {t}: "
+                                                 f"{self._text(sent.stderr)[-500:] or 'exit ' + str(sent.returncode)}")
+        doctor = self.ssh_run(t, self.remote.argv("doctor", self.project, "--json"), timeout=180)
+        try:
+            found = json.loads(self._text(doctor.stdout) or "null")
+            assert isinstance(found, dict)
+        except (ValueError, AssertionError):
+            return self._refuse(r, "doctor", f"`doctor {self.project}` on {t} gave no report (exit {doctor.returncode}): "
+                                             f"{self._text(doctor.stderr)[-500:]}")
+        if found.get("frozen") or found.get("locked"):
+            r.exit_code = EXIT_LOCKED
+            return self._refuse(r, "lock", f"{self.project} on {t} is {found.get('frozen') or 'locked: ' + str(found.get('locked'))}",
+                                code=EXIT_LOCKED)
+        # What would make the deploy fail; a service that is down (`serving`) is what a deploy may fix.
+        fails = [c for s in found.get("sections") or [] for c in s.get("checks") or []
+                 if isinstance(c, dict) and c.get("status") == "FAIL" and c.get("name") not in ("serving", "lock")]
+        if fails:
+            first = fails[0]
+            more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
+            return self._refuse(r, "doctor", f"{first.get('name')}: {first.get('detail')}{more}; fix: {first.get('fix')}")
+        status = self.ssh_run(t, self.remote.argv("status", self.project, "--json"), timeout=120)
+        try:
+            (item,) = json.loads(self._text(status.stdout))
+            h.before = str(item.get("tag") or "")
+        except (ValueError, TypeError):
+            h.before = ""
+        r.before = r.after = h.before
+        r.result = "ready"
+
+    def _unreachable(self, t: Target, proc: subprocess.CompletedProcess) -> str:
+        err = self._text(proc.stderr)[-400:]
+        if proc.returncode == SSH_UNREACHABLE:
+            return f"cannot reach {t} over ssh: {err or 'no message'}"
+        if proc.returncode == 127:
+            return f"{t} has no python3 on the PATH: install it (dnf install python3 / apt-get install python3-minimal)"
+        return f"on {t}: {err or 'exit ' + str(proc.returncode)}"
+
+    @staticmethod
+    def _refuse(r: HostResult, step: str, message: str, code: int = EXIT_USAGE) -> None:
+        r.result, r.step, r.message = fleet.REFUSED, step, message
+        r.exit_code = code
+
+    # -- pull, deploy, revert ------------------------------------------------------------------------------
+    def pull_one(self, h: Host) -> None:
+        proc = self.ssh_run(h.target, self.remote.argv("pull", self.project, self.tag), timeout=1800)
+        for line in self._text(proc.stderr).splitlines()[-3:] + self._text(proc.stdout).splitlines()[-1:]:
+            self.say(line, h.target)
+        if proc.returncode != 0:
+            h.result.result, h.result.step = fleet.FAILED, "pull"
+            h.result.message = _message(self._text(proc.stderr).splitlines()) or f"exit {proc.returncode}"
+            h.result.exit_code = proc.returncode if proc.returncode in (EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED) else EXIT_FAILED
+
+    def hook(self, which: str, argv: Sequence[str], h: Host, batch: int) -> str | None:
+        """Run a load-balancer hook locally; None when it passed, else why it failed."""
+        if not argv:
+            return None
+        env = dict(self.environ, BLUEGREEN_HOST=h.target.host, BLUEGREEN_TARGET=str(h.target),
+                   BLUEGREEN_PROJECT=self.project, BLUEGREEN_TAG=self.tag, BLUEGREEN_BATCH=str(batch))
+        self.say(f"{which}: {' '.join(shlex.quote(a) for a in argv)}", h.target)
+        try:
+            proc = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=self.hook_timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return f"{which} ran longer than {self.hook_timeout:g}s and was stopped"
+        except OSError as exc:
+            return f"{which} could not run: {exc.strerror or exc}"
+        for line in self._text(proc.stdout).splitlines()[-20:]:
+            self.say(f"  {line}", h.target)
+        return None if proc.returncode == 0 else f"{which} exited {proc.returncode}"
+
+    def deploy_one(self, h: Host, batch: int) -> None:
+        r, started = h.result, time.monotonic()
+        r.batch = batch
+        if self.github:
+            self.say(f"::group::{h.target}: deploy {self.project} {self.tag}")
+        try:
+            problem = self.hook("before-host", self.before_host, h, batch)
+            if problem:
+                r.result, r.step, r.message, r.exit_code = fleet.FAILED, "before-host", f"{problem}; {h.target} was not touched", EXIT_FAILED
+                return
+            code = self.ssh_stream(h.target, self.remote.argv("deploy", self.project, self.tag), h.lines)
+            r.exit_code = code if code in (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_ATTENTION) else EXIT_FAILED
+            if code == EXIT_OK:
+                r.result, r.after = fleet.OK, self.tag
+            else:
+                r.result = fleet.FAILED
+                r.step = _failed_step(h.lines) or ("ssh" if code == SSH_UNREACHABLE else "deploy")
+                r.message = _message(h.lines) or f"exit {code}"
+                if code == SSH_UNREACHABLE:  # the connection broke: what the host did is unknown
+                    r.exit_code = EXIT_ATTENTION
+                    r.message = f"the ssh connection failed during the deploy; check `bluegreen status {self.project}` on {h.target}"
+            problem = self.hook("after-host", self.after_host, h, batch)
+            if problem and r.result == fleet.OK:
+                r.result, r.step, r.message, r.exit_code = fleet.FAILED, "after-host", f"{problem} (the deploy itself succeeded)", EXIT_FAILED
+                r.after = self.tag
+        finally:
+            r.seconds = round(time.monotonic() - started, 2)
+            if self.github:
+                self.say("::endgroup::")
+                if r.result != fleet.OK:
+                    self.say(f"::error title=bluegreen rollout::{h.target}: {r.step}: {r.message.splitlines()[0] if r.message else ''}")
+
+    def revert_one(self, h: Host) -> bool:
+        if not h.before:
+            h.result.message = f"cannot revert {h.target}: the tag it served before is unknown"
+            return False
+        code = self.ssh_stream(h.target, self.remote.argv("rollback", self.project, "--to", h.before), h.lines)
+        if code == EXIT_OK:
+            h.result.result, h.result.after = fleet.REVERTED, h.before
+            return True
+        h.result.message = f"revert to {h.before} failed (exit {code}): {_message(h.lines)}"
+        h.result.exit_code = EXIT_ATTENTION
+        return False
+
+
+def _failed_step(lines: Sequence[str]) -> str:
+    for line in reversed(lines):
+        match = re.search(r"\[[0-9]/6\] (\S+)\s.*FAILED after", line)
+        if match:
+            return match.group(1)
+    return ""
+
+
+def _message(lines: Sequence[str]) -> str:
+    """The host's one-paragraph error (`bluegreen: ...` onwards), else its last line."""
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("bluegreen: "):
+            return " ".join(ln.strip() for ln in lines[i:i + 6])[len("bluegreen: "):][:600]
+    return lines[-1][:600] if lines else ""
+
+
+def hook_argv(option: str, settings: Settings, project: str, name: str) -> list[str]:
+    """--before-host/--after-host as argv (split like a shell would, run without one), else the project's
+    rollout hook file on this controller, else nothing."""
+    if option:
+        try:
+            argv = shlex.split(option)
+        except ValueError as exc:
+            raise UsageError(f"--{name.split('-', 1)[1]}: cannot split {option!r} into words ({exc}). Nothing was changed.") from None
+        if not argv:
+            raise UsageError(f"--{name.split('-', 1)[1]}: empty command. Nothing was changed.")
+        return argv
+    from bluegreen import hooks
+    path = hooks.find(settings.hooks_dir(project), name)
+    if path is None:
+        return []
+    problem = hooks.check(path)
+    if problem:
+        raise UsageError(f"{path} would be refused: {problem}. Nothing was changed.")
+    return [str(path)]
+
+
+def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts_file: str, ssh: SshOptions,
+                remote: Remote, batch: str, pause: float, before_host: str, after_host: str, revert: bool,
+                skip_preflight: bool, dry_run: bool, json_out: bool, stdout: TextIO, stderr: TextIO,
+                environ: Mapping[str, str], ssh_cmd: str = "ssh", pyz: str | None = None) -> int:
+    validate_project(project)
+    validate_tag(tag)
+    if bool(hosts) == bool(hosts_file):
+        raise UsageError("rollout needs the hosts: --hosts HOST[,HOST...] or --hosts-file FILE (one of them). Nothing was changed.")
+    if hosts_file:
+        text = host.read_config_file(Path(hosts_file), max_bytes=1 << 20)  # regular files only; a FIFO never blocks
+        if text is None:
+            raise UsageError(f"--hosts-file: {hosts_file} does not exist. Nothing was changed.")
+        targets = fleet.parse_hosts(text, "--hosts-file")
+    else:
+        targets = fleet.parse_hosts(hosts)
+    size = fleet.parse_batch(batch, len(targets))
+    if not 0 <= pause <= 86400:
+        raise UsageError("--pause: seconds between batches, 0 to 86400. Nothing was changed.")
+    me = Path(pyz) if pyz else host.running_pyz()
+    if me is None or not me.is_file():
+        raise UsageError("rollout sends the tool itself to every host, so run it from bluegreen.pyz "
+                         "(`python3 dist/bluegreen.pyz rollout ...`, or the `bluegreen` launcher). Nothing was changed.")
+    control = tempfile.mkdtemp(prefix="bg-ssh-")  # 0700: the multiplexed connections' sockets
+    opts = SshOptions(user=ssh.user, identity=ssh.identity, options=ssh.options, config=ssh.config, control_dir=control,
+                      connect_timeout=ssh.connect_timeout)
+    ro = Rollout(settings=settings, project=project, tag=tag, targets=targets, ssh=opts, remote=remote, pyz=me,
+                 stdout=stdout, stderr=stderr, environ=environ,
+                 before_host=hook_argv(before_host, settings, project, HOOK_NAMES[0]),
+                 after_host=hook_argv(after_host, settings, project, HOOK_NAMES[1]),
+                 github=environ.get("GITHUB_ACTIONS") == "true", ssh_cmd=ssh_cmd)
+    old = {s: signal.signal(s, ro.stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = _run(ro, size=size, pause=pause, revert=revert, skip_preflight=skip_preflight, dry_run=dry_run)
+    except KeyboardInterrupt:
+        busy = ", ".join(ro.stop.current) or "none"
+        ro.say(f"rollout aborted by a second {ro.stop.requested or 'signal'}: a deploy may still be running on: {busy}. "
+               f"Check each with `ssh HOST {' '.join(remote.argv('status', project))}`.")
+        code = EXIT_ATTENTION
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for t in targets:  # close the multiplexed connections (their masters outlive us otherwise)
+            try:
+                subprocess.run(fleet.ssh_argv(t, opts, [], ssh=ssh_cmd)[:-3] + ["-O", "exit", "--", t.host],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(control, ignore_errors=True)
+    results = [h.result for h in ro.hosts]
+    if json_out:
+        print(json.dumps({"project": project, "tag": tag, "exit_code": code, "hosts": [asdict(r) for r in results]},
+                         sort_keys=True), file=stdout)
+    else:
+        for line in fleet.table(results):
+            print(line, file=stdout)
+    return code
+
+
+def _each(fn: Callable[[Host], None], items: Sequence[Host], workers: int) -> None:
+    """`fn` on every item, `workers` at a time; the main thread waits interruptibly (a second signal aborts at
+    once instead of waiting for the threads)."""
+    if len(items) == 1:
+        fn(items[0])
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))))
+    try:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: bool, dry_run: bool) -> int:
+    hosts = ro.hosts
+    if not skip_preflight:
+        ro.say(f"preflight on {len(hosts)} host(s)")
+        _each(ro.preflight_one, hosts, PARALLEL)
+        if any(h.result.result == fleet.REFUSED for h in hosts):
+            for h in hosts:
+                if h.result.result != fleet.REFUSED:
+                    h.result.result, h.result.message = fleet.SKIPPED, "preflight passed; not deployed (another host failed preflight)"
+            ro.say("preflight failed: nothing was changed on any host (the tool itself may have been updated).")
+            return fleet.exit_code([h.result for h in hosts], preflight_failed=True)
+    if dry_run:
+        for h in hosts:
+            proc = ro.ssh_run(h.target, ro.remote.argv("deploy", ro.project, ro.tag, "--dry-run"))
+            ro.say(ro._text(proc.stdout + proc.stderr), h.target)
+            h.result.result = fleet.SKIPPED
+            h.result.message = "dry run"
+        return EXIT_OK
+    ro.say(f"pull {ro.project} {ro.tag} on {len(hosts)} host(s)")
+    _each(ro.pull_one, hosts, PARALLEL)
+    if any(h.result.result == fleet.FAILED for h in hosts):
+        for h in hosts:
+            if h.result.result != fleet.FAILED:
+                h.result.result, h.result.message = fleet.SKIPPED, "not deployed: a pull failed on another host"
+        ro.say("a pull failed: no host was switched; every host serves what it served.")
+        return fleet.exit_code([h.result for h in hosts])
+    for h in hosts:
+        h.result.result, h.result.message = fleet.SKIPPED, ""
+    groups = fleet.batches([h.target for h in hosts], size)
+    by_target = {h.target: h for h in hosts}
+    failed = False
+    for number, group in enumerate(groups, start=1):
+        if ro.stop.requested:
+            ro.say(f"{ro.stop.requested}: no new host is started; stopping the rollout.")
+            for h in hosts:
+                if h.result.result == fleet.SKIPPED:
+                    h.result.result, h.result.message = fleet.INTERRUPTED, f"not started ({ro.stop.requested})"
+            failed = True
+            break
+        if number > 1 and pause:
+            time.sleep(pause)
+        members = [by_target[t] for t in group]
+        ro.stop.current = [str(h.target) for h in members]
+        _each(lambda h, n=number: ro.deploy_one(h, n), members, len(members))
+        ro.stop.current = []
+        if any(h.result.result != fleet.OK for h in members):
+            failed = True
+            break
+    if not failed:
+        return EXIT_OK
+    switched = [h for h in hosts if h.result.result == fleet.OK]
+    revert_failed = False
+    if revert and switched:
+        ro.say(f"--revert-on-failure: rolling back {len(switched)} host(s), newest first")
+        for h in reversed(switched):
+            revert_failed |= not ro.revert_one(h)
+    elif switched:
+        versions = sorted({h.result.after or "?" for h in hosts if h.result.after} | {h.before or "?" for h in hosts})
+        ro.say(f"the fleet now runs {len(versions)} versions ({', '.join(versions)}): "
+               + "; ".join(f"revert {h.target}: {' '.join(ro.remote.argv('rollback', ro.project, '--to', h.before or 'TAG'))}"
+                           for h in switched))
+    return fleet.exit_code([h.result for h in hosts], revert_failed=revert_failed)
