@@ -1010,6 +1010,8 @@ class Fleet:
         self.n = n
         self.run = secrets.token_hex(3)
         self.workdir = os.path.abspath(workdir or "/tmp/%s%s" % (PREFIX, self.run))
+        if len(self.workdir) > 60:  # unix sockets below it (containerd's) must fit in 108 bytes
+            raise ValueError("workdir %s is too long (at most 60 characters)" % self.workdir)
         self.registry_storage = registry_storage or os.path.join(self.workdir, "registry",
                                                                  "storage")
         self._own_push = not push_addr
