@@ -64,6 +64,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -279,12 +280,13 @@ def _cgroup_roots() -> List[str]:
     return roots
 
 
+_NAME_RE = re.compile(r"^%s([0-9a-z]{1,8})(?:-h[0-9]{1,2})?$" % re.escape(PREFIX))
+
+
 def _run_id_of(name: str) -> Optional[str]:
-    """'bgf-RUN' / 'bgf-RUN-h3' -> 'RUN'."""
-    if not name.startswith(PREFIX):
-        return None
-    run = name[len(PREFIX):].split("-", 1)[0]
-    return run or None
+    """'bgf-RUN' / 'bgf-RUN-h3' -> 'RUN'; None for any other name."""
+    m = _NAME_RE.match(name)
+    return m.group(1) if m else None
 
 
 # --------------------------------------------------------------------------
@@ -467,7 +469,7 @@ def _known_runs() -> Dict[str, Optional[str]]:
             names.append(parts[1].strip().split("@", 1)[0])
     for root in _cgroup_roots():
         names += [os.path.basename(p) for p in glob.glob(os.path.join(root, PREFIX + "*"))]
-    names += [os.path.basename(p) for p in glob.glob("/tmp/%s*" % PREFIX)]
+    names += [os.path.basename(p) for p in glob.glob("/tmp/%s*" % PREFIX) if os.path.isdir(p)]
     for name in names:
         found = _run_id_of(name)
         if found and found not in runs:

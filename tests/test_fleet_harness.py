@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,31 @@ def test_haproxy_round_robins_and_drains(app_everywhere):
     assert {_get(lb.port, "/version")[2] for _ in range(10)} == {"h1", "h2"}
     fleet.host("h3").docker("start", "smoke")
     lb.wait_up("h3", timeout=15)
+
+
+def test_bluegreen_deploys_on_a_host_over_ssh(app_everywhere, stack):
+    """What `bluegreen rollout` will do per host: the pyz on the host, run over ssh, with the host's
+    own docker, nginx and deploy root (from the ssh session's environment)."""
+    fleet = app_everywhere
+    h = fleet.host("h1")
+    shutil.copy(stack.pyz, os.path.join(h.deploy_root, "bluegreen.pyz"))
+    env_file = os.path.join(h.deploy_root, "projects", "fleetapp.env")
+    with open(env_file, "w") as fh:
+        fh.write("IMAGE=%s\nBLUE_PORT=20011\nGREEN_PORT=20012\nAPP_PORT=8080\nHEALTH_TIMEOUT=20\n"
+                 "NGINX_URL=http://%s\n" % (fleet.image_repo, h.addr))
+    deploy = 'python3 "$BLUEGREEN_ROOT/bluegreen.pyz" deploy fleetapp %s'
+    try:
+        fleet.ssh(h, deploy % "v1")
+        h.proxy_app("fleetapp", extra="add_header X-Bluegreen-Upstream $bluegreen_route_fleetapp always;")
+        assert h.get("/version") == (200, "v1")
+        fleet.ssh(h, deploy % "v2")
+        assert h.get("/version") == (200, "v2")
+        assert open(os.path.join(h.deploy_root, "projects", "fleetapp.active")).read().strip() == "green"
+        names = h.docker("ps", "--format", "{{.Names}}").stdout.split()
+        assert "fleetapp-green" in names and "fleetapp-blue" not in names
+    finally:
+        h.proxy_app("smoke")
+        h.docker("rm", "-f", "fleetapp-blue", "fleetapp-green", check=False)
 
 
 def _assert_nothing_left(run: str, workdir: str) -> None:
