@@ -584,7 +584,9 @@ class Host:
     deploy_root   WORKDIR/hN/opt-deploy (its BLUEGREEN_ROOT: projects/, nginx/conf.d/)
     docker_host   'unix://WORKDIR/hN/docker.sock'
     nginx         HostNginx (cmd, reload(), site_path(), error_log, ...)
-    env           what an ssh session on it gets (DOCKER_HOST, BLUEGREEN_*, PATH)
+    env           what an ssh session on it gets (DOCKER_HOST, BLUEGREEN_*, PATH); root's shell
+                  start-up files may still prepend to PATH (on this machine: pyenv's shims), so
+                  run the product as ``/usr/bin/python3 PYZ`` or through its launcher
     """
 
     def __init__(self, fleet: "Fleet", index: int, addr: str):
