@@ -104,7 +104,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("-i", "--identity", metavar="FILE", default="", help="ssh private key")
     p.add_argument("--ssh-option", metavar="KEY=VALUE", action="append", default=[], help="passed to ssh as -o (repeatable)")
     p.add_argument("--ssh-config", metavar="FILE", default="", help="ssh config file (ssh -F; default: ~/.ssh/config)")
-    p.add_argument("--remote-pyz", metavar="PATH", default="/opt/deploy/bluegreen.pyz", help="where the tool lives on the hosts")
+    p.add_argument("--remote-pyz", metavar="PATH", default="",
+                   help="where the tool lives on the hosts (default: ROOT/bluegreen.pyz there, ROOT being their BLUEGREEN_ROOT or /opt/deploy)")
     p.add_argument("--remote-root", metavar="DIR", default="", help="BLUEGREEN_ROOT on the hosts (default: theirs)")
     p.add_argument("--batch", metavar="N|N%", default="1", help="hosts switched at a time (default 1)")
     p.add_argument("--pause", metavar="SECONDS", type=float, default=0.0, help="wait between batches")

@@ -28,7 +28,6 @@ from bluegreen.config import Settings, validate_project, validate_tag
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, UsageError
 from bluegreen.fleet import HostResult, SshOptions, Target
 
-DEFAULT_REMOTE_PYZ = "/opt/deploy/bluegreen.pyz"
 REMOTE_MIN_PYTHON = (3, 9)
 SSH_UNREACHABLE = 255  # ssh's own exit code for a connection or authentication failure
 PARALLEL = 16  # hosts preflighted and pulled at once
@@ -36,9 +35,18 @@ HOOK_NAMES = ("rollout-before-host", "rollout-after-host")
 LINE_MAX = 2000  # a remote line shown at most this long (the host's output is untrusted)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
+# Where the tool lives on a host: --remote-pyz, else ROOT/bluegreen.pyz with the host's BLUEGREEN_ROOT (as
+# `setup` installs it), else /opt/deploy/bluegreen.pyz. Resolved on the host by each snippet's first lines.
+_WHERE = """import sys, os
+p = sys.argv[1] or os.path.join(os.environ.get("BLUEGREEN_ROOT") or "/opt/deploy", "bluegreen.pyz")
+"""
+
+# Starts the tool on the host without a shell expanding anything.
+BOOT = _WHERE + """os.execv(sys.executable, [sys.executable, p] + sys.argv[2:])
+"""
+
 # Runs on any python3 the host may have (2.7 included): its version, and the sha256 of the tool there.
-PROBE = """import sys, os, hashlib
-p = sys.argv[1]
+PROBE = _WHERE + """import hashlib
 print("%d.%d" % tuple(sys.version_info[:2]))
 h = "-"
 if os.path.isfile(p):
@@ -52,8 +60,8 @@ print(h)
 
 # Receives the tool on stdin into a temporary file next to its place, checks size and sha256, then renames it
 # into place: a host never sees a half-written tool, and no sftp/scp subsystem is needed.
-UPLOAD = """import sys, os, hashlib, tempfile
-dest, want, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+UPLOAD = _WHERE + """import hashlib, tempfile
+dest, want, size = p, sys.argv[2], int(sys.argv[3])
 fd, tmp = tempfile.mkstemp(prefix=".bluegreen.pyz.", dir=os.path.dirname(dest) or ".")
 try:
     h, n = hashlib.sha256(), 0
@@ -87,12 +95,20 @@ def clean(text: str) -> str:
 class Remote:
     """How the tool is run on every host."""
 
-    pyz: str = DEFAULT_REMOTE_PYZ
-    root: str = ""  # BLUEGREEN_ROOT there ("" : the host's own default)
+    pyz: str = ""  # "" : ROOT/bluegreen.pyz there (the host's BLUEGREEN_ROOT, else /opt/deploy)
+    root: str = ""  # BLUEGREEN_ROOT there ("" : the host's own)
+
+    def python(self, code: str, *args: str) -> list[str]:
+        env = ["env", f"BLUEGREEN_ROOT={self.root}"] if self.root else []
+        return [*env, "python3", "-c", code, self.pyz, *args]
 
     def argv(self, *args: str) -> list[str]:
-        env = ["env", f"BLUEGREEN_ROOT={self.root}"] if self.root else []
-        return [*env, "python3", self.pyz, *args]
+        return self.python(BOOT, *args)
+
+    def shown(self, *args: str) -> str:
+        """The same command as a user would type it on the host."""
+        root = f"BLUEGREEN_ROOT={self.root} " if self.root else ""
+        return f"{root}python3 {self.pyz or '$BLUEGREEN_ROOT/bluegreen.pyz'} {' '.join(args)}"
 
 
 @dataclass
@@ -169,8 +185,9 @@ class Rollout:
         return proc.wait()
 
     @staticmethod
-    def _text(data: bytes) -> str:
-        return clean(data.decode("utf-8", "replace")).strip()
+    def _text(data: bytes, limit: int = 1 << 20) -> str:
+        """A host's output, decoded, without control characters (line breaks kept), at most `limit` characters."""
+        return _CONTROL.sub("?", data[-limit:].decode("utf-8", "replace")).strip()
 
     # -- preflight -----------------------------------------------------------------------------------------
     def preflight_one(self, h: Host) -> None:
@@ -183,7 +200,7 @@ class Rollout:
 
     def _preflight(self, h: Host) -> None:
         t, r = h.target, h.result
-        probe = self.ssh_run(t, ["python3", "-c", PROBE, self.remote.pyz], timeout=60)
+        probe = self.ssh_run(t, self.remote.python(PROBE), timeout=60)
         if probe.returncode != 0:
             return self._refuse(r, "ssh", self._unreachable(t, probe))
         lines = self._text(probe.stdout).splitlines()
@@ -192,11 +209,10 @@ class Rollout:
             return self._refuse(r, "python", f"python3 on {t} is {lines[0] if lines else 'unknown'}; bluegreen needs "
                                              f"3.9 or newer there (Amazon Linux 2023 and Debian 12 have it).")
         if len(lines) < 2 or lines[1] != self.sha:
-            self.say(f"sending bluegreen ({len(self.data)} bytes, sha256 {self.sha[:12]}) to {self.remote.pyz}", t)
-            sent = self.ssh_run(t, ["python3", "-c", UPLOAD, self.remote.pyz, self.sha, str(len(self.data))],
-                                input=self.data, timeout=300)
+            self.say(f"sending bluegreen ({len(self.data)} bytes, sha256 {self.sha[:12]}) to {self.remote.pyz or 'ROOT/bluegreen.pyz'}", t)
+            sent = self.ssh_run(t, self.remote.python(UPLOAD, self.sha, str(len(self.data))), input=self.data, timeout=300)
             if sent.returncode != 0:
-                return self._refuse(r, "upload", f"could not install the tool at {self.remote.pyz} on {t}: "
+                return self._refuse(r, "upload", f"could not install the tool at {self.remote.pyz or 'ROOT/bluegreen.pyz'} on {t}: "
                                                  f"{self._text(sent.stderr)[-500:] or 'exit ' + str(sent.returncode)}")
         doctor = self.ssh_run(t, self.remote.argv("doctor", self.project, "--json"), timeout=180)
         try:
@@ -384,7 +400,7 @@ def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts
     except KeyboardInterrupt:
         busy = ", ".join(ro.stop.current) or "none"
         ro.say(f"rollout aborted by a second {ro.stop.requested or 'signal'}: a deploy may still be running on: {busy}. "
-               f"Check each with `ssh HOST {' '.join(remote.argv('status', project))}`.")
+               f"Check each with `ssh HOST {remote.shown('status', project)}`.")
         code = EXIT_ATTENTION
     finally:
         for s, handler in old.items():
@@ -479,6 +495,6 @@ def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: 
     elif switched:
         versions = sorted({h.result.after or "?" for h in hosts if h.result.after} | {h.before or "?" for h in hosts})
         ro.say(f"the fleet now runs {len(versions)} versions ({', '.join(versions)}): "
-               + "; ".join(f"revert {h.target}: {' '.join(ro.remote.argv('rollback', ro.project, '--to', h.before or 'TAG'))}"
+               + "; ".join(f"revert {h.target}: {ro.remote.shown('rollback', ro.project, '--to', h.before or 'TAG')}"
                            for h in switched))
     return fleet.exit_code([h.result for h in hosts], revert_failed=revert_failed)
