@@ -307,10 +307,9 @@ def _short(exc: BaseException) -> str:
 def exposed_warning(plan: Plan, old: dk.Container | None) -> str | None:
     """What a deploy says when the container it replaces publishes its port on every address (the guide's
     deploy.sh did, `-p PORT:8080`): why that matters and that this deploy ends it (pure)."""
-    exposed = old.exposed() if old is not None else ()
-    if not exposed:
+    addresses = dk.exposed_addresses(old)
+    if not addresses or old is None:
         return None
-    addresses = ", ".join(dict.fromkeys(b.address() for b in exposed))
     return (
         f"{old.name}, which serves now, publishes its port on every address of this host ({addresses}), not on "
         f"127.0.0.1 only: the app is reachable directly, around nginx and bypassing it, from anything that can "

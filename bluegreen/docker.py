@@ -348,14 +348,19 @@ def parse_inspect(text: str) -> list[Container]:
     return out
 
 
+def exposed_addresses(container: Container | None) -> str:
+    """The every-address bindings of a running container, as `0.0.0.0:8081, [::]:8081` ("" : none)."""
+    exposed = container.exposed() if container is not None else ()
+    return ", ".join(dict.fromkeys(b.address() for b in exposed))
+
+
 def exposed_note(container: Container) -> str | None:
     """Why a running container that publishes a port on every address is a problem, and what ends it, for
     status and doctor (pure); None when it publishes nothing there (bluegreen's containers never do) or does
     not run. The guide's deploy.sh published with `-p PORT:8080`, which is every address."""
-    exposed = container.exposed()
-    if not exposed:
+    addresses = exposed_addresses(container)
+    if not addresses:
         return None
-    addresses = ", ".join(dict.fromkeys(b.address() for b in exposed))
     return (
         f"{container.name} publishes its port on every address of this host ({addresses}), not on 127.0.0.1 "
         f"only as bluegreen does: the app is reachable directly, around nginx and bypassing it (its access "

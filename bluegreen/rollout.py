@@ -436,15 +436,22 @@ def _each(fn: Callable[[Host], None], items: Sequence[Host], workers: int) -> No
         pool.shutdown(wait=False)
 
 
+def _mark_others(hosts: Sequence[Host], bad: str, message: str) -> bool:
+    """When a host ended a phase as `bad`, every other host is marked not started with `message`."""
+    if not any(h.result.result == bad for h in hosts):
+        return False
+    for h in hosts:
+        if h.result.result != bad:
+            h.result.result, h.result.message = fleet.SKIPPED, message
+    return True
+
+
 def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: bool, dry_run: bool) -> int:
     hosts = ro.hosts
     if not skip_preflight:
         ro.say(f"preflight on {len(hosts)} host(s)")
         _each(ro.preflight_one, hosts, PARALLEL)
-        if any(h.result.result == fleet.REFUSED for h in hosts):
-            for h in hosts:
-                if h.result.result != fleet.REFUSED:
-                    h.result.result, h.result.message = fleet.SKIPPED, "preflight passed; not deployed (another host failed preflight)"
+        if _mark_others(hosts, fleet.REFUSED, "preflight passed; not deployed (another host failed preflight)"):
             ro.say("preflight failed: nothing was changed on any host (the tool itself may have been updated).")
             return fleet.exit_code([h.result for h in hosts], preflight_failed=True)
     if dry_run:
@@ -456,10 +463,7 @@ def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: 
         return EXIT_OK
     ro.say(f"pull {ro.project} {ro.tag} on {len(hosts)} host(s)")
     _each(ro.pull_one, hosts, PARALLEL)
-    if any(h.result.result == fleet.FAILED for h in hosts):
-        for h in hosts:
-            if h.result.result != fleet.FAILED:
-                h.result.result, h.result.message = fleet.SKIPPED, "not deployed: a pull failed on another host"
+    if _mark_others(hosts, fleet.FAILED, "not deployed: a pull failed on another host"):
         ro.say("a pull failed: no host was switched; every host serves what it served.")
         return fleet.exit_code([h.result for h in hosts])
     for h in hosts:
