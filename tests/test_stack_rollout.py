@@ -38,11 +38,11 @@ class App:
                 project=self.name, upstream=self.name, blue_port=BLUE, token=ngx.new_token()))
             h.proxy_app(self.name, extra=f"add_header X-Bluegreen-Upstream $bluegreen_route_{self.name} always;")
 
-    def rollout(self, tag: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def rollout(self, tag: str, *args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
         hosts = ",".join(h.name for h in self.fleet.hosts)
         argv = [sys.executable, self.stack.pyz, "rollout", self.name, tag, "--hosts", hosts,
                 "--ssh-config", self.fleet.ssh_config, *args]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
+        env = {k: v for k, v in {**os.environ, **(env or {})}.items() if not k.startswith("BLUEGREEN_")}
         return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
 
     def versions(self) -> list:
@@ -232,3 +232,20 @@ def test_an_after_host_hook_that_fails_stops_after_that_host(app):
         ("failed", "v2", "after-host"), ("not started", "v1", ""), ("not started", "v1", "")]
     assert "(the deploy itself succeeded)" in rows[0]["message"]
     assert app.versions() == ["v2", "v1", "v1"]
+
+
+def test_dry_run_then_batches_of_two_with_github_groups(app):
+    assert app.rollout("v1").returncode == 0
+    dry = app.rollout("v2", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert all(f"[{h.name}] Dry run: deploy {app.fleet.image_repo}:v2" in dry.stderr for h in app.fleet.hosts), dry.stderr
+    assert app.versions() == ["v1", "v1", "v1"]
+    assert all([e["tag"] for e in app.journal(h)] == ["v1"] for h in app.fleet.hosts)
+    proc = app.rollout("v2", "--batch", "2", "--json", env={"GITHUB_ACTIONS": "true"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(proc.stdout)["hosts"]
+    assert [(r["target"], r["batch"], r["result"]) for r in rows] == [("h1", 1, "deployed"), ("h2", 1, "deployed"),
+                                                                      ("h3", 2, "deployed")]
+    assert app.versions() == ["v2", "v2", "v2"]
+    assert proc.stderr.count("::group::") == 3 and proc.stderr.count("::endgroup::") == 3
+    assert "::error" not in proc.stderr
