@@ -399,6 +399,12 @@ def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts
         code = _run(ro, size=size, pause=pause, revert=revert, skip_preflight=skip_preflight, dry_run=dry_run)
     except KeyboardInterrupt:
         busy = ", ".join(ro.stop.current) or "none"
+        for h in ro.hosts:
+            if str(h.target) in ro.stop.current and h.result.result == fleet.SKIPPED:
+                h.result.result, h.result.exit_code = fleet.INTERRUPTED, EXIT_ATTENTION
+                h.result.message = "aborted while this host was in progress: check what it serves"
+            elif h.result.result == fleet.SKIPPED:
+                h.result.result, h.result.message = fleet.INTERRUPTED, "not started (aborted)"
         ro.say(f"rollout aborted by a second {ro.stop.requested or 'signal'}: a deploy may still be running on: {busy}. "
                f"Check each with `ssh HOST {remote.shown('status', project)}`.")
         code = EXIT_ATTENTION

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import io
+import os
 import shlex
+import subprocess
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
@@ -98,3 +103,35 @@ def test_the_table_has_one_line_per_host():
                          fleet.HostResult("b", fleet.FAILED, "v1", "v1", 1.0, "health", "no answer\nmore")])
     assert lines[1].split()[:5] == ["a.example", "deployed", "v1", "->", "v2"]
     assert lines[2].endswith("health: no answer") and len(lines) == 3
+
+
+OLD_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[678].*/bin/python3")))
+
+
+@pytest.mark.skipif(not OLD_PYTHONS, reason="no python older than 3.9 on this machine (pyenv has 3.6-3.8 here)")
+def test_the_probe_runs_on_an_old_python_and_preflight_names_it(tmp_path):
+    """The probe is the one thing the controller runs on whatever python3 a host has."""
+    from bluegreen import rollout
+
+    old = OLD_PYTHONS[0]
+    tool = tmp_path / "bluegreen.pyz"
+    tool.write_bytes(b"x")
+    proc = subprocess.run([old, "-c", rollout.PROBE, str(tool)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    version, digest = proc.stdout.split()
+    assert version.startswith("3.") and int(version.split(".")[1]) < 9
+    assert digest == hashlib.sha256(b"x").hexdigest()
+
+    class Answer:
+        returncode, stdout, stderr = 0, proc.stdout.encode(), b""
+
+    pyz = tmp_path / "me.pyz"
+    pyz.write_bytes(b"new")
+    ro = rollout.Rollout(settings=None, project="api", tag="v2", targets=[fleet.Target("h1")], ssh=fleet.SshOptions(),
+                         remote=rollout.Remote(), pyz=pyz, stdout=io.StringIO(), stderr=io.StringIO(), environ={})
+    ro.ssh_run = lambda *a, **k: Answer()  # only the probe runs: its answer above, from the real old python
+    (h,) = ro.hosts
+    ro.preflight_one(h)
+    assert (h.result.result, h.result.step) == ("refused", "python")
+    assert f"is {version}; bluegreen needs 3.9 or newer" in h.result.message

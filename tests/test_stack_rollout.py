@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,31 @@ def test_dry_run_then_batches_of_two_with_github_groups(app):
     assert app.versions() == ["v2", "v2", "v2"]
     assert proc.stderr.count("::group::") == 3 and proc.stderr.count("::endgroup::") == 3
     assert "::error" not in proc.stderr
+
+
+def test_a_second_signal_aborts_at_once_and_names_the_host_in_progress(app):
+    from test_stack_deploy import LineWatcher
+
+    assert app.rollout("v1").returncode == 0
+    hosts = ",".join(h.name for h in app.fleet.hosts)
+    slow_h2 = f"{sys.executable} -c \"import os,time; os.environ['BLUEGREEN_HOST'] == 'h2' and time.sleep(30)\""
+    argv = [sys.executable, app.stack.pyz, "rollout", app.name, "v2", "--hosts", hosts, "--ssh-config",
+            app.fleet.ssh_config, "--before-host", slow_h2, "--json"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    watcher = LineWatcher(proc)
+    try:
+        watcher.wait_for("[h2] before-host", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)  # at once: not after the 30 s hook
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = watcher.text()
+    assert proc.returncode == 4, out + err
+    assert "a deploy may still be running on: h2" in err
+    rows = json.loads(out)["hosts"]
+    assert [(r["target"], r["result"]) for r in rows] == [("h1", "deployed"), ("h2", "interrupted"), ("h3", "interrupted")]
+    assert app.versions() == ["v2", "v1", "v1"]
