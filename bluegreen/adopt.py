@@ -359,8 +359,8 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
             text = host.read_config_file(Path(path))
             if text is not None:
                 files[path] = text
-                st = os.stat(path)
-                modes[path] = (st.st_mode & 0o777, _owner(st))
+                sst = os.stat(path)  # not `st`: that is the env file's, kept for its own mode and owner
+                modes[path] = (sst.st_mode & 0o777, _owner(sst))
     return Facts(cfg, env_path, env_text, (st.st_mode & 0o777) if st else 0o640, _owner(st), _owner(ust),
                  upstream_path, upstream_text, containers, dump, files, modes)
 

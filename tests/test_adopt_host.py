@@ -1,0 +1,160 @@
+"""`adopt` on a host in a temp directory: the deploy root, a private nginx prefix whose configuration real nginx
+checks (`nginx -T`, `nginx -t`; no master runs: the reload is recorded, and the master's pid file names this
+process), docker answered by a fake (deploy.sh's container). The doing side: files under the deploy root that
+are not what they should be, modes and owners, the server block behind a symlink, an interrupt half-way, a
+file changed since nginx loaded it, what reaches the output."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from bluegreen import adopt, cli, health
+from bluegreen import nginx as ngx
+from bluegreen.config import load_settings
+from bluegreen.errors import BluegreenError, Interrupted
+from bluegreen.runner import Result, Runner, SubprocessRunner
+
+SECRET = "s3cret-guide-password"
+GUIDE_SERVER = """\
+server {
+    listen 127.0.0.1:1;
+    server_name _;
+
+    location / {
+        proxy_pass http://user-api;
+        proxy_set_header Host $host;
+        proxy_set_header X-Real-IP $remote_addr;
+    }
+}
+"""
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if found is None:
+        pytest.fail("nginx is missing: `bash .ci/install-deps` installs it (these tests check adopt's files with it)")
+    return found
+
+
+class HostRunner(Runner):
+    """Real nginx -T/-t; the reload recorded (and `on_reload` run); docker answered with `containers`."""
+
+    def __init__(self, containers: list, on_reload=None) -> None:
+        self.real = SubprocessRunner()
+        self.containers = containers
+        self.on_reload = on_reload
+        self.calls: list[list[str]] = []
+
+    def run(self, argv, *, check=True, timeout=None, mutates=True, env=None, input=None, new_session=False,
+            output_limit=None):
+        argv = [str(a) for a in argv]
+        self.calls.append(argv)
+        if argv[0] == "docker":
+            return Result(tuple(argv), 0, json.dumps(self.containers), "")
+        if argv[-2:] == ["-s", "reload"]:
+            if self.on_reload is not None:
+                self.on_reload()
+            return Result(tuple(argv), 0, "", "")
+        return self.real.run(argv, check=check, timeout=timeout, mutates=mutates)
+
+    def reloads(self) -> int:
+        return sum(1 for a in self.calls if a[-2:] == ["-s", "reload"])
+
+
+def deploy_sh_container(port: int = 8081) -> dict:
+    return {"Name": "/user-api-blue", "Id": "abc", "State": {"Status": "running", "ExitCode": 0},
+            "Config": {"Image": "ghcr.io/acme/user-api:v1", "Labels": {}},
+            "NetworkSettings": {"Ports": {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]}}}
+
+
+class Host:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "deploy"
+        self.prefix = base / "nginx"
+        self.env_file = self.root / "projects" / "user-api.env"
+        self.upstream = self.root / "nginx" / "conf.d" / "user-api-upstream.conf"
+        self.sites = self.prefix / "sites-enabled"
+        self.server = self.sites / "user-api.conf"
+        for d in (self.root / "projects", self.root / "nginx" / "conf.d", self.sites, self.prefix / "tmp"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env_file.write_text(f"IMAGE=ghcr.io/acme/user-api\nSPRING_PROFILES=prod\nDB_PASSWORD={SECRET}\n")
+        self.env_file.chmod(0o600)
+        self.upstream.write_text("upstream user-api { server 127.0.0.1:8081; }\n")
+        self.server.write_text(GUIDE_SERVER)
+        tmp = self.prefix / "tmp"
+        (self.prefix / "nginx.conf").write_text(
+            f"pid {self.prefix}/nginx.pid;\nerror_log {self.prefix}/error.log;\nevents {{}}\nhttp {{\n"
+            f"    access_log off;\n    client_body_temp_path {tmp}/body;\n    proxy_temp_path {tmp}/proxy;\n"
+            f"    fastcgi_temp_path {tmp}/fastcgi;\n    uwsgi_temp_path {tmp}/uwsgi;\n    scgi_temp_path {tmp}/scgi;\n"
+            f"    include {self.root}/nginx/conf.d/*.conf;\n    include {self.sites}/*;\n}}\n")
+        self.pid_file = base / "master.pid"
+        self.pid_file.write_text(f"{os.getpid()}\n")
+        nginx = nginx_binary()
+        self.environ = {
+            "BLUEGREEN_NGINX": f"{nginx} -p {self.prefix} -c {self.prefix / 'nginx.conf'} -e {self.prefix / 'error.log'}",
+            "BLUEGREEN_NGINX_PID_FILE": str(self.pid_file), "BLUEGREEN_DOCKER": "docker",
+        }
+        self.settings = load_settings(str(self.root), self.environ)
+
+    def adopt(self, *, force=True, dry_run=False, runner=None, probe=None):
+        """(exit code, stdout, stderr) as the CLI gives them (errors turned into messages and codes)."""
+        runner = runner or HostRunner([deploy_sh_container()])
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            code = adopt.adopt_project(settings=self.settings, runner=runner, project="user-api", force=force,
+                                       dry_run=dry_run, environ=self.environ, stdout=out, stderr=err,
+                                       probe=probe or no_route)
+        except BluegreenError as exc:
+            err.write(f"bluegreen: {exc.message}\n")
+            code = exc.exit_code
+        return code, out.getvalue(), err.getvalue()
+
+    def snapshot(self) -> dict:
+        out = {}
+        for p in (self.env_file, self.upstream, self.server):
+            st = os.lstat(p)
+            out[str(p)] = (p.read_bytes(), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, stat.S_IFMT(st.st_mode))
+        return out
+
+
+def no_route(url, *, timeout, host="", headers=None):
+    return health.Probe(None, "connection refused")
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    monkeypatch.setattr(adopt, "VERIFY_SECONDS", 0.0)  # the fake probe never sees the route: do not wait for it
+    return Host(tmp_path)
+
+
+def test_the_harness_adopts_the_guide_host(host):
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert ngx.add_header_line("user-api") in host.server.read_text()
+    assert ngx.parse_upstream(host.upstream.read_text()).token
+    assert SECRET not in out + err
+
+
+# -- the env file -------------------------------------------------------------------------------------------
+
+def test_the_env_file_keeps_its_own_mode_and_owner(host):
+    """The env file's mode and owner are its own, not those of the server block adopt also edits."""
+    host.server.chmod(0o644)
+    host.env_file.chmod(0o600)
+    if os.geteuid() == 0:
+        for path in (host.root, host.env_file.parent, host.env_file):  # the deploy user's, as setup makes them
+            os.chown(path, 1234, 1234)
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    st = os.stat(host.env_file)
+    assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (1234, 1234)
