@@ -116,25 +116,31 @@ class NginxFiles:
                 out.extend(root.children)
         return out
 
-    def sets(self, level: nginxconf.Directive, name: str) -> list[nginxconf.Directive]:
-        """The children of `level` that set `name`: the directive itself, or an include that brings it."""
-        return [c for c in level.children if c.name == name or (c.name == "include" and self._brings(c, name, 0))]
+    def sets(self, level: nginxconf.Directive, name: str, first: str | None = None) -> list[nginxconf.Directive]:
+        """The children of `level` that set `name` (with `first` as its first argument, any case, if given): the
+        directive itself, or an include that brings it."""
+        return [c for c in level.children
+                if _is(c, name, first) or (c.name == "include" and self._brings(c, name, first, 0))]
 
-    def _brings(self, include: nginxconf.Directive, name: str, depth: int) -> bool:
-        return depth < 8 and any(d.name == name or (d.name == "include" and self._brings(d, name, depth + 1))
+    def _brings(self, include: nginxconf.Directive, name: str, first: str | None, depth: int) -> bool:
+        return depth < 8 and any(_is(d, name, first) or (d.name == "include" and self._brings(d, name, first, depth + 1))
                                  for d in self.included(include))
 
-    def http_sets(self, name: str) -> bool:
+    def http_sets(self, name: str, first: str | None = None) -> bool:
         """Whether nginx.conf's http block itself sets `name` (outside every server block)."""
         root = self.files.get(self.main)
         if root is None:
             return False
-        return any(self.sets(block, name) for block in root.children if block.name == "http")
+        return any(self.sets(block, name, first) for block in root.children if block.name == "http")
 
     def proxying(self, upstream: str) -> list[str]:
         """The files with a server block whose proxy_pass names `upstream`."""
         return [path for path, root in self.files.items() if any(
             nginxconf.proxies_to(d, upstream) and _server_of(d) is not None for d in root.walk())]
+
+
+def _is(node: nginxconf.Directive, name: str, first: str | None = None) -> bool:
+    return node.name == name and (first is None or (bool(node.args) and node.args[0].lower() == first.lower()))
 
 
 def split_dump(dump: str) -> list[tuple[str, str]]:
@@ -167,6 +173,22 @@ def _after(text: str, node: nginxconf.Directive) -> Insert:
     return Insert(node.end, "", nginxconf.line_indent(text, node.start))
 
 
+# Blocks inside a location that take proxy_pass but not proxy_http_version or proxy_set_header (nginx refuses
+# those there); they inherit both from the location around them.
+_NOT_PROXY_LEVELS = ("if", "limit_except")
+
+
+def _home(pp: nginxconf.Directive, levels: list[nginxconf.Directive]) -> tuple[nginxconf.Directive, nginxconf.Directive]:
+    """The innermost level where proxy_* lines may go (the location, past `if` and `limit_except`), and its
+    child that holds the proxy_pass (the proxy_pass itself, or the `if` around it)."""
+    inner = pp
+    for level in levels:
+        if level.name not in _NOT_PROXY_LEVELS:
+            return level, inner
+        inner = level
+    return levels[-1], inner
+
+
 def server_edits(text: str, *, upstream: str, project: str, conf: NginxFiles) -> tuple[list[Insert], list[str]]:
     """Lines to insert into a server-block file so that bluegreen can prove the route (the add_header line) and
     nginx keeps connections to the app alive (HTTP/1.1, an empty Connection header); and, for what cannot be
@@ -175,47 +197,63 @@ def server_edits(text: str, *, upstream: str, project: str, conf: NginxFiles) ->
     route = ngx.add_header_line(project)
     inserts: dict[tuple[int, str], Insert] = {}
     manual: list[str] = []
+    memo: dict[tuple, object] = {}  # per level (alive as long as `root`): a file with thousands of locations
+
+    def sets(level: nginxconf.Directive, name: str, first: str | None = None) -> list[nginxconf.Directive]:
+        key = (id(level), name, first)
+        if key not in memo:
+            memo[key] = conf.sets(level, name, first)
+        return memo[key]  # type: ignore[return-value]
+
+    def has_route(levels: list[nginxconf.Directive]) -> bool:
+        """Whether the route line is in effect there: in the innermost level that sets add_header lines (nginx
+        inherits them only into a level without its own), or in the http block when no level sets any."""
+        for level in levels:
+            if sets(level, "add_header"):
+                return bool(sets(level, "add_header", ngx.ROUTE_HEADER))
+        return conf.http_sets("add_header", ngx.ROUTE_HEADER)
 
     def place(spot: Insert, line: str) -> None:
         inserts.setdefault((spot.offset, line), Insert(spot.offset, line, spot.indent))
 
+    http_sets = {name: conf.http_sets(name) for name in ("add_header", "proxy_set_header", "proxy_http_version")}
     for pp in (d for d in root.walk() if nginxconf.proxies_to(d, upstream)):
         levels = _levels(pp)
         server = levels[-1] if levels and levels[-1].name == "server" else None
         if server is None:
             continue
-        at_line = text.count("\n", 0, pp.start) + 1
-        if not any(d.name == "add_header" and d.args and d.args[0].lower() == ngx.ROUTE_HEADER.lower()
-                   for d in server.walk()):
-            spot = _level_for(text, levels, "add_header", conf, default=server)
+        home, anchor = _home(pp, levels)
+        at_line = lambda: text.count("\n", 0, pp.start) + 1  # noqa: E731  (only for a line to add by hand)
+        if not has_route(levels):
+            spot = _level_for(text, levels, "add_header", sets, http_sets["add_header"], default=server)
             if spot is None:
-                manual.append(f"add `{route}` next to the add_header lines that apply to line {at_line} (nginx.conf's "
+                manual.append(f"add `{route}` next to the add_header lines that apply to line {at_line()} (nginx.conf's "
                               f"http block sets add_header, and a new one in the server block would stop those)")
             else:
                 place(spot, route)
-        if not any(conf.sets(level, "proxy_http_version") for level in levels):
-            place(_after(text, pp), KEEPALIVE_LINES[0])
-        if not any(d.name == "proxy_set_header" and d.args and d.args[0].lower() == "connection"
-                   for level in levels for d in level.children):
-            spot = _level_for(text, levels, "proxy_set_header", conf, default=pp.parent, after_node=pp)
+        if not any(sets(level, "proxy_http_version") for level in levels) and not http_sets["proxy_http_version"]:
+            place(_after(text, anchor), KEEPALIVE_LINES[0])
+        if not any(sets(level, "proxy_set_header", "connection") for level in levels):
+            spot = _level_for(text, levels, "proxy_set_header", sets, http_sets["proxy_set_header"], default=home,
+                              after_node=anchor)
             if spot is None:
                 manual.append(f"add `{KEEPALIVE_LINES[1]}` next to the proxy_set_header lines that apply to line "
-                              f"{at_line} (upstream keep-alive needs it; a new one where none are set would stop "
+                              f"{at_line()} (upstream keep-alive needs it; a new one where none are set would stop "
                               f"the inherited ones)")
             else:
                 place(spot, KEEPALIVE_LINES[1])
     return sorted(inserts.values(), key=lambda i: i.offset), manual
 
 
-def _level_for(text: str, levels: list[nginxconf.Directive], name: str, conf: NginxFiles, *,
+def _level_for(text: str, levels: list[nginxconf.Directive], name: str, sets: Callable[..., list], http_sets: bool, *,
                default: nginxconf.Directive | None, after_node: nginxconf.Directive | None = None) -> Insert | None:
     """Where a new `name` line goes without changing what nginx inherits: beside the innermost level's own
     `name` lines; else at `default` when no level and not the http block sets any (None: by hand)."""
     for level in levels:
-        found = conf.sets(level, name)
+        found = sets(level, name)
         if found:
             return _after(text, found[-1])
-    if conf.http_sets(name) or default is None:
+    if http_sets or default is None:
         return None
     if after_node is not None and after_node.parent is default:
         return _after(text, after_node)
@@ -223,11 +261,24 @@ def _level_for(text: str, levels: list[nginxconf.Directive], name: str, conf: Ng
 
 
 def apply_inserts(text: str, inserts: list[Insert]) -> str:
-    """`text` with each line inserted on a line of its own (later offsets first, so earlier ones stay valid)."""
-    out = text
-    for ins in sorted(inserts, key=lambda i: i.offset, reverse=True):
-        out = out[:ins.offset] + "\n" + ins.indent + ins.line + out[ins.offset:]
-    return out
+    """`text` with each line inserted; every character of `text` stays, in order. After the end of a directive
+    or a `{` that ends its line (a comment may follow), the line goes on a line of its own below, with the
+    file's line ending; where more follows on the same line (a one-line block), it goes there, after a space."""
+    pieces: list[tuple[int, int, str]] = []
+    for n, ins in enumerate(inserts):
+        eol = text.find("\n", ins.offset)
+        rest = text[ins.offset:len(text) if eol < 0 else eol]
+        if rest.strip(" \t\r") and not rest.lstrip(" \t").startswith("#"):
+            pieces.append((ins.offset, n, " " + ins.line))
+        elif eol < 0:
+            pieces.append((len(text), n, "\n" + ins.indent + ins.line))
+        else:
+            pieces.append((eol + 1, n, ins.indent + ins.line + ("\r\n" if rest.endswith("\r") else "\n")))
+    out, at = [], 0
+    for offset, _, piece in sorted(pieces):
+        out += [text[at:offset], piece]
+        at = offset
+    return "".join(out) + text[at:]
 
 
 def listen_url(server: nginxconf.Directive) -> str | None:
