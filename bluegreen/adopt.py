@@ -22,7 +22,7 @@ from bluegreen import settings as table
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project, parse_env, validate_project
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, UsageError
 from bluegreen.lock import Holder, project_lock
-from bluegreen.runner import Runner, indent
+from bluegreen.runner import Runner, indent, proc_stat
 
 BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the upstream file and server block before the first adoption
 ADDED_HEAD = "# --- added by `bluegreen adopt`: the settings this file did not mention, at their defaults"
@@ -374,6 +374,8 @@ class Facts:
     dump: str
     server_files: dict  # path -> text on disk, for each file with a server block proxying to the upstream
     server_modes: dict = field(default_factory=dict)  # path -> (mode, owner) of that file
+    master: int = 0  # the nginx master's pid
+    mtimes: dict = field(default_factory=dict)  # path -> st_mtime of the upstream file and each server file
 
 
 def read_facts(settings: Settings, runner: Runner, project: str, dump: str | None = None) -> Facts:
@@ -405,6 +407,7 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     upstream = ngx.parse_upstream(upstream_text)
     files: dict[str, str] = {}
     modes: dict[str, tuple] = {}
+    mtimes = {str(upstream_path): ust.st_mtime} if ust is not None else {}
     if upstream is not None:
         for path in NginxFiles(dump).proxying(upstream.name):
             text = host.read_config_file(Path(path))
@@ -412,8 +415,46 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
                 files[path] = text
                 sst = os.stat(path)  # not `st`: that is the env file's, kept for its own mode and owner
                 modes[path] = (sst.st_mode & 0o777, _owner(sst))
+                mtimes[path] = sst.st_mtime
     return Facts(cfg, env_path, env_text, (st.st_mode & 0o777) if st else 0o640, _owner(st), _owner(ust),
-                 upstream_path, upstream_text, containers, dump, files, modes)
+                 upstream_path, upstream_text, containers, dump, files, modes, master, mtimes)
+
+
+LOAD_SLACK = 1.0  # seconds: a file written just before the reload that started the workers is not "changed since"
+
+
+def loaded_at(master: int, proc: str = "/proc") -> float | None:
+    """When nginx last loaded its configuration (epoch seconds): when its newest worker started, since a reload
+    starts new workers; None when that cannot be told (no workers seen, no /proc)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)  # what /proc/PID/stat's start time counts from
+    except (ValueError, OSError, AttributeError):
+        return None
+    now = time.time()
+    starts = []
+    for pid in ngx.children(master, Path(proc)) if master > 0 else ():
+        fields = proc_stat(pid, proc)
+        if fields is not None and len(fields) > 19 and fields[19].isdigit():
+            starts.append(now - (since_boot - int(fields[19]) / hz))
+    return max(starts) if starts else None
+
+
+def changed_since_load(facts: Facts, proc: str = "/proc") -> str:
+    """A paragraph naming the files adopt reads and rewrites that changed after nginx last loaded them ("" when
+    none did, or when that cannot be told): nginx routes by what it loaded, and adopt's reload would put the
+    change live."""
+    loaded = loaded_at(facts.master, proc)
+    if loaded is None:
+        return ""
+    changed = [path for path, mtime in facts.mtimes.items() if mtime > loaded + LOAD_SLACK]
+    if not changed:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded))
+    return (f"{', '.join(changed)} changed after nginx last loaded its configuration ({when}): nginx routes by "
+            f"what it loaded, so adopt cannot take the port from the file, and its reload would put the change "
+            f"live. Nothing was changed. If the change is meant to be live, check and load it (`sudo nginx -t && "
+            f"sudo nginx -s reload`); otherwise undo it. Then run adopt again.")
 
 
 def _owner(st: os.stat_result | None) -> tuple[int, int] | None:
@@ -513,7 +554,12 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
                     host=socket.gethostname(), tag="(adopt)", since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     with project_lock(settings.lock_file(project), holder, root=settings.root):
         facts = read_facts(settings, runner, project)
+        stale = changed_since_load(facts)
+        if stale and not dry_run:
+            raise UsageError(stale)
         plan = plan_adopt(facts, settings, force=force)
+        if stale:
+            print(f"warning: {stale}", file=stderr)
         for line in plan.warnings:
             print(f"warning: {line}.", file=stderr)
         head = "Dry run: adopt would" if dry_run else "Adopt"

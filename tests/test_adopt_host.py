@@ -158,3 +158,39 @@ def test_the_env_file_keeps_its_own_mode_and_owner(host):
     assert stat.S_IMODE(st.st_mode) == 0o600, oct(st.st_mode)
     if os.geteuid() == 0:
         assert (st.st_uid, st.st_gid) == (1234, 1234)
+
+
+# -- a file changed since nginx loaded it -------------------------------------------------------------------------
+
+@pytest.fixture
+def worker():
+    """A child of this process (the harness's nginx master): an nginx worker started at the last reload."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("which", ["upstream", "server"])
+def test_a_file_changed_after_nginx_loaded_it_is_not_put_live_by_adopt(host, worker, which):
+    """deploy.sh's sed ran but its reload did not (or the block was edited and not reloaded): nginx routes by
+    what it loaded, so the file says nothing about where traffic goes now, and adopt's reload would put the
+    change live. adopt refuses, changing nothing; --dry-run says the same."""
+    path = host.upstream if which == "upstream" else host.server
+    if which == "upstream":
+        path.write_text("upstream user-api { server 127.0.0.1:8082; }\n")  # green: not started yet
+    later = os.stat(path).st_mtime + 30
+    os.utime(path, (later, later))
+    before = host.snapshot()
+    runner = HostRunner([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert code == 2, out + err
+    assert f"{path} changed" in err and "after nginx last loaded" in err and "Nothing was changed" in err, err
+    assert "nginx -s reload" in err and "Traceback" not in err
+    assert host.snapshot() == before and runner.reloads() == 0
+    code, out, err = host.adopt(dry_run=True)
+    assert code == 0 and f"{path} changed" in err, out + err
