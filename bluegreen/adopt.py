@@ -353,9 +353,48 @@ def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers
         name=found.name, port=found.port or cfg.blue_port, project=cfg.project, colour=colour,
         tag=(serving.tag_in(cfg.image) if serving is not None else None) or "-", token=found.token or ngx.new_token(), down=not found.port,
         options=ngx.UpstreamOptions(**table.upstream_options(cfg)))
+    dropped = dropped_lines(text, after, found)
+    if dropped:
+        shown = "; ".join(f"`{line}`" + (f" (set {ngx.setting_for(line)} in {cfg.source})" if ngx.setting_for(line) else "")
+                          for line in dropped[:6]) + ("; ..." if len(dropped) > 6 else "")
+        raise UsageError(
+            f"{path} holds more than bluegreen's managed upstream file, which replaces it, would keep: {shown}. "
+            f"Nothing was changed. Set the settings named in the env file; move anything else (a server block, "
+            f"another upstream) to a file of its own next to it; then run adopt again."
+        )
     where = f"127.0.0.1:{found.port}" if found.port else "nowhere (down)"
     return (Change(path, text, after, f"upstream {found.name} as bluegreen's managed file, still routing to {where}, "
                                       f"with the route map and keepalive", root, owner=owner, backup="upstream.conf"), "")
+
+
+def dropped_lines(text: str, after: str, found: ngx.Upstream) -> list[str]:
+    """The directives of a hand-written upstream file that the managed file `after` would not have (comments
+    aside; the server line's address is the managed one by design, only its port and parameters count): a
+    second upstream, a server block, `keepalive 32;` where the settings give 16."""
+    try:
+        old, new = nginxconf.parse(text), nginxconf.parse(after)
+    except nginxconf.ConfSyntax as exc:
+        return [f"text adopt cannot read ({exc})"]
+
+    def key(d: nginxconf.Directive) -> str:
+        if d.name == "server" and not d.is_block and d.args and d.parent is not None and d.parent.name == "upstream":
+            port = "down" if "down" in d.args[1:] else d.args[0].rpartition(":")[2]  # a placeholder: no port
+            return " ".join(["server", port, *(a for a in d.args[1:] if a != "down")])
+        return " ".join([d.name, *d.args]) + (" {" if d.is_block else "")
+
+    def shown(d: nginxconf.Directive) -> str:
+        line = " ".join([d.name, *d.args]) + (" { ... }" if d.is_block else ";")
+        return "".join(c if c.isprintable() else "?" for c in line[:200])  # the deploy user's file, on a terminal
+
+    ours = {key(d) for d in new.walk()}
+    out = []
+    for block in old.children:
+        if block.name != "upstream" or block.args != [found.name]:
+            out.append(shown(block))
+            continue
+        servers = [d for d in block.children if d.name == "server"]
+        out += [shown(d) for d in block.children if key(d) not in ours or (d.name == "server" and d is not servers[0])]
+    return out
 
 
 # -- doing ----------------------------------------------------------------------------------------------------

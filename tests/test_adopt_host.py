@@ -194,3 +194,27 @@ def test_a_file_changed_after_nginx_loaded_it_is_not_put_live_by_adopt(host, wor
     assert host.snapshot() == before and runner.reloads() == 0
     code, out, err = host.adopt(dry_run=True)
     assert code == 0 and f"{path} changed" in err, out + err
+
+
+# -- the upstream file --------------------------------------------------------------------------------------------
+
+def test_what_else_the_hand_written_upstream_file_holds_is_never_dropped(host):
+    """The managed file replaces the whole upstream file: a server block of another site kept there, a second
+    upstream or a `keepalive 32;` would silently vanish (nginx -t passes: the other site just stops existing).
+    adopt refuses, naming each line and the setting that keeps it; nothing changes."""
+    host.upstream.write_text("upstream user-api {\n    server 127.0.0.1:8081;\n    keepalive 32;\n}\n"
+                             "upstream legacy { server 127.0.0.1:9000; }\n"
+                             "server {\n    listen 127.0.0.1:2;\n    location / { proxy_pass http://legacy; }\n}\n")
+    before = host.snapshot()
+    runner = HostRunner([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert code == 2, out + err
+    assert "`keepalive 32;`" in err and "UPSTREAM_KEEPALIVE=32" in err, err
+    assert "`upstream legacy { ... }`" in err and "`server { ... }`" in err, err
+    assert "Nothing was changed" in err and host.snapshot() == before and runner.reloads() == 0
+    # With the setting in the env file and the rest moved to a file of its own, adopt goes ahead.
+    host.env_file.write_text(host.env_file.read_text() + "UPSTREAM_KEEPALIVE=32\n")
+    host.upstream.write_text("upstream user-api {\n    server 127.0.0.1:8081;\n    keepalive 32;\n}\n")
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert "keepalive 32;" in host.upstream.read_text()

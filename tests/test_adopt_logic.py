@@ -217,3 +217,21 @@ def test_split_dump_keeps_each_file():
     dump = "# configuration file /a.conf:\nhttp {}\n\n# configuration file /b conf.conf:\nserver {}\n"
     assert adopt.split_dump(dump) == [("/a.conf", "http {}\n\n"), ("/b conf.conf", "server {}\n")]
     assert re.search("x", "x")
+
+
+@pytest.mark.parametrize("text", ["upstream user-api { server localhost:8082; }\n# where deploy.sh routes\n",
+                                  "upstream user-api {\n    server 127.0.0.1:9999 down;\n}\n"])
+def test_an_upstream_file_with_nothing_else_in_it_is_taken_over(text):
+    change, _ = adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert change is not None
+
+
+@pytest.mark.parametrize("text,said", [
+    ("upstream user-api { server 127.0.0.1:8081 max_fails=3; }\n", "(set UPSTREAM_MAX_FAILS=3 in user-api.env)"),
+    ("upstream user-api { server 127.0.0.1:8081; server 127.0.0.1:8082 backup; }\n", "`server 127.0.0.1:8082 backup;`"),
+    ("upstream user-api { server 127.0.0.1:8081; least_conn; }\nmap $a $b { default 1; }\n", "`least_conn;`; `map $a $b { ... }`"),
+])
+def test_an_upstream_file_holding_more_is_refused_naming_it(text, said):
+    with pytest.raises(UsageError) as exc:
+        adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert said in exc.value.message and "Nothing was changed" in exc.value.message
