@@ -20,7 +20,7 @@ from bluegreen import health, host, nginxconf, safefs, state
 from bluegreen import nginx as ngx
 from bluegreen import settings as table
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project, parse_env, validate_project
-from bluegreen.errors import BluegreenError, CommandError, DeployFailed, UsageError
+from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen.lock import Holder, project_lock
 from bluegreen.runner import Runner, indent, proc_stat
 
@@ -633,35 +633,60 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
 def _apply(settings: Settings, runner: Runner, facts: Facts, plan: Plan) -> None:
     """Write every change (each with its undo registered first), `nginx -t`, reload; all put back on failure."""
     backup_dir = settings.root / BACKUP_DIR / facts.cfg.project
-    undo: list[Callable[[], None]] = []
+    undo: list[tuple[Path, Callable[[], None]]] = []  # (the file, how to put it back)
     nginx = ngx.Nginx(runner, settings.nginx_cmd)
+    reloading = False
     try:
         for change in plan.changes:
             if change.backup and safefs.lstat(backup_dir / change.backup, root=settings.root) is None:
                 target = backup_dir / change.backup
-                undo.append(lambda t=target: safefs.unlink(t, root=settings.root))
+                undo.append((target, lambda t=target: safefs.unlink(t, root=settings.root)))
                 safefs.atomic_write(target, (change.before or "").encode("utf-8", "surrogateescape"),
                                     root=settings.root, mode=0o600, make_dirs=True)
-            undo.append(lambda c=change: _restore(c))
+            undo.append((change.path, lambda c=change: _restore(c)))
             safefs.atomic_write(change.path, change.after.encode("utf-8", "surrogateescape"), root=change.root,
                                 mode=change.mode, owner=change.owner)
         nginx.test()
+        reloading = True
         nginx.reload()
     except BaseException as exc:
         problems = []
-        for step in reversed(undo):
+        for path, step in reversed(undo):
             try:
                 step()
-            except (OSError, safefs.UnsafePath) as again:
-                problems.append(str(again))
+            except safefs.UnsafePath as again:
+                problems.append(again.message)
+            except OSError as again:
+                problems.append(f"{path}: {again.strerror or again}")
         put_back = ("Every file adopt had written was put back as it was" if not problems else
                     f"Putting the files back failed too ({'; '.join(problems)}): check them by hand")
+        failed = NeedsAttention if problems else DeployFailed  # a file not put back: a human must look (exit 4)
+        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+            if not reloading:
+                nginx_now = "nginx was not reloaded and routes as before"
+            elif problems:
+                nginx_now = ("nginx may have loaded the adopted files when it was stopped; reload it once the files "
+                             "are right (`sudo nginx -t && sudo nginx -s reload`)")
+            else:
+                # The reload's signal may have reached nginx already: load the files as they are again.
+                try:
+                    nginx.test()
+                    nginx.reload()
+                    nginx_now = ("nginx may have loaded the adopted files when it was stopped, so adopt reloaded "
+                                 "nginx again with them")
+                except BluegreenError as again:
+                    nginx_now = (f"nginx may have loaded the adopted files when it was stopped, and reloading it "
+                                 f"with the files put back failed ({again.message.splitlines()[0]}): run `sudo "
+                                 f"nginx -t && sudo nginx -s reload`")
+            raise failed(f"adopt was interrupted ({signame}) {'while nginx reloaded' if reloading else 'before nginx was reloaded'}. "
+                        f"{put_back}; {nginx_now}. Run adopt again when it may run to the end.") from None
         if isinstance(exc, CommandError):
-            raise DeployFailed(f"nginx rejected the adopted configuration:\n{indent(ngx.Nginx.error_text(exc))}\n"
+            raise failed(f"nginx rejected the adopted configuration:\n{indent(ngx.Nginx.error_text(exc))}\n"
                                f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
                                f"run adopt again.") from exc
         if isinstance(exc, (OSError, safefs.UnsafePath)):
-            raise DeployFailed(f"adopt could not write its files ({exc}). {put_back}; nginx routes as before.") from exc
+            raise failed(f"adopt could not write its files ({exc}). {put_back}; nginx routes as before.") from exc
         raise
 
 

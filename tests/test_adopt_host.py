@@ -115,6 +115,9 @@ class Host:
         except BluegreenError as exc:
             err.write(f"bluegreen: {exc.message}\n")
             code = exc.exit_code
+        except Interrupted as exc:  # what cli.main says for any command that does not say more itself
+            err.write(f"bluegreen: interrupted by {exc.signame}; the lines above say what was done before it.\n")
+            code = 1
         return code, out.getvalue(), err.getvalue()
 
     def snapshot(self) -> dict:
@@ -218,3 +221,58 @@ def test_what_else_the_hand_written_upstream_file_holds_is_never_dropped(host):
     code, out, err = host.adopt()
     assert code == 0, out + err
     assert "keepalive 32;" in host.upstream.read_text()
+
+
+# -- an interrupt half-way ----------------------------------------------------------------------------------------
+
+class InterruptingRunner(HostRunner):
+    """SIGTERM (as cli's handler raises it) arrives while `argv` runs, after it did its work."""
+
+    def __init__(self, when: list[str]) -> None:
+        super().__init__([deploy_sh_container()])
+        self.when = when
+        self.fired = False
+
+    def run(self, argv, **kwargs):
+        result = super().run(argv, **kwargs)
+        if not self.fired and [str(a) for a in argv][-len(self.when):] == self.when:
+            self.fired = True
+            raise Interrupted("SIGTERM")
+        return result
+
+
+@pytest.mark.parametrize("when,reloads", [(["-t"], 0), (["-s", "reload"], 2)])
+def test_an_interrupt_while_adopt_writes_puts_every_file_back_and_says_so(host, when, reloads):
+    """SIGTERM during `nginx -t`: every file back, no reload. During the reload (nginx may have taken the signal
+    and loaded the adopted files): every file back, and nginx reloaded once more, with them."""
+    before = host.snapshot()
+    runner = InterruptingRunner(when)
+    code, out, err = host.adopt(runner=runner)
+    assert code == 1, out + err
+    assert host.snapshot() == before
+    assert not (host.root / "adopt-backup" / "user-api").exists() or not any((host.root / "adopt-backup" / "user-api").iterdir())
+    assert runner.reloads() == reloads
+    assert "interrupted (SIGTERM)" in err and "put back as it was" in err and "Run adopt again" in err, err
+    if reloads:
+        assert "reloaded nginx again with them" in err, err
+    else:
+        assert "nginx was not reloaded" in err, err
+    assert err.strip().splitlines()[-1].startswith("bluegreen: ") and err.count("bluegreen: ") == 1, err
+
+
+def test_a_file_that_cannot_be_put_back_needs_attention(host):
+    """nginx -t refuses, and putting the server block back fails (its directory went away meanwhile): exit 4,
+    naming what failed, as docs/exit-codes.md says of a failed undo."""
+
+    class Refusing(HostRunner):
+        def run(self, argv, **kwargs):
+            if [str(a) for a in argv][-1:] == ["-t"]:
+                host.sites.rename(host.prefix / "moved")
+                return super().run(["false"], **kwargs)
+            return super().run(argv, **kwargs)
+
+    runner = Refusing([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert code == 4, out + err
+    assert "Putting the files back failed too" in err and str(host.server) in err, err
+    assert runner.reloads() == 0
