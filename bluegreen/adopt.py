@@ -10,6 +10,7 @@ import fnmatch
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +340,12 @@ def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers
             f"tell where nginx routes {cfg.project}; nothing was changed. Write it as the guide does (one server line "
             f"pointing at BLUE_PORT or GREEN_PORT), then run adopt again."
         )
+    if not found.name.isprintable():  # bytes that are not UTF-8, control characters: nothing to show or write
+        raise UsageError(
+            f"{path}: the upstream's name is not plain text (bytes that are not UTF-8, or control characters), so "
+            f"adopt cannot show or rewrite it; nothing was changed. Rename the upstream (and its proxy_pass) in "
+            f"letters, digits, '-', '_' and '.', then run adopt again."
+        )
     if text.startswith("# Managed by bluegreen") and found.token:
         return None, f"{path} is bluegreen's managed file already (upstream {found.name})"
     colour = cfg.colour_of_port(found.port) if found.port else "-"
@@ -413,6 +420,7 @@ class Facts:
     dump: str
     server_files: dict  # path -> text on disk, for each file with a server block proxying to the upstream
     server_modes: dict = field(default_factory=dict)  # path -> (mode, owner) of that file
+    server_targets: dict = field(default_factory=dict)  # path -> (the file to write, the deploy root it is under or None)
     master: int = 0  # the nginx master's pid
     mtimes: dict = field(default_factory=dict)  # path -> st_mtime of the upstream file and each server file
 
@@ -425,7 +433,9 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     st = safefs.lstat(env_path, root=settings.root)
     upstream_path = settings.upstream_file(project)
     ust = safefs.lstat(upstream_path, root=settings.root)
-    upstream_text = state.read_text(upstream_path, root=settings.root)
+    # Bytes as they are (not U+FFFD for what is not UTF-8): the backup and the undo write them back unchanged.
+    raw = safefs.read_bytes(upstream_path, root=settings.root, max_bytes=state.MAX_STATE_BYTES)
+    upstream_text = None if raw is None else raw.decode("utf-8", "surrogateescape")
     docker = dk.Docker(runner, settings.docker_cmd)
     try:
         containers = docker.inspect_many([dk.container_name(project, c) for c in COLOURS])
@@ -446,17 +456,38 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     upstream = ngx.parse_upstream(upstream_text)
     files: dict[str, str] = {}
     modes: dict[str, tuple] = {}
+    targets: dict[str, tuple] = {}
     mtimes = {str(upstream_path): ust.st_mtime} if ust is not None else {}
     if upstream is not None:
         for path in NginxFiles(dump).proxying(upstream.name):
-            text = host.read_config_file(Path(path))
-            if text is not None:
+            target, under = server_file_target(path, settings.root)
+            if under is not None:  # below the deploy root: every byte there is untrusted, no link followed
+                data = safefs.read_bytes(target, root=under, max_bytes=host.MAX_CONFIG_BYTES)
+                text = None if data is None else data.decode("utf-8", "surrogateescape")
+                sst = safefs.lstat(target, root=under)
+            else:
+                text = host.read_config_file(Path(path))
+                sst = os.stat(path) if text is not None else None  # not `st`: that is the env file's
+            if text is not None and sst is not None:
                 files[path] = text
-                sst = os.stat(path)  # not `st`: that is the env file's, kept for its own mode and owner
                 modes[path] = (sst.st_mode & 0o777, _owner(sst))
+                targets[path] = (target, under)
                 mtimes[path] = sst.st_mtime
     return Facts(cfg, env_path, env_text, (st.st_mode & 0o777) if st else 0o640, _owner(st), _owner(ust),
-                 upstream_path, upstream_text, containers, dump, files, modes, master, mtimes)
+                 upstream_path, upstream_text, containers, dump, files, modes, targets, master, mtimes)
+
+
+def server_file_target(path: str, root: Path) -> tuple[Path, Path | None]:
+    """The file to edit for a server-block file nginx names, and the deploy root (as given, or resolved) when it
+    lies below it. Outside the root (root's own directories), a symlink such as Debian's sites-enabled/X ->
+    sites-available/X is followed and stays a link; below the root nothing is followed: the name nginx uses
+    must itself be the file, and safefs refuses anything else."""
+    tops = [Path(os.path.abspath(root)), Path(os.path.realpath(root))]
+    for candidate in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for top in tops:
+            if top in candidate.parents:
+                return candidate, top
+    return Path(os.path.realpath(path)), None
 
 
 LOAD_SLACK = 1.0  # seconds: a file written just before the reload that started the workers is not "changed since"
@@ -530,11 +561,14 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
             continue
         added = ", ".join(f"`{i.line}`" for i in inserts)
         if force:
-            real = Path(os.path.realpath(path))  # sites-enabled/X -> sites-available/X: the link stays a link
+            real, under = facts.server_targets.get(path, (Path(os.path.realpath(path)), None))
             mode, owner = facts.server_modes.get(path, (0o644, None))
+            backup = "server-" + os.path.basename(path)
+            while any(c.backup == backup for c in plan.changes):  # two blocks named alike in two directories
+                backup = "server-" + str(len(plan.changes)) + "-" + os.path.basename(path)
             plan.changes.append(Change(real, text, apply_inserts(text, inserts),
-                                       f"{path}: add {added} (nothing else in it changes)", None,
-                                       mode=mode, owner=owner, backup="server-" + os.path.basename(path)))
+                                       f"{path}: add {added} (nothing else in it changes)", under,
+                                       mode=mode, owner=owner, backup=backup))
         else:
             plan.needs_force.append(f"{path}: add {added} (nothing else in it changes); without the route line "
                                     f"deploys work but cannot prove where nginx routes")
@@ -636,9 +670,18 @@ def _apply(settings: Settings, runner: Runner, facts: Facts, plan: Plan) -> None
     undo: list[tuple[Path, Callable[[], None]]] = []  # (the file, how to put it back)
     nginx = ngx.Nginx(runner, settings.nginx_cmd)
     reloading = False
+    fresh = set()  # the copies to write: a copy kept from an earlier adoption is the first original, kept as it is
+    for change in plan.changes:
+        if change.backup:
+            # Before anything is written: a link planted on the way, or in place of a copy, is refused (exit 2).
+            found = safefs.lstat(backup_dir / change.backup, root=settings.root)
+            if found is None:
+                fresh.add(change.backup)
+            elif not stat.S_ISREG(found.st_mode):
+                raise safefs.UnsafePath(backup_dir / change.backup, safefs.describe_stat(found))
     try:
         for change in plan.changes:
-            if change.backup and safefs.lstat(backup_dir / change.backup, root=settings.root) is None:
+            if change.backup in fresh:
                 target = backup_dir / change.backup
                 undo.append((target, lambda t=target: safefs.unlink(t, root=settings.root)))
                 safefs.atomic_write(target, (change.before or "").encode("utf-8", "surrogateescape"),

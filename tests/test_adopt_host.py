@@ -276,3 +276,121 @@ def test_a_file_that_cannot_be_put_back_needs_attention(host):
     assert code == 4, out + err
     assert "Putting the files back failed too" in err and str(host.server) in err, err
     assert runner.reloads() == 0
+
+
+# -- what is planted under the deploy root ------------------------------------------------------------------------
+
+def plant(path: Path, kind: str, target: Path) -> None:
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "symlink":
+        path.symlink_to(target)
+    else:
+        os.mkfifo(path)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+@pytest.mark.parametrize("which", ["env", "upstream"])
+def test_a_planted_env_or_upstream_file_is_refused_without_blocking(host, tmp_path, kind, which):
+    victim = tmp_path / "victim"
+    victim.write_text("upstream user-api { server 127.0.0.1:8081; }\n" if which == "upstream" else
+                      "IMAGE=ghcr.io/acme/user-api\n")
+    path = host.env_file if which == "env" else host.upstream
+    plant(path, kind, victim)
+    code, out, err = host.adopt()
+    assert code == 2, out + err
+    assert str(path) in err and ("symlink" in err or "FIFO" in err) and "Traceback" not in err, err
+    assert victim.read_text().startswith(("upstream", "IMAGE")) and len(victim.read_text().splitlines()) == 1
+    assert host.server.read_text() == GUIDE_SERVER
+
+
+@pytest.mark.parametrize("planted", ["dir", "file"])
+def test_a_planted_backup_is_refused_before_anything_is_written(host, tmp_path, planted):
+    """ROOT/adopt-backup (or the copy in it) planted as a symlink: refused (exit 2) before adopt writes
+    anything, never written through, never taken for the copy of the original."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "upstream.conf").write_text("root's\n")
+    if planted == "dir":
+        (host.root / "adopt-backup").symlink_to(victim)
+    else:
+        (host.root / "adopt-backup" / "user-api").mkdir(parents=True)
+        (host.root / "adopt-backup" / "user-api" / "upstream.conf").symlink_to(victim / "upstream.conf")
+    before = host.snapshot()
+    runner = HostRunner([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert code == 2, out + err
+    assert "adopt-backup" in err and "symlink" in err and "Nothing was changed" in err.replace("nothing was changed", "Nothing was changed"), err
+    assert host.snapshot() == before and runner.reloads() == 0
+    assert sorted(p.name for p in victim.iterdir()) == ["upstream.conf"] and (victim / "upstream.conf").read_text() == "root's\n"
+
+
+def test_a_server_block_behind_a_symlink_is_edited_where_it_is_and_the_link_stays(host):
+    """Debian: sites-enabled/X -> ../sites-available/X. The file is edited; the link stays a link."""
+    available = host.prefix / "sites-available"
+    available.mkdir()
+    host.server.rename(available / "user-api.conf")
+    host.server.symlink_to(Path("..") / "sites-available" / "user-api.conf")
+    (available / "user-api.conf").chmod(0o640)
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert host.server.is_symlink() and os.readlink(host.server) == "../sites-available/user-api.conf"
+    assert ngx.add_header_line("user-api") in (available / "user-api.conf").read_text()
+    assert stat.S_IMODE(os.stat(available / "user-api.conf").st_mode) == 0o640
+    assert (host.root / "adopt-backup" / "user-api" / "server-user-api.conf").read_text() == GUIDE_SERVER
+
+
+def test_a_server_block_under_the_deploy_root_is_never_followed_through_a_symlink(host, tmp_path):
+    """A server block nginx loads from ROOT/nginx/conf.d, planted there as a symlink to a root-owned file:
+    adopt neither reads nor writes through it (every byte under the deploy root is untrusted)."""
+    victim = tmp_path / "root-only.conf"
+    victim.write_text(GUIDE_SERVER)
+    host.server.unlink()
+    (host.root / "nginx" / "conf.d" / "user-api-server.conf").symlink_to(victim)
+    runner = HostRunner([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert victim.read_text() == GUIDE_SERVER, out + err
+    assert code == 2 and "user-api-server.conf is a symlink" in err, out + err
+    assert runner.reloads() == 0
+
+
+def test_bytes_that_are_not_utf8_survive_the_backup_and_the_undo(host):
+    raw = b"# caf\xe9 (latin-1)\nupstream user-api { server 127.0.0.1:8081; }\n"
+    host.upstream.write_bytes(raw)
+
+    class Refusing(HostRunner):
+        def run(self, argv, **kwargs):
+            if [str(a) for a in argv][-1:] == ["-t"]:
+                return super().run(["false"], **kwargs)
+            return super().run(argv, **kwargs)
+
+    code, out, err = host.adopt(runner=Refusing([deploy_sh_container()]))
+    assert code == 1 and "put back as it was" in err, out + err
+    assert host.upstream.read_bytes() == raw
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert (host.root / "adopt-backup" / "user-api" / "upstream.conf").read_bytes() == raw
+
+
+def test_a_crlf_env_file_keeps_every_byte_and_still_loads(host):
+    original = f"IMAGE=ghcr.io/acme/user-api\r\nDB_PASSWORD={SECRET}\r\n".encode()
+    host.env_file.write_bytes(original)
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert host.env_file.read_bytes().startswith(original)
+    assert SECRET not in out + err
+    from bluegreen.config import load_project
+    assert load_project(host.settings, "user-api").nginx_url == "http://127.0.0.1:1"
+
+
+def test_two_server_blocks_named_alike_get_a_copy_each(host):
+    other = host.prefix / "sites-enabled-2"
+    other.mkdir()
+    second = GUIDE_SERVER.replace("127.0.0.1:1;", "127.0.0.1:2;")
+    (other / "user-api.conf").write_text(second)
+    conf = host.prefix / "nginx.conf"
+    conf.write_text(conf.read_text().replace("    include " + str(host.sites), f"    include {other}/*;\n    include {host.sites}"))
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    copies = {p.read_text() for p in (host.root / "adopt-backup" / "user-api").iterdir() if p.name.startswith("server-")}
+    assert copies == {GUIDE_SERVER, second}

@@ -235,3 +235,10 @@ def test_an_upstream_file_holding_more_is_refused_naming_it(text, said):
     with pytest.raises(UsageError) as exc:
         adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
     assert said in exc.value.message and "Nothing was changed" in exc.value.message
+
+
+def test_an_upstream_name_that_is_not_plain_text_is_refused():
+    text = b"upstream user-\xe9 { server 127.0.0.1:8081; }\n".decode("utf-8", "surrogateescape")
+    with pytest.raises(UsageError) as exc:
+        adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert "not plain text" in exc.value.message and exc.value.message.isprintable()
