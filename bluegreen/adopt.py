@@ -619,7 +619,7 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
                   probe: Callable[..., health.Probe] = health.http_probe) -> int:
     """Adopt one project; prints each change (or what would change), then checks nginx and what it routes."""
     validate_project(project)
-    if not settings.env_file(project).exists():
+    if safefs.lstat(settings.env_file(project), root=settings.root) is None:  # a dangling link is there: load says what
         raise UsageError(f"{settings.env_file(project)} does not exist: adopt takes over a project the guide's "
                          f"deploy.sh runs, from its env file. Nothing was changed. A new project is set up with "
                          f"`{host.invocation()} init {project} --image IMAGE`.")

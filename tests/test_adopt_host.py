@@ -394,3 +394,10 @@ def test_two_server_blocks_named_alike_get_a_copy_each(host):
     assert code == 0, out + err
     copies = {p.read_text() for p in (host.root / "adopt-backup" / "user-api").iterdir() if p.name.startswith("server-")}
     assert copies == {GUIDE_SERVER, second}
+
+
+def test_a_dangling_symlink_for_the_env_file_is_named_as_such(host, tmp_path):
+    host.env_file.unlink()
+    host.env_file.symlink_to(tmp_path / "nowhere")
+    code, out, err = host.adopt()
+    assert code == 2 and "is a symlink" in err and "does not exist" not in err, err
