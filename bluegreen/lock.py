@@ -82,6 +82,8 @@ def _open_lock(path: Path, root: Path | None) -> int:
     try:
         return safefs.open_regular(path, os.O_RDWR | os.O_CREAT, root=_state_root(path, root), mode=0o644, make_dirs=True)
     except UnsafePath as exc:
+        if os.path.abspath(exc.path) != os.path.abspath(str(path)):
+            raise  # a directory on the way (a stranger's, a symlink): its own advice, not a lock file's
         raise UnsafePath(
             exc.path, exc.found,
             hint=f"Nothing was deployed; the version that was serving still serves. The deploy lock must be a "

@@ -401,3 +401,12 @@ def test_a_dangling_symlink_for_the_env_file_is_named_as_such(host, tmp_path):
     host.env_file.symlink_to(tmp_path / "nowhere")
     code, out, err = host.adopt()
     assert code == 2 and "is a symlink" in err and "does not exist" not in err, err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the owner check runs as root only")
+def test_a_strangers_projects_directory_is_named_for_what_it_is(host):
+    """Refused on the way to the lock file: the advice is about the directory, not `rm` it as a planted lock."""
+    os.chown(host.env_file.parent, 4321, 4321)
+    code, out, err = host.adopt()
+    assert code == 2, out + err
+    assert "owned by uid 4321" in err and f"rm {host.env_file.parent}`" not in err and "deploy lock" not in err, err
