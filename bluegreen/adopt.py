@@ -423,6 +423,7 @@ class Facts:
     server_targets: dict = field(default_factory=dict)  # path -> (the file to write, the deploy root it is under or None)
     master: int = 0  # the nginx master's pid
     mtimes: dict = field(default_factory=dict)  # path -> st_mtime of the upstream file and each server file
+    unread: dict = field(default_factory=dict)  # path -> why a file nginx -T lists as proxying is left alone
 
 
 def read_facts(settings: Settings, runner: Runner, project: str, dump: str | None = None) -> Facts:
@@ -458,6 +459,10 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     modes: dict[str, tuple] = {}
     targets: dict[str, tuple] = {}
     mtimes = {str(upstream_path): ust.st_mtime} if ust is not None else {}
+    unread: dict[str, str] = {}
+    shown: dict[str, set] = {}  # what nginx -T printed for each path (a file below the root can forge a header)
+    for path, chunk in split_dump(dump):
+        shown.setdefault(path, set()).add(chunk)
     if upstream is not None:
         for path in NginxFiles(dump).proxying(upstream.name):
             target, under = server_file_target(path, settings.root)
@@ -468,13 +473,22 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
             else:
                 text = host.read_config_file(Path(path))
                 sst = os.stat(path) if text is not None else None  # not `st`: that is the env file's
-            if text is not None and sst is not None:
+            if text is not None and shown.get(path) != {_as_dumped(text)}:
+                unread[path] = ("what nginx -T showed of it differs from the file on disk (it changed while adopt "
+                                "read it, or another file's text imitates nginx -T's file headers): left as it is; "
+                                "run adopt again")
+            elif text is not None and sst is not None:
                 files[path] = text
                 modes[path] = (sst.st_mode & 0o777, _owner(sst))
                 targets[path] = (target, under)
                 mtimes[path] = sst.st_mtime
     return Facts(cfg, env_path, env_text, (st.st_mode & 0o777) if st else 0o640, _owner(st), _owner(ust),
-                 upstream_path, upstream_text, containers, dump, files, modes, targets, master, mtimes)
+                 upstream_path, upstream_text, containers, dump, files, modes, targets, master, mtimes, unread)
+
+
+def _as_dumped(text: str) -> str:
+    """A file's text as `nginx -T` prints it (and the runner decodes it): with one more line feed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n"
 
 
 def server_file_target(path: str, root: Path) -> tuple[Path, Path | None]:
@@ -543,6 +557,7 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
     name = ngx.parse_upstream(facts.upstream_text).name  # type: ignore[union-attr]  # upstream_change checked it
     conf = NginxFiles(facts.dump)
     probe: dict[str, str] = {}
+    plan.manual.extend(f"{path}: {why}" for path, why in sorted(facts.unread.items()))
     if not facts.server_files:
         plan.manual.append(f"no server block that nginx loads proxies to upstream {name}: write one (e.g. "
                            f"`{host.invocation()} init {cfg.project} --image {cfg.image}` on a host without one), "

@@ -410,3 +410,17 @@ def test_a_strangers_projects_directory_is_named_for_what_it_is(host):
     code, out, err = host.adopt()
     assert code == 2, out + err
     assert "owned by uid 4321" in err and f"rm {host.env_file.parent}`" not in err and "deploy lock" not in err, err
+
+
+def test_a_forged_file_header_in_nginx_T_output_edits_nothing_nginx_does_not_load(host, tmp_path):
+    """`nginx -T` prints each file after a `# configuration file PATH:` line; a file below the deploy root can
+    hold such a line itself. adopt edits only a file whose text on disk is what nginx -T showed for it."""
+    unloaded = tmp_path / "not-loaded.conf"  # root's, with a server block, never included by nginx
+    unloaded.write_text(GUIDE_SERVER)
+    (host.root / "nginx" / "conf.d" / "zz-forged.conf").write_text(
+        f"# configuration file {unloaded}:\n" + GUIDE_SERVER.replace("127.0.0.1:1;", "127.0.0.1:3;"))
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert unloaded.read_text() == GUIDE_SERVER
+    assert f"{unloaded}: " in out and "differs from the file on disk" in out, out
+    assert ngx.add_header_line("user-api") in host.server.read_text()
