@@ -23,6 +23,7 @@ from bluegreen import settings as table
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project, parse_env, validate_project
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen.lock import Holder, project_lock
+from bluegreen.deploy import os_problem
 from bluegreen.runner import Runner, indent, proc_stat
 
 BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the upstream file and server block before the first adoption
@@ -744,16 +745,25 @@ def _apply(settings: Settings, runner: Runner, facts: Facts, plan: Plan) -> None
                                f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
                                f"run adopt again.") from exc
         if isinstance(exc, (OSError, safefs.UnsafePath)):
-            raise failed(f"adopt could not write its files ({exc}). {put_back}; nginx routes as before.") from exc
+            what = exc.message if isinstance(exc, safefs.UnsafePath) else os_problem(exc)
+            raise failed(f"adopt could not write its files: {what} {put_back}; nginx was not reloaded and routes as "
+                         f"before. Fix the cause (the server block and the files nginx loads are root's: run adopt "
+                         f"with sudo; or free disk space), then run adopt again.") from exc
         raise
 
 
 def _restore(change: Change) -> None:
     if change.before is None:
         safefs.unlink(change.path, root=change.root)
-    else:
-        safefs.atomic_write(change.path, change.before.encode("utf-8", "surrogateescape"), root=change.root,
-                            mode=change.mode, owner=change.owner)
+        return
+    before = change.before.encode("utf-8", "surrogateescape")
+    try:
+        now = safefs.read_bytes(change.path, root=change.root, max_bytes=host.MAX_CONFIG_BYTES)
+    except (OSError, safefs.UnsafePath):
+        now = None
+    if now == before:
+        return  # never written (its write failed, or the interrupt came first): nothing to put back
+    safefs.atomic_write(change.path, before, root=change.root, mode=change.mode, owner=change.owner)
 
 
 def _verify(facts: Facts, settings: Settings, probe: Callable[..., health.Probe]) -> str:

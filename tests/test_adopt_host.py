@@ -424,3 +424,24 @@ def test_a_forged_file_header_in_nginx_T_output_edits_nothing_nginx_does_not_loa
     assert unloaded.read_text() == GUIDE_SERVER
     assert f"{unloaded}: " in out and "differs from the file on disk" in out, out
     assert ngx.add_header_line("user-api") in host.server.read_text()
+
+
+def test_a_file_adopt_may_not_write_says_what_to_do(host, monkeypatch):
+    """Run as the deploy user, --force cannot write root's server block: every file is put back, and the
+    message says what happened, what serves and what to do (one paragraph)."""
+    real = adopt.safefs.atomic_write
+
+    def refusing(path, data, **kwargs):
+        if Path(path) == host.server:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(adopt.safefs, "atomic_write", refusing)
+    before = host.snapshot()
+    runner = HostRunner([deploy_sh_container()])
+    code, out, err = host.adopt(runner=runner)
+    assert code == 1, out + err
+    assert host.snapshot() == before and runner.reloads() == 0
+    message = err.strip().splitlines()[-1]
+    assert f"Permission denied: {host.server}." in message and "put back as it was" in message, err
+    assert "sudo" in message and "run adopt again" in message, err
