@@ -114,7 +114,7 @@ class NginxFiles:
         pattern = node.args[0] if os.path.isabs(node.args[0]) else os.path.join(self.conf_dir, node.args[0])
         out: list[nginxconf.Directive] = []
         for path, root in self.files.items():
-            if fnmatch.fnmatchcase(path, pattern):
+            if fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/"):  # `*` stops at `/`
                 out.extend(root.children)
         return out
 

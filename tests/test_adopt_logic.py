@@ -242,3 +242,12 @@ def test_an_upstream_name_that_is_not_plain_text_is_refused():
     with pytest.raises(UsageError) as exc:
         adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
     assert "not plain text" in exc.value.message and exc.value.message.isprintable()
+
+
+def test_an_include_glob_does_not_reach_into_subdirectories():
+    """nginx's `include conf.d/*.conf` (glob(3)) loads conf.d/x.conf, not conf.d/snippets/headers.conf."""
+    files = conf(("/etc/nginx/conf.d/snippets/headers.conf", "add_header X-Frame-Options DENY;\n"),
+                 ("/etc/nginx/conf.d/user-api.conf", GUIDE_BLOCK))
+    assert not files.http_sets("add_header")
+    after, manual = edited(GUIDE_BLOCK, files)
+    assert manual == [] and ROUTE in after
