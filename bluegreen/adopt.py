@@ -740,10 +740,14 @@ def _apply(settings: Settings, runner: Runner, facts: Facts, plan: Plan) -> None
                                  f"nginx -t && sudo nginx -s reload`")
             raise failed(f"adopt was interrupted ({signame}) {'while nginx reloaded' if reloading else 'before nginx was reloaded'}. "
                         f"{put_back}; {nginx_now}. Run adopt again when it may run to the end.") from None
+        if isinstance(exc, CommandError) and reloading:
+            raise failed(f"nginx -t passed, but `nginx -s reload` failed:\n{indent(ngx.Nginx.error_text(exc))}\n"
+                         f"{put_back}; nginx was not signalled, so it still runs the configuration it had. Check "
+                         f"that nginx runs and its pid file (`systemctl status nginx`), then run adopt again.") from exc
         if isinstance(exc, CommandError):
             raise failed(f"nginx rejected the adopted configuration:\n{indent(ngx.Nginx.error_text(exc))}\n"
-                               f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
-                               f"run adopt again.") from exc
+                         f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
+                         f"run adopt again.") from exc
         if isinstance(exc, (OSError, safefs.UnsafePath)):
             what = exc.message if isinstance(exc, safefs.UnsafePath) else os_problem(exc)
             raise failed(f"adopt could not write its files: {what} {put_back}; nginx was not reloaded and routes as "

@@ -445,3 +445,19 @@ def test_a_file_adopt_may_not_write_says_what_to_do(host, monkeypatch):
     message = err.strip().splitlines()[-1]
     assert f"Permission denied: {host.server}." in message and "put back as it was" in message, err
     assert "sudo" in message and "run adopt again" in message, err
+
+
+def test_a_failed_reload_is_not_called_a_rejected_configuration(host):
+    class NoReload(HostRunner):
+        def run(self, argv, **kwargs):
+            if [str(a) for a in argv][-2:] == ["-s", "reload"]:
+                self.calls.append([str(a) for a in argv])
+                from bluegreen.errors import CommandError
+                raise CommandError([str(a) for a in argv], 1, "", 'nginx: [error] invalid PID number "" in "/run/nginx.pid"')
+            return super().run(argv, **kwargs)
+
+    before = host.snapshot()
+    code, out, err = host.adopt(runner=NoReload([deploy_sh_container()]))
+    assert code == 1 and host.snapshot() == before, out + err
+    assert "rejected" not in err and "nginx -s reload" in err and "invalid PID number" in err, err
+    assert "put back as it was" in err and "nginx -t passed" in err, err
