@@ -135,10 +135,11 @@ class NginxFiles:
             return False
         return any(self.sets(block, name, first) for block in root.children if block.name == "http")
 
-    def proxying(self, upstream: str) -> list[str]:
-        """The files with a server block whose proxy_pass names `upstream`."""
+    def proxying(self, upstream: str, *, in_server: bool = True) -> list[str]:
+        """The files with a server block whose proxy_pass names `upstream` (`in_server` False: the files with
+        such a proxy_pass outside any server block, in a snippet that a server block includes)."""
         return [path for path, root in self.files.items() if any(
-            nginxconf.proxies_to(d, upstream) and _server_of(d) is not None for d in root.walk())]
+            nginxconf.proxies_to(d, upstream) and (_server_of(d) is not None) == in_server for d in root.walk())]
 
 
 def _is(node: nginxconf.Directive, name: str, first: str | None = None) -> bool:
@@ -559,7 +560,12 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
     conf = NginxFiles(facts.dump)
     probe: dict[str, str] = {}
     plan.manual.extend(f"{path}: {why}" for path, why in sorted(facts.unread.items()))
-    if not facts.server_files:
+    snippets = [path for path in conf.proxying(name, in_server=False) if path not in facts.server_files]
+    plan.manual.extend(f"{path}: its proxy_pass to {name} is outside a server block (a file a server block includes), "
+                       f"so adopt leaves it alone: add `{ngx.add_header_line(cfg.project)}`, "
+                       f"`{KEEPALIVE_LINES[0]}` and `{KEEPALIVE_LINES[1]}` by hand where they apply to it"
+                       for path in snippets)
+    if not facts.server_files and not facts.unread and not snippets:
         plan.manual.append(f"no server block that nginx loads proxies to upstream {name}: write one (e.g. "
                            f"`{host.invocation()} init {cfg.project} --image {cfg.image}` on a host without one), "
                            f"with `{ngx.add_header_line(cfg.project)}`")

@@ -461,3 +461,30 @@ def test_a_failed_reload_is_not_called_a_rejected_configuration(host):
     assert code == 1 and host.snapshot() == before, out + err
     assert "rejected" not in err and "nginx -s reload" in err and "invalid PID number" in err, err
     assert "put back as it was" in err and "nginx -t passed" in err, err
+
+
+def test_a_wrong_nginx_url_costs_seconds_and_is_said(host, monkeypatch):
+    """NGINX_URL reaching nothing (a black-holed address): the probe through nginx gives up within its deadline,
+    adopt is done (the files are right, nginx reloaded) and says that it could not see the route, and where."""
+    import time
+
+    monkeypatch.setattr(adopt, "VERIFY_SECONDS", 1.0)
+    host.env_file.write_text(host.env_file.read_text() + "NGINX_URL=http://192.0.2.1:80\n")
+    started = time.monotonic()
+    code, out, err = host.adopt(probe=health.http_probe)
+    assert time.monotonic() - started < 15
+    assert code == 0, out + err
+    assert "the route could not be seen through nginx at http://192.0.2.1:80" in out, out
+    assert SECRET not in out + err
+
+
+def test_a_proxy_pass_in_a_snippet_included_into_the_server_block_is_named(host):
+    """`location / { proxy_pass ...; }` in a snippet that the server block includes: adopt does not edit what
+    it cannot place, and says where the proxy_pass is (not that no server block proxies to the upstream)."""
+    snippet = host.prefix / "app-locations.conf"
+    snippet.write_text("location / {\n    proxy_pass http://user-api;\n}\n")
+    host.server.write_text(f"server {{\n    listen 127.0.0.1:1;\n    include {snippet};\n}}\n")
+    code, out, err = host.adopt()
+    assert code == 0, out + err
+    assert f"{snippet}: " in out and "no server block that nginx loads" not in out, out
+    assert snippet.read_text() == "location / {\n    proxy_pass http://user-api;\n}\n"
