@@ -647,7 +647,7 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
                          f"`{host.invocation()} init {project} --image IMAGE`.")
     holder = Holder(pid=os.getpid(), user=environ.get("SUDO_USER") or environ.get("USER") or "?",
                     host=socket.gethostname(), tag="(adopt)", since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    with project_lock(settings.lock_file(project), holder, root=settings.root):
+    with project_lock(settings.lock_file(project), holder, root=settings.root, retry="then run adopt again"):
         facts = read_facts(settings, runner, project)
         stale = changed_since_load(facts)
         if stale and not dry_run:

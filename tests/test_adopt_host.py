@@ -488,3 +488,13 @@ def test_a_proxy_pass_in_a_snippet_included_into_the_server_block_is_named(host)
     assert code == 0, out + err
     assert f"{snippet}: " in out and "no server block that nginx loads" not in out, out
     assert snippet.read_text() == "location / {\n    proxy_pass http://user-api;\n}\n"
+
+
+def test_adopt_while_a_deploy_holds_the_lock_says_what_adopt_can_do(host):
+    from bluegreen.lock import Holder, project_lock
+
+    deploying = Holder(pid=os.getpid(), user="ci", host="h", tag="v2", since="2026-01-01T00:00:00Z")
+    with project_lock(host.settings.lock_file("user-api"), deploying, root=host.root):
+        code, out, err = host.adopt()
+    assert code == 3, out + err
+    assert "--wait" not in err and "run adopt again" in err and "Nothing was changed" in err, err
