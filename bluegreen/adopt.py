@@ -98,13 +98,14 @@ class NginxFiles:
     def __init__(self, dump: str, conf_dir: str = "/etc/nginx") -> None:
         self.files: dict[str, nginxconf.Directive] = {}
         self.texts: dict[str, str] = {}
-        for path, text in split_dump(dump):
+        parts = split_dump(dump)
+        for path, text in parts:
             try:
                 self.files[path] = nginxconf.parse(text)
                 self.texts[path] = text
             except nginxconf.ConfSyntax:
                 continue  # nginx loaded it, so it is valid; a file this reader cannot follow is skipped
-        self.main = next(iter(self.files), "")
+        self.main = parts[0][0] if parts else ""  # nginx.conf, even when this reader could not follow it
         self.conf_dir = os.path.dirname(self.main) or conf_dir
 
     def included(self, node: nginxconf.Directive) -> list[nginxconf.Directive]:
@@ -132,7 +133,7 @@ class NginxFiles:
         """Whether nginx.conf's http block itself sets `name` (outside every server block)."""
         root = self.files.get(self.main)
         if root is None:
-            return False
+            return first is None  # unknown: as if it did (adopt then leaves the line to the user)
         return any(self.sets(block, name, first) for block in root.children if block.name == "http")
 
     def proxying(self, upstream: str, *, in_server: bool = True) -> list[str]:

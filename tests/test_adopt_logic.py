@@ -251,3 +251,14 @@ def test_an_include_glob_does_not_reach_into_subdirectories():
     assert not files.http_sets("add_header")
     after, manual = edited(GUIDE_BLOCK, files)
     assert manual == [] and ROUTE in after
+
+
+def test_an_nginx_conf_the_reader_cannot_follow_leaves_the_header_lines_to_the_user():
+    """If nginx.conf itself cannot be read (a dump cut short), whether its http block sets add_header is
+    unknown: the route line is left to the user rather than placed where it might stop inherited headers."""
+    dump = ("# configuration file /etc/nginx/nginx.conf:\nhttp {\n    add_header X-Frame-Options DENY;\n"
+            "    include /etc/nginx/conf.d/*.conf;\n" + "x {" * 70 + "\n"
+            "# configuration file /etc/nginx/conf.d/user-api.conf:\n" + GUIDE_BLOCK + "\n")
+    files = adopt.NginxFiles(dump)
+    after, manual = edited(GUIDE_BLOCK, files)
+    assert ROUTE not in after and any(ROUTE in m for m in manual)
