@@ -498,3 +498,22 @@ def test_adopt_while_a_deploy_holds_the_lock_says_what_adopt_can_do(host):
         code, out, err = host.adopt()
     assert code == 3, out + err
     assert "--wait" not in err and "run adopt again" in err and "Nothing was changed" in err, err
+
+
+def test_a_pid_file_that_is_a_fifo_never_blocks(tmp_path):
+    """The master's pid file is named by the `pid` line nginx -T shows (the first in the dump, wherever it is):
+    a FIFO there must not hang adopt, deploy or status."""
+    import threading
+
+    fifo = tmp_path / "nginx.pid"
+    os.mkfifo(fifo)
+    found = []
+    reader = threading.Thread(target=lambda: found.append(ngx.read_pid(fifo)), daemon=True)
+    reader.start()
+    reader.join(5)
+    blocked = reader.is_alive()
+    if blocked:  # let the stuck open return
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        reader.join(5)
+    assert not blocked and found == [None]
