@@ -201,6 +201,29 @@ def _as_error(exc: BaseException, stepping: bool) -> BaseException:
     return exc  # SystemExit, a second KeyboardInterrupt: let it through as it is
 
 
+def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, stderr: TextIO,
+                 environ: Mapping[str, str], runner: Runner | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> int:
+    """`bluegreen pull`: the deploy's first step alone (its PULL policy and messages), so that a rollout can
+    fetch the image on every host before any host switches. Changes nothing that serves."""
+    validate_project(project)
+    validate_tag(tag)
+    cfg = load_project(settings, project)
+    for warning in cfg.warnings:
+        say(stderr, f"warning: {warning}")
+    progress = Progress(stderr, clock)
+    holder = Holder(pid=os.getpid(), user=user_name(environ), host=socket.gethostname(), tag=f"(pull {tag})",
+                    since=now_iso())
+    # Under the project lock, like a deploy: a prune running now must not remove what is being pulled.
+    with project_lock(settings.lock_file(project), holder):
+        plan, _ = read_plan(settings, cfg, tag)
+        deployer = Deployer(settings=settings, runner=runner or SubprocessRunner(), progress=progress, clock=clock)
+        deployer.pull_only(plan)
+    found = f" (registry digest {deployer.digest})" if deployer.digest else ""
+    say(stdout, f"{plan.ref} is on this host{found}; nothing that serves was changed.")
+    return EXIT_OK
+
+
 def refuse_route_clash(settings: Settings, project: str) -> None:
     """Two projects whose names map to one nginx route variable (user-api, user.api) would share one route map."""
     other = route_clash(project, settings.projects())

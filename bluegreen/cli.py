@@ -94,6 +94,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
     p.set_defaults(func=cmd_history)
 
+    p = sub.add_parser("pull", help="fetch the image of PROJECT TAG as a deploy would (PULL policy), changing nothing that serves")
+    _common(p)
+    p.add_argument("project", metavar="PROJECT")
+    p.add_argument("tag", metavar="TAG")
+    p.set_defaults(func=cmd_pull)
+
     p = sub.add_parser("rollback", help="deploy the previous successful tag (or --to TAG) through the full checks")
     _common(p)
     p.add_argument("project", metavar="PROJECT")
@@ -232,6 +238,13 @@ def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
         force=args.force,
         stdout=ctx.stdout,
     )
+
+
+def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import attempt
+
+    return attempt.pull_project(settings=ctx.settings, project=args.project, tag=args.tag, stdout=ctx.stdout,
+                                stderr=ctx.stderr, environ=ctx.environ)
 
 
 def cmd_adopt(args: argparse.Namespace, ctx: Context) -> int:

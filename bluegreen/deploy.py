@@ -514,6 +514,10 @@ class Deployer:
         was = f" (was {self.old_tag or '?'} in {old.name})" if old is not None and old.running else ""
         return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
 
+    def pull_only(self, plan: Plan) -> None:
+        """The pull step on its own (`bluegreen pull`): nothing else is looked at or changed."""
+        self._pull(plan, "Nothing else was changed: what serves keeps serving.")
+
     def _pull(self, plan: Plan, serving: str) -> None:
         cfg, policy = plan.cfg, plan.cfg.pull
         env_file = self.settings.env_file(cfg.project)
@@ -526,7 +530,7 @@ class Deployer:
                 except CommandError as exc:
                     raise DeployFailed(
                         f"Cannot ask docker whether this host has {plan.ref} (PULL={policy}): {exc.output_tail(3)}\n"
-                        f"{serving} Check that dockerd runs and this user may use it (`docker info`), then deploy again."
+                        f"{serving} Check that dockerd runs and this user may use it (`docker info`), then try again."
                     ) from exc
             decision = dk.pull_needed(policy, local)
             if decision is False and local is not None:
