@@ -267,7 +267,8 @@ def _level_for(text: str, levels: list[nginxconf.Directive], name: str, sets: Ca
 def apply_inserts(text: str, inserts: list[Insert]) -> str:
     """`text` with each line inserted; every character of `text` stays, in order. After the end of a directive
     or a `{` that ends its line (a comment may follow), the line goes on a line of its own below, with the
-    file's line ending; where more follows on the same line (a one-line block), it goes there, after a space. Lines at one spot keep the order given."""
+    file's line ending; where more follows on the same line (a one-line block), it goes there, after a space.
+    Lines at one spot keep the order given."""
     pieces: list[tuple[int, int, str]] = []
     for n, ins in enumerate(inserts):
         eol = text.find("\n", ins.offset)
