@@ -1,6 +1,6 @@
 """`adopt` on a host in a temp directory: the deploy root, a private nginx prefix whose configuration real nginx
-checks (`nginx -T`, `nginx -t`; no master runs: the reload is recorded, and the master's pid file names this
-process), docker answered by a fake (deploy.sh's container). The doing side: files under the deploy root that
+checks (`nginx -T`, `nginx -t`; no nginx master runs: the reload is recorded, and the master's pid file names a
+shell whose one child, started after the files were written, stands for its worker), docker answered by a fake (deploy.sh's container). The doing side: files under the deploy root that
 are not what they should be, modes and owners, the server block behind a symlink, an interrupt half-way, a
 file changed since nginx loaded it, what reaches the output."""
 
@@ -10,7 +10,10 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,8 +98,10 @@ class Host:
             f"    access_log off;\n    client_body_temp_path {tmp}/body;\n    proxy_temp_path {tmp}/proxy;\n"
             f"    fastcgi_temp_path {tmp}/fastcgi;\n    uwsgi_temp_path {tmp}/uwsgi;\n    scgi_temp_path {tmp}/scgi;\n"
             f"    include {self.root}/nginx/conf.d/*.conf;\n    include {self.sites}/*;\n}}\n")
+        # The "master": a shell with one child, started now (after the files): nginx loaded them at this moment.
+        self.master = subprocess.Popen(["sh", "-c", "sleep 600 & wait"], start_new_session=True)
         self.pid_file = base / "master.pid"
-        self.pid_file.write_text(f"{os.getpid()}\n")
+        self.pid_file.write_text(f"{self.master.pid}\n")
         nginx = nginx_binary()
         self.environ = {
             "BLUEGREEN_NGINX": f"{nginx} -p {self.prefix} -c {self.prefix / 'nginx.conf'} -e {self.prefix / 'error.log'}",
@@ -135,7 +140,15 @@ def no_route(url, *, timeout, host="", headers=None):
 @pytest.fixture
 def host(tmp_path, monkeypatch):
     monkeypatch.setattr(adopt, "VERIFY_SECONDS", 0.0)  # the fake probe never sees the route: do not wait for it
-    return Host(tmp_path)
+    made = Host(tmp_path)
+    deadline = time.monotonic() + 5
+    while not ngx.children(made.master.pid) and time.monotonic() < deadline:  # its worker has started
+        time.sleep(0.01)
+    try:
+        yield made
+    finally:
+        os.killpg(made.master.pid, signal.SIGKILL)
+        made.master.wait()
 
 
 def test_the_harness_adopts_the_guide_host(host):
@@ -165,21 +178,8 @@ def test_the_env_file_keeps_its_own_mode_and_owner(host):
 
 # -- a file changed since nginx loaded it -------------------------------------------------------------------------
 
-@pytest.fixture
-def worker():
-    """A child of this process (the harness's nginx master): an nginx worker started at the last reload."""
-    import subprocess
-
-    proc = subprocess.Popen(["sleep", "300"])
-    try:
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.mark.parametrize("which", ["upstream", "server"])
-def test_a_file_changed_after_nginx_loaded_it_is_not_put_live_by_adopt(host, worker, which):
+def test_a_file_changed_after_nginx_loaded_it_is_not_put_live_by_adopt(host, which):
     """deploy.sh's sed ran but its reload did not (or the block was edited and not reloaded): nginx routes by
     what it loaded, so the file says nothing about where traffic goes now, and adopt's reload would put the
     change live. adopt refuses, changing nothing; --dry-run says the same."""
@@ -466,7 +466,7 @@ def test_a_failed_reload_is_not_called_a_rejected_configuration(host):
 def test_a_wrong_nginx_url_costs_seconds_and_is_said(host, monkeypatch):
     """NGINX_URL reaching nothing (a black-holed address): the probe through nginx gives up within its deadline,
     adopt is done (the files are right, nginx reloaded) and says that it could not see the route, and where."""
-    import time
+
 
     monkeypatch.setattr(adopt, "VERIFY_SECONDS", 1.0)
     host.env_file.write_text(host.env_file.read_text() + "NGINX_URL=http://192.0.2.1:80\n")
