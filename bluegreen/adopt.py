@@ -683,7 +683,9 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
         print(_verify(facts, settings, probe), file=stdout)
     me = host.invocation()
     retires = " (it retires the container deploy.sh started)" if plan.warnings else ""
-    print(f"Done: {len(plan.changes)} change(s); the originals are in {settings.root / BACKUP_DIR / project}. Next: "
+    copies = (f"; the originals are in {settings.root / BACKUP_DIR / project}" if any(c.backup for c in plan.changes)
+              else "")  # the env file is never copied (its secrets): adopt only appended to it
+    print(f"Done: {len(plan.changes)} change(s){copies}. Next: "
           f"`{me} status {project}`, then `{me} deploy {project} TAG`{retires}.", file=stdout)
     return 0
 

@@ -517,3 +517,16 @@ def test_a_pid_file_that_is_a_fifo_never_blocks(tmp_path):
         os.close(fd)
         reader.join(5)
     assert not blocked and found == [None]
+
+
+def test_done_names_the_copies_only_when_there_are_copies(host):
+    """Upstream already managed, deploy.sh's container still serving, the env file lacking settings: adopt
+    appends to the env file only, which it never copies; it does not point at copies that do not exist."""
+    host.upstream.write_text(ngx.render_upstream(name="user-api", port=8081, project="user-api", colour="blue",
+                                                 tag="v1", token=ngx.new_token()))
+    later = time.time() - 60
+    os.utime(host.upstream, (later, later))
+    code, out, err = host.adopt(force=False)
+    assert code == 0, out + err
+    assert "changed  user-api.env" in out and "adopt-backup" not in out, out
+    assert not (host.root / "adopt-backup").exists()
