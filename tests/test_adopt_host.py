@@ -530,3 +530,11 @@ def test_done_names_the_copies_only_when_there_are_copies(host):
     assert code == 0, out + err
     assert "changed  user-api.env" in out and "adopt-backup" not in out, out
     assert not (host.root / "adopt-backup").exists()
+
+
+def test_an_env_file_that_is_not_utf8_is_refused_without_showing_it(host):
+    host.env_file.write_bytes(b"IMAGE=ghcr.io/acme/user-api\nDB_PASSWORD=caf\xe9-" + SECRET.encode() + b"\n")
+    before = host.snapshot()
+    code, out, err = host.adopt()
+    assert code == 2 and "not UTF-8" in err and ":2:" in err, out + err
+    assert SECRET not in out + err and host.snapshot() == before
