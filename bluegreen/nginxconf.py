@@ -141,6 +141,9 @@ def own(node: Directive, name: str) -> list[Directive]:
     return [c for c in node.children if c.name == name]
 
 
+_INDENT = re.compile(r"[ \t]*")
+
+
 def line_indent(text: str, offset: int) -> str:
     start = text.rfind("\n", 0, offset) + 1
-    return re.match(r"[ \t]*", text[start:]).group(0)
+    return _INDENT.match(text, start).group(0)  # type: ignore[union-attr]  # matches always (maybe empty)
