@@ -10,6 +10,7 @@ import fnmatch
 import os
 import re
 import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +21,10 @@ from bluegreen import health, host, nginxconf, safefs, state
 from bluegreen import nginx as ngx
 from bluegreen import settings as table
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project, parse_env, validate_project
-from bluegreen.errors import BluegreenError, CommandError, DeployFailed, UsageError
+from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen.lock import Holder, project_lock
-from bluegreen.runner import Runner, indent
+from bluegreen.deploy import os_problem
+from bluegreen.runner import Runner, indent, proc_stat
 
 BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the upstream file and server block before the first adoption
 ADDED_HEAD = "# --- added by `bluegreen adopt`: the settings this file did not mention, at their defaults"
@@ -96,13 +98,14 @@ class NginxFiles:
     def __init__(self, dump: str, conf_dir: str = "/etc/nginx") -> None:
         self.files: dict[str, nginxconf.Directive] = {}
         self.texts: dict[str, str] = {}
-        for path, text in split_dump(dump):
+        parts = split_dump(dump)
+        for path, text in parts:
             try:
                 self.files[path] = nginxconf.parse(text)
                 self.texts[path] = text
             except nginxconf.ConfSyntax:
                 continue  # nginx loaded it, so it is valid; a file this reader cannot follow is skipped
-        self.main = next(iter(self.files), "")
+        self.main = parts[0][0] if parts else ""  # nginx.conf, even when this reader could not follow it
         self.conf_dir = os.path.dirname(self.main) or conf_dir
 
     def included(self, node: nginxconf.Directive) -> list[nginxconf.Directive]:
@@ -112,29 +115,36 @@ class NginxFiles:
         pattern = node.args[0] if os.path.isabs(node.args[0]) else os.path.join(self.conf_dir, node.args[0])
         out: list[nginxconf.Directive] = []
         for path, root in self.files.items():
-            if fnmatch.fnmatchcase(path, pattern):
+            if fnmatch.fnmatchcase(path, pattern) and path.count("/") == pattern.count("/"):  # `*` stops at `/`
                 out.extend(root.children)
         return out
 
-    def sets(self, level: nginxconf.Directive, name: str) -> list[nginxconf.Directive]:
-        """The children of `level` that set `name`: the directive itself, or an include that brings it."""
-        return [c for c in level.children if c.name == name or (c.name == "include" and self._brings(c, name, 0))]
+    def sets(self, level: nginxconf.Directive, name: str, first: str | None = None) -> list[nginxconf.Directive]:
+        """The children of `level` that set `name` (with `first` as its first argument, any case, if given): the
+        directive itself, or an include that brings it."""
+        return [c for c in level.children
+                if _is(c, name, first) or (c.name == "include" and self._brings(c, name, first, 0))]
 
-    def _brings(self, include: nginxconf.Directive, name: str, depth: int) -> bool:
-        return depth < 8 and any(d.name == name or (d.name == "include" and self._brings(d, name, depth + 1))
+    def _brings(self, include: nginxconf.Directive, name: str, first: str | None, depth: int) -> bool:
+        return depth < 8 and any(_is(d, name, first) or (d.name == "include" and self._brings(d, name, first, depth + 1))
                                  for d in self.included(include))
 
-    def http_sets(self, name: str) -> bool:
+    def http_sets(self, name: str, first: str | None = None) -> bool:
         """Whether nginx.conf's http block itself sets `name` (outside every server block)."""
         root = self.files.get(self.main)
         if root is None:
-            return False
-        return any(self.sets(block, name) for block in root.children if block.name == "http")
+            return first is None  # unknown: as if it did (adopt then leaves the line to the user)
+        return any(self.sets(block, name, first) for block in root.children if block.name == "http")
 
-    def proxying(self, upstream: str) -> list[str]:
-        """The files with a server block whose proxy_pass names `upstream`."""
+    def proxying(self, upstream: str, *, in_server: bool = True) -> list[str]:
+        """The files with a server block whose proxy_pass names `upstream` (`in_server` False: the files with
+        such a proxy_pass outside any server block, in a snippet that a server block includes)."""
         return [path for path, root in self.files.items() if any(
-            nginxconf.proxies_to(d, upstream) and _server_of(d) is not None for d in root.walk())]
+            nginxconf.proxies_to(d, upstream) and (_server_of(d) is not None) == in_server for d in root.walk())]
+
+
+def _is(node: nginxconf.Directive, name: str, first: str | None = None) -> bool:
+    return node.name == name and (first is None or (bool(node.args) and node.args[0].lower() == first.lower()))
 
 
 def split_dump(dump: str) -> list[tuple[str, str]]:
@@ -167,6 +177,22 @@ def _after(text: str, node: nginxconf.Directive) -> Insert:
     return Insert(node.end, "", nginxconf.line_indent(text, node.start))
 
 
+# Blocks inside a location that take proxy_pass but not proxy_http_version or proxy_set_header (nginx refuses
+# those there); they inherit both from the location around them.
+_NOT_PROXY_LEVELS = ("if", "limit_except")
+
+
+def _home(pp: nginxconf.Directive, levels: list[nginxconf.Directive]) -> tuple[nginxconf.Directive, nginxconf.Directive]:
+    """The innermost level where proxy_* lines may go (the location, past `if` and `limit_except`), and its
+    child that holds the proxy_pass (the proxy_pass itself, or the `if` around it)."""
+    inner = pp
+    for level in levels:
+        if level.name not in _NOT_PROXY_LEVELS:
+            return level, inner
+        inner = level
+    return levels[-1], inner
+
+
 def server_edits(text: str, *, upstream: str, project: str, conf: NginxFiles) -> tuple[list[Insert], list[str]]:
     """Lines to insert into a server-block file so that bluegreen can prove the route (the add_header line) and
     nginx keeps connections to the app alive (HTTP/1.1, an empty Connection header); and, for what cannot be
@@ -175,47 +201,63 @@ def server_edits(text: str, *, upstream: str, project: str, conf: NginxFiles) ->
     route = ngx.add_header_line(project)
     inserts: dict[tuple[int, str], Insert] = {}
     manual: list[str] = []
+    memo: dict[tuple, object] = {}  # per level (alive as long as `root`): a file with thousands of locations
+
+    def sets(level: nginxconf.Directive, name: str, first: str | None = None) -> list[nginxconf.Directive]:
+        key = (id(level), name, first)
+        if key not in memo:
+            memo[key] = conf.sets(level, name, first)
+        return memo[key]  # type: ignore[return-value]
+
+    def has_route(levels: list[nginxconf.Directive]) -> bool:
+        """Whether the route line is in effect there: in the innermost level that sets add_header lines (nginx
+        inherits them only into a level without its own), or in the http block when no level sets any."""
+        for level in levels:
+            if sets(level, "add_header"):
+                return bool(sets(level, "add_header", ngx.ROUTE_HEADER))
+        return conf.http_sets("add_header", ngx.ROUTE_HEADER)
 
     def place(spot: Insert, line: str) -> None:
         inserts.setdefault((spot.offset, line), Insert(spot.offset, line, spot.indent))
 
+    http_sets = {name: conf.http_sets(name) for name in ("add_header", "proxy_set_header", "proxy_http_version")}
     for pp in (d for d in root.walk() if nginxconf.proxies_to(d, upstream)):
         levels = _levels(pp)
         server = levels[-1] if levels and levels[-1].name == "server" else None
         if server is None:
             continue
-        at_line = text.count("\n", 0, pp.start) + 1
-        if not any(d.name == "add_header" and d.args and d.args[0].lower() == ngx.ROUTE_HEADER.lower()
-                   for d in server.walk()):
-            spot = _level_for(text, levels, "add_header", conf, default=server)
+        home, anchor = _home(pp, levels)
+        at_line = lambda: text.count("\n", 0, pp.start) + 1  # noqa: E731  (only for a line to add by hand)
+        if not has_route(levels):
+            spot = _level_for(text, levels, "add_header", sets, http_sets["add_header"], default=server)
             if spot is None:
-                manual.append(f"add `{route}` next to the add_header lines that apply to line {at_line} (nginx.conf's "
+                manual.append(f"add `{route}` next to the add_header lines that apply to line {at_line()} (nginx.conf's "
                               f"http block sets add_header, and a new one in the server block would stop those)")
             else:
                 place(spot, route)
-        if not any(conf.sets(level, "proxy_http_version") for level in levels):
-            place(_after(text, pp), KEEPALIVE_LINES[0])
-        if not any(d.name == "proxy_set_header" and d.args and d.args[0].lower() == "connection"
-                   for level in levels for d in level.children):
-            spot = _level_for(text, levels, "proxy_set_header", conf, default=pp.parent, after_node=pp)
+        if not any(sets(level, "proxy_http_version") for level in levels) and not http_sets["proxy_http_version"]:
+            place(_after(text, anchor), KEEPALIVE_LINES[0])
+        if not any(sets(level, "proxy_set_header", "connection") for level in levels):
+            spot = _level_for(text, levels, "proxy_set_header", sets, http_sets["proxy_set_header"], default=home,
+                              after_node=anchor)
             if spot is None:
                 manual.append(f"add `{KEEPALIVE_LINES[1]}` next to the proxy_set_header lines that apply to line "
-                              f"{at_line} (upstream keep-alive needs it; a new one where none are set would stop "
+                              f"{at_line()} (upstream keep-alive needs it; a new one where none are set would stop "
                               f"the inherited ones)")
             else:
                 place(spot, KEEPALIVE_LINES[1])
     return sorted(inserts.values(), key=lambda i: i.offset), manual
 
 
-def _level_for(text: str, levels: list[nginxconf.Directive], name: str, conf: NginxFiles, *,
+def _level_for(text: str, levels: list[nginxconf.Directive], name: str, sets: Callable[..., list], http_sets: bool, *,
                default: nginxconf.Directive | None, after_node: nginxconf.Directive | None = None) -> Insert | None:
     """Where a new `name` line goes without changing what nginx inherits: beside the innermost level's own
     `name` lines; else at `default` when no level and not the http block sets any (None: by hand)."""
     for level in levels:
-        found = conf.sets(level, name)
+        found = sets(level, name)
         if found:
             return _after(text, found[-1])
-    if conf.http_sets(name) or default is None:
+    if http_sets or default is None:
         return None
     if after_node is not None and after_node.parent is default:
         return _after(text, after_node)
@@ -223,12 +265,25 @@ def _level_for(text: str, levels: list[nginxconf.Directive], name: str, conf: Ng
 
 
 def apply_inserts(text: str, inserts: list[Insert]) -> str:
-    """`text` with each line inserted on a line of its own (later offsets first, so earlier ones stay valid)."""
-    out = text
-    # Last offset first; at one offset the last line first, so that lines read in the order given.
-    for _, ins in sorted(enumerate(inserts), key=lambda pair: (pair[1].offset, pair[0]), reverse=True):
-        out = out[:ins.offset] + "\n" + ins.indent + ins.line + out[ins.offset:]
-    return out
+    """`text` with each line inserted; every character of `text` stays, in order. After the end of a directive
+    or a `{` that ends its line (a comment may follow), the line goes on a line of its own below, with the
+    file's line ending; where more follows on the same line (a one-line block), it goes there, after a space.
+    Lines at one spot keep the order given."""
+    pieces: list[tuple[int, int, str]] = []
+    for n, ins in enumerate(inserts):
+        eol = text.find("\n", ins.offset)
+        rest = text[ins.offset:len(text) if eol < 0 else eol]
+        if rest.strip(" \t\r") and not rest.lstrip(" \t").startswith("#"):
+            pieces.append((ins.offset, n, " " + ins.line))
+        elif eol < 0:
+            pieces.append((len(text), n, "\n" + ins.indent + ins.line))
+        else:
+            pieces.append((eol + 1, n, ins.indent + ins.line + ("\r\n" if rest.endswith("\r") else "\n")))
+    out, at = [], 0
+    for offset, _, piece in sorted(pieces):
+        out += [text[at:offset], piece]
+        at = offset
+    return "".join(out) + text[at:]
 
 
 def listen_url(server: nginxconf.Directive) -> str | None:
@@ -289,6 +344,12 @@ def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers
             f"tell where nginx routes {cfg.project}; nothing was changed. Write it as the guide does (one server line "
             f"pointing at BLUE_PORT or GREEN_PORT), then run adopt again."
         )
+    if not found.name.isprintable():  # bytes that are not UTF-8, control characters: nothing to show or write
+        raise UsageError(
+            f"{path}: the upstream's name is not plain text (bytes that are not UTF-8, or control characters), so "
+            f"adopt cannot show or rewrite it; nothing was changed. Rename the upstream (and its proxy_pass) in "
+            f"letters, digits, '-', '_' and '.', then run adopt again."
+        )
     if text.startswith("# Managed by bluegreen") and found.token:
         return None, f"{path} is bluegreen's managed file already (upstream {found.name})"
     colour = cfg.colour_of_port(found.port) if found.port else "-"
@@ -303,9 +364,48 @@ def upstream_change(cfg: ProjectConfig, path: Path, text: str | None, containers
         name=found.name, port=found.port or cfg.blue_port, project=cfg.project, colour=colour,
         tag=(serving.tag_in(cfg.image) if serving is not None else None) or "-", token=found.token or ngx.new_token(), down=not found.port,
         options=ngx.UpstreamOptions(**table.upstream_options(cfg)))
+    dropped = dropped_lines(text, after, found)
+    if dropped:
+        shown = "; ".join(f"`{line}`" + (f" (set {ngx.setting_for(line)} in {cfg.source})" if ngx.setting_for(line) else "")
+                          for line in dropped[:6]) + ("; ..." if len(dropped) > 6 else "")
+        raise UsageError(
+            f"{path} holds more than bluegreen's managed upstream file, which replaces it, would keep: {shown}. "
+            f"Nothing was changed. Set the settings named in the env file; move anything else (a server block, "
+            f"another upstream) to a file of its own next to it; then run adopt again."
+        )
     where = f"127.0.0.1:{found.port}" if found.port else "nowhere (down)"
     return (Change(path, text, after, f"upstream {found.name} as bluegreen's managed file, still routing to {where}, "
                                       f"with the route map and keepalive", root, owner=owner, backup="upstream.conf"), "")
+
+
+def dropped_lines(text: str, after: str, found: ngx.Upstream) -> list[str]:
+    """The directives of a hand-written upstream file that the managed file `after` would not have (comments
+    aside; the server line's address is the managed one by design, only its port and parameters count): a
+    second upstream, a server block, `keepalive 32;` where the settings give 16."""
+    try:
+        old, new = nginxconf.parse(text), nginxconf.parse(after)
+    except nginxconf.ConfSyntax as exc:
+        return [f"text adopt cannot read ({exc})"]
+
+    def key(d: nginxconf.Directive) -> str:
+        if d.name == "server" and not d.is_block and d.args and d.parent is not None and d.parent.name == "upstream":
+            port = "down" if "down" in d.args[1:] else d.args[0].rpartition(":")[2]  # a placeholder: no port
+            return " ".join(["server", port, *(a for a in d.args[1:] if a != "down")])
+        return " ".join([d.name, *d.args]) + (" {" if d.is_block else "")
+
+    def shown(d: nginxconf.Directive) -> str:
+        line = " ".join([d.name, *d.args]) + (" { ... }" if d.is_block else ";")
+        return "".join(c if c.isprintable() else "?" for c in line[:200])  # the deploy user's file, on a terminal
+
+    ours = {key(d) for d in new.walk()}
+    out = []
+    for block in old.children:
+        if block.name != "upstream" or block.args != [found.name]:
+            out.append(shown(block))
+            continue
+        servers = [d for d in block.children if d.name == "server"]
+        out += [shown(d) for d in block.children if key(d) not in ours or (d.name == "server" and d is not servers[0])]
+    return out
 
 
 # -- doing ----------------------------------------------------------------------------------------------------
@@ -324,6 +424,10 @@ class Facts:
     dump: str
     server_files: dict  # path -> text on disk, for each file with a server block proxying to the upstream
     server_modes: dict = field(default_factory=dict)  # path -> (mode, owner) of that file
+    server_targets: dict = field(default_factory=dict)  # path -> (the file to write, the deploy root it is under or None)
+    master: int = 0  # the nginx master's pid
+    mtimes: dict = field(default_factory=dict)  # path -> st_mtime of the upstream file and each server file
+    unread: dict = field(default_factory=dict)  # path -> why a file nginx -T lists as proxying is left alone
 
 
 def read_facts(settings: Settings, runner: Runner, project: str, dump: str | None = None) -> Facts:
@@ -334,7 +438,9 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     st = safefs.lstat(env_path, root=settings.root)
     upstream_path = settings.upstream_file(project)
     ust = safefs.lstat(upstream_path, root=settings.root)
-    upstream_text = state.read_text(upstream_path, root=settings.root)
+    # Bytes as they are (not U+FFFD for what is not UTF-8): the backup and the undo write them back unchanged.
+    raw = safefs.read_bytes(upstream_path, root=settings.root, max_bytes=state.MAX_STATE_BYTES)
+    upstream_text = None if raw is None else raw.decode("utf-8", "surrogateescape")
     docker = dk.Docker(runner, settings.docker_cmd)
     try:
         containers = docker.inspect_many([dk.container_name(project, c) for c in COLOURS])
@@ -355,15 +461,88 @@ def read_facts(settings: Settings, runner: Runner, project: str, dump: str | Non
     upstream = ngx.parse_upstream(upstream_text)
     files: dict[str, str] = {}
     modes: dict[str, tuple] = {}
+    targets: dict[str, tuple] = {}
+    mtimes = {str(upstream_path): ust.st_mtime} if ust is not None else {}
+    unread: dict[str, str] = {}
+    shown: dict[str, set] = {}  # what nginx -T printed for each path (a file below the root can forge a header)
+    for path, chunk in split_dump(dump):
+        shown.setdefault(path, set()).add(chunk)
     if upstream is not None:
         for path in NginxFiles(dump).proxying(upstream.name):
-            text = host.read_config_file(Path(path))
-            if text is not None:
+            target, under = server_file_target(path, settings.root)
+            if under is not None:  # below the deploy root: every byte there is untrusted, no link followed
+                data = safefs.read_bytes(target, root=under, max_bytes=host.MAX_CONFIG_BYTES)
+                text = None if data is None else data.decode("utf-8", "surrogateescape")
+                sst = safefs.lstat(target, root=under)
+            else:
+                text = host.read_config_file(Path(path))
+                sst = os.stat(path) if text is not None else None  # not `st`: that is the env file's
+            if text is not None and shown.get(path) != {_as_dumped(text)}:
+                unread[path] = ("what nginx -T showed of it differs from the file on disk (it changed while adopt "
+                                "read it, or another file's text imitates nginx -T's file headers): left as it is; "
+                                "run adopt again")
+            elif text is not None and sst is not None:
                 files[path] = text
-                st = os.stat(path)
-                modes[path] = (st.st_mode & 0o777, _owner(st))
+                modes[path] = (sst.st_mode & 0o777, _owner(sst))
+                targets[path] = (target, under)
+                mtimes[path] = sst.st_mtime
     return Facts(cfg, env_path, env_text, (st.st_mode & 0o777) if st else 0o640, _owner(st), _owner(ust),
-                 upstream_path, upstream_text, containers, dump, files, modes)
+                 upstream_path, upstream_text, containers, dump, files, modes, targets, master, mtimes, unread)
+
+
+def _as_dumped(text: str) -> str:
+    """A file's text as `nginx -T` prints it (and the runner decodes it): with one more line feed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace") + "\n"
+
+
+def server_file_target(path: str, root: Path) -> tuple[Path, Path | None]:
+    """The file to edit for a server-block file nginx names, and the deploy root (as given, or resolved) when it
+    lies below it. Outside the root (root's own directories), a symlink such as Debian's sites-enabled/X ->
+    sites-available/X is followed and stays a link; below the root nothing is followed: the name nginx uses
+    must itself be the file, and safefs refuses anything else."""
+    tops = [Path(os.path.abspath(root)), Path(os.path.realpath(root))]
+    for candidate in (Path(os.path.abspath(path)), Path(os.path.realpath(path))):
+        for top in tops:
+            if top in candidate.parents:
+                return candidate, top
+    return Path(os.path.realpath(path)), None
+
+
+LOAD_SLACK = 1.0  # seconds: a file written just before the reload that started the workers is not "changed since"
+
+
+def loaded_at(master: int, proc: str = "/proc") -> float | None:
+    """When nginx last loaded its configuration (epoch seconds): when its newest worker started, since a reload
+    starts new workers; None when that cannot be told (no workers seen, no /proc)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)  # what /proc/PID/stat's start time counts from
+    except (ValueError, OSError, AttributeError):
+        return None
+    now = time.time()
+    starts = []
+    for pid in ngx.children(master, Path(proc)) if master > 0 else ():
+        fields = proc_stat(pid, proc)
+        if fields is not None and len(fields) > 19 and fields[19].isdigit():
+            starts.append(now - (since_boot - int(fields[19]) / hz))
+    return max(starts) if starts else None
+
+
+def changed_since_load(facts: Facts, proc: str = "/proc") -> str:
+    """A paragraph naming the files adopt reads and rewrites that changed after nginx last loaded them ("" when
+    none did, or when that cannot be told): nginx routes by what it loaded, and adopt's reload would put the
+    change live."""
+    loaded = loaded_at(facts.master, proc)
+    if loaded is None:
+        return ""
+    changed = [path for path, mtime in facts.mtimes.items() if mtime > loaded + LOAD_SLACK]
+    if not changed:
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(loaded))
+    return (f"{', '.join(changed)} changed after nginx last loaded its configuration ({when}): nginx routes by "
+            f"what it loaded, so adopt cannot take the port from the file, and its reload would put the change "
+            f"live. Nothing was changed. If the change is meant to be live, check and load it (`sudo nginx -t && "
+            f"sudo nginx -s reload`); otherwise undo it. Then run adopt again.")
 
 
 def _owner(st: os.stat_result | None) -> tuple[int, int] | None:
@@ -382,7 +561,13 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
     name = ngx.parse_upstream(facts.upstream_text).name  # type: ignore[union-attr]  # upstream_change checked it
     conf = NginxFiles(facts.dump)
     probe: dict[str, str] = {}
-    if not facts.server_files:
+    plan.manual.extend(f"{path}: {why}" for path, why in sorted(facts.unread.items()))
+    snippets = [path for path in conf.proxying(name, in_server=False) if path not in facts.server_files]
+    plan.manual.extend(f"{path}: its proxy_pass to {name} is outside a server block (a file a server block includes), "
+                       f"so adopt leaves it alone: add `{ngx.add_header_line(cfg.project)}`, "
+                       f"`{KEEPALIVE_LINES[0]}` and `{KEEPALIVE_LINES[1]}` by hand where they apply to it"
+                       for path in snippets)
+    if not facts.server_files and not facts.unread and not snippets:
         plan.manual.append(f"no server block that nginx loads proxies to upstream {name}: write one (e.g. "
                            f"`{host.invocation()} init {cfg.project} --image {cfg.image}` on a host without one), "
                            f"with `{ngx.add_header_line(cfg.project)}`")
@@ -400,11 +585,14 @@ def plan_adopt(facts: Facts, settings: Settings, *, force: bool) -> Plan:
             continue
         added = ", ".join(f"`{i.line}`" for i in inserts)
         if force:
-            real = Path(os.path.realpath(path))  # sites-enabled/X -> sites-available/X: the link stays a link
+            real, under = facts.server_targets.get(path, (Path(os.path.realpath(path)), None))
             mode, owner = facts.server_modes.get(path, (0o644, None))
+            backup = "server-" + os.path.basename(path)
+            while any(c.backup == backup for c in plan.changes):  # two blocks named alike in two directories
+                backup = "server-" + str(len(plan.changes)) + "-" + os.path.basename(path)
             plan.changes.append(Change(real, text, apply_inserts(text, inserts),
-                                       f"{path}: add {added} (nothing else in it changes)", None,
-                                       mode=mode, owner=owner, backup="server-" + os.path.basename(path)))
+                                       f"{path}: add {added} (nothing else in it changes)", under,
+                                       mode=mode, owner=owner, backup=backup))
         else:
             plan.needs_force.append(f"{path}: add {added} (nothing else in it changes); without the route line "
                                     f"deploys work but cannot prove where nginx routes")
@@ -455,15 +643,20 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
                   probe: Callable[..., health.Probe] = health.http_probe) -> int:
     """Adopt one project; prints each change (or what would change), then checks nginx and what it routes."""
     validate_project(project)
-    if not settings.env_file(project).exists():
+    if safefs.lstat(settings.env_file(project), root=settings.root) is None:  # a dangling link is there: load says what
         raise UsageError(f"{settings.env_file(project)} does not exist: adopt takes over a project the guide's "
                          f"deploy.sh runs, from its env file. Nothing was changed. A new project is set up with "
                          f"`{host.invocation()} init {project} --image IMAGE`.")
     holder = Holder(pid=os.getpid(), user=environ.get("SUDO_USER") or environ.get("USER") or "?",
                     host=socket.gethostname(), tag="(adopt)", since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    with project_lock(settings.lock_file(project), holder, root=settings.root):
+    with project_lock(settings.lock_file(project), holder, root=settings.root, retry="then run adopt again"):
         facts = read_facts(settings, runner, project)
+        stale = changed_since_load(facts)
+        if stale and not dry_run:
+            raise UsageError(stale)
         plan = plan_adopt(facts, settings, force=force)
+        if stale:
+            print(f"warning: {stale}", file=stderr)
         for line in plan.warnings:
             print(f"warning: {line}.", file=stderr)
         head = "Dry run: adopt would" if dry_run else "Adopt"
@@ -490,7 +683,9 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
         print(_verify(facts, settings, probe), file=stdout)
     me = host.invocation()
     retires = " (it retires the container deploy.sh started)" if plan.warnings else ""
-    print(f"Done: {len(plan.changes)} change(s); the originals are in {settings.root / BACKUP_DIR / project}. Next: "
+    copies = (f"; the originals are in {settings.root / BACKUP_DIR / project}" if any(c.backup for c in plan.changes)
+              else "")  # the env file is never copied (its secrets): adopt only appended to it
+    print(f"Done: {len(plan.changes)} change(s){copies}. Next: "
           f"`{me} status {project}`, then `{me} deploy {project} TAG`{retires}.", file=stdout)
     return 0
 
@@ -498,44 +693,91 @@ def adopt_project(*, settings: Settings, runner: Runner, project: str, force: bo
 def _apply(settings: Settings, runner: Runner, facts: Facts, plan: Plan) -> None:
     """Write every change (each with its undo registered first), `nginx -t`, reload; all put back on failure."""
     backup_dir = settings.root / BACKUP_DIR / facts.cfg.project
-    undo: list[Callable[[], None]] = []
+    undo: list[tuple[Path, Callable[[], None]]] = []  # (the file, how to put it back)
     nginx = ngx.Nginx(runner, settings.nginx_cmd)
+    reloading = False
+    fresh = set()  # the copies to write: a copy kept from an earlier adoption is the first original, kept as it is
+    for change in plan.changes:
+        if change.backup:
+            # Before anything is written: a link planted on the way, or in place of a copy, is refused (exit 2).
+            found = safefs.lstat(backup_dir / change.backup, root=settings.root)
+            if found is None:
+                fresh.add(change.backup)
+            elif not stat.S_ISREG(found.st_mode):
+                raise safefs.UnsafePath(backup_dir / change.backup, safefs.describe_stat(found))
     try:
         for change in plan.changes:
-            if change.backup and safefs.lstat(backup_dir / change.backup, root=settings.root) is None:
+            if change.backup in fresh:
                 target = backup_dir / change.backup
-                undo.append(lambda t=target: safefs.unlink(t, root=settings.root))
+                undo.append((target, lambda t=target: safefs.unlink(t, root=settings.root)))
                 safefs.atomic_write(target, (change.before or "").encode("utf-8", "surrogateescape"),
                                     root=settings.root, mode=0o600, make_dirs=True)
-            undo.append(lambda c=change: _restore(c))
+            undo.append((change.path, lambda c=change: _restore(c)))
             safefs.atomic_write(change.path, change.after.encode("utf-8", "surrogateescape"), root=change.root,
                                 mode=change.mode, owner=change.owner)
         nginx.test()
+        reloading = True
         nginx.reload()
     except BaseException as exc:
         problems = []
-        for step in reversed(undo):
+        for path, step in reversed(undo):
             try:
                 step()
-            except (OSError, safefs.UnsafePath) as again:
-                problems.append(str(again))
+            except safefs.UnsafePath as again:
+                problems.append(again.message)
+            except OSError as again:
+                problems.append(f"{path}: {again.strerror or again}")
         put_back = ("Every file adopt had written was put back as it was" if not problems else
                     f"Putting the files back failed too ({'; '.join(problems)}): check them by hand")
+        failed = NeedsAttention if problems else DeployFailed  # a file not put back: a human must look (exit 4)
+        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            signame = exc.signame if isinstance(exc, Interrupted) else "SIGINT"
+            if not reloading:
+                nginx_now = "nginx was not reloaded and routes as before"
+            elif problems:
+                nginx_now = ("nginx may have loaded the adopted files when it was stopped; reload it once the files "
+                             "are right (`sudo nginx -t && sudo nginx -s reload`)")
+            else:
+                # The reload's signal may have reached nginx already: load the files as they are again.
+                try:
+                    nginx.test()
+                    nginx.reload()
+                    nginx_now = ("nginx may have loaded the adopted files when it was stopped, so adopt reloaded "
+                                 "nginx again with them")
+                except BluegreenError as again:
+                    nginx_now = (f"nginx may have loaded the adopted files when it was stopped, and reloading it "
+                                 f"with the files put back failed ({again.message.splitlines()[0]}): run `sudo "
+                                 f"nginx -t && sudo nginx -s reload`")
+            raise failed(f"adopt was interrupted ({signame}) {'while nginx reloaded' if reloading else 'before nginx was reloaded'}. "
+                        f"{put_back}; {nginx_now}. Run adopt again when it may run to the end.") from None
+        if isinstance(exc, CommandError) and reloading:
+            raise failed(f"nginx -t passed, but `nginx -s reload` failed:\n{indent(ngx.Nginx.error_text(exc))}\n"
+                         f"{put_back}; nginx was not signalled, so it still runs the configuration it had. Check "
+                         f"that nginx runs and its pid file (`systemctl status nginx`), then run adopt again.") from exc
         if isinstance(exc, CommandError):
-            raise DeployFailed(f"nginx rejected the adopted configuration:\n{indent(ngx.Nginx.error_text(exc))}\n"
-                               f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
-                               f"run adopt again.") from exc
+            raise failed(f"nginx rejected the adopted configuration:\n{indent(ngx.Nginx.error_text(exc))}\n"
+                         f"{put_back}; nginx was not reloaded and routes as before. Fix what nginx names, then "
+                         f"run adopt again.") from exc
         if isinstance(exc, (OSError, safefs.UnsafePath)):
-            raise DeployFailed(f"adopt could not write its files ({exc}). {put_back}; nginx routes as before.") from exc
+            what = exc.message if isinstance(exc, safefs.UnsafePath) else os_problem(exc)
+            raise failed(f"adopt could not write its files: {what} {put_back}; nginx was not reloaded and routes as "
+                         f"before. Fix the cause (the server block and the files nginx loads are root's: run adopt "
+                         f"with sudo; or free disk space), then run adopt again.") from exc
         raise
 
 
 def _restore(change: Change) -> None:
     if change.before is None:
         safefs.unlink(change.path, root=change.root)
-    else:
-        safefs.atomic_write(change.path, change.before.encode("utf-8", "surrogateescape"), root=change.root,
-                            mode=change.mode, owner=change.owner)
+        return
+    before = change.before.encode("utf-8", "surrogateescape")
+    try:
+        now = safefs.read_bytes(change.path, root=change.root, max_bytes=host.MAX_CONFIG_BYTES)
+    except (OSError, safefs.UnsafePath):
+        now = None
+    if now == before:
+        return  # never written (its write failed, or the interrupt came first): nothing to put back
+    safefs.atomic_write(change.path, before, root=change.root, mode=change.mode, owner=change.owner)
 
 
 def _verify(facts: Facts, settings: Settings, probe: Callable[..., health.Probe]) -> str:

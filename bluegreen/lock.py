@@ -82,6 +82,8 @@ def _open_lock(path: Path, root: Path | None) -> int:
     try:
         return safefs.open_regular(path, os.O_RDWR | os.O_CREAT, root=_state_root(path, root), mode=0o644, make_dirs=True)
     except UnsafePath as exc:
+        if os.path.abspath(exc.path) != os.path.abspath(str(path)):
+            raise  # a directory on the way (a stranger's, a symlink): its own advice, not a lock file's
         raise UnsafePath(
             exc.path, exc.found,
             hint=f"Nothing was deployed; the version that was serving still serves. The deploy lock must be a "
@@ -99,6 +101,7 @@ def project_lock(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     root: Path | None = None,
+    retry: str = "or retry with --wait SECONDS to queue behind it",
 ) -> Iterator[None]:
     """Hold an exclusive flock on `path`; wait up to `wait` seconds for it, else raise LockedError.
 
@@ -117,7 +120,7 @@ def project_lock(
                 # shared lock for a moment) or a deploy in its first instant: give it half a second.
                 grace = start + 0.5 if _pread_holder(fd) is None else start
                 if clock() >= max(deadline, grace):
-                    raise LockedError(_locked_message(_pread_holder(fd), wait)) from None
+                    raise LockedError(_locked_message(_pread_holder(fd), wait, retry)) from None
                 sleep(min(0.2, max(0.01, deadline - clock())))
         # The file's content is informational only: the flock is the lock. Written after
         # acquiring so a reader sees the current holder (or nothing while we write). The fd is the
@@ -139,13 +142,13 @@ def _pread_holder(fd: int) -> Holder | None:
         return None
 
 
-def _locked_message(holder: Holder | None, wait: float) -> str:
+def _locked_message(holder: Holder | None, wait: float,
+                    retry: str = "or retry with --wait SECONDS to queue behind it") -> str:
     who = holder.describe() if holder else "another process (it has not said who yet)"
     waited = f" after waiting {wait:g}s" if wait > 0 else ""
     return (
         f"Another deploy of this project is running{waited}: {who}. Nothing was changed; the version "
-        f"that was serving still serves. Wait for it to finish, or retry with --wait SECONDS to queue "
-        f"behind it. The lock is released automatically when that process exits, even if it is killed."
+        f"that was serving still serves. Wait for it to finish, {retry}. The lock is released automatically when that process exits, even if it is killed."
     )
 
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Sequence
@@ -263,10 +264,19 @@ def master_pid(dump: str, nginx_cmd: Sequence[str], pid_file: str = "") -> tuple
 
 
 def read_pid(path: str | Path) -> int | None:
+    """The number in a pid file; None unless it is a regular file holding one (a FIFO never blocks the open)."""
     try:
-        text = Path(path).read_text().strip()
+        fd = os.open(str(path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return int(text) if text.isdigit() else None
 
 

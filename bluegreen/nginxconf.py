@@ -48,7 +48,11 @@ _SPACE = " \t\r\n"
 
 
 def _tokens(text: str) -> Iterator[tuple[str, int, bool]]:
-    """(token, offset, quoted) for words and the delimiters `{`, `}`, `;`; comments are skipped."""
+    """(token, offset, quoted) for words and the delimiters `{`, `}`, `;`; comments are skipped.
+
+    As nginx's own reader (ngx_conf_read_token): a quote opens a string only at the start of a word, and a `#`
+    a comment only there; inside a word, quotes, `#` and `}` are ordinary characters (`don't`, `a}b`). A word
+    ends at a space, `;` or `{` (but `${` is part of it); a backslash takes the next character along."""
     i, n = 0, len(text)
     while i < n:
         c = text[i]
@@ -74,15 +78,18 @@ def _tokens(text: str) -> Iterator[tuple[str, int, bool]]:
             yield "".join(out), i, True
             i = j + 1
         else:
-            j = i
-            while j < n and text[j] not in _SPACE and text[j] not in "{};\"'":
-                if text[j] == "$" and j + 1 < n and text[j + 1] == "{":  # ${var}: part of the word
-                    k = text.find("}", j)
-                    j = n if k < 0 else k + 1
+            j, variable = i, False
+            while j < n:
+                ch = text[j]
+                if ch == "\\" and j + 1 < n:
+                    j, variable = j + 2, False
                     continue
-                if text[j] == "\\" and j + 1 < n:
-                    j += 2
+                if ch == "{" and variable:  # ${var}
+                    j += 1
                     continue
+                if ch in _SPACE or ch in ";{":
+                    break
+                variable = ch == "$"
                 j += 1
             yield text[i:j], i, False
             i = j
@@ -121,10 +128,12 @@ def parse(text: str) -> Directive:
 
 
 def proxies_to(node: Directive, upstream: str) -> bool:
-    """`proxy_pass http://UPSTREAM` (optionally with a URI part) naming this upstream."""
+    """`proxy_pass http://UPSTREAM` (optionally with a URI part) naming this upstream (nginx compares the
+    scheme and upstream names without regard to case)."""
     if node.name != "proxy_pass" or len(node.args) != 1:
         return False
-    return re.fullmatch(r"https?://" + re.escape(upstream) + r"(?:/.*)?", node.args[0]) is not None
+    return re.fullmatch(r"https?://" + re.escape(upstream) + r"(?:/.*)?", node.args[0],
+                        re.IGNORECASE | re.DOTALL) is not None
 
 
 def own(node: Directive, name: str) -> list[Directive]:
@@ -132,6 +141,9 @@ def own(node: Directive, name: str) -> list[Directive]:
     return [c for c in node.children if c.name == name]
 
 
+_INDENT = re.compile(r"[ \t]*")
+
+
 def line_indent(text: str, offset: int) -> str:
     start = text.rfind("\n", 0, offset) + 1
-    return re.match(r"[ \t]*", text[start:]).group(0)
+    return _INDENT.match(text, start).group(0)  # type: ignore[union-attr]  # matches always (maybe empty)

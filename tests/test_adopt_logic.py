@@ -217,3 +217,48 @@ def test_split_dump_keeps_each_file():
     dump = "# configuration file /a.conf:\nhttp {}\n\n# configuration file /b conf.conf:\nserver {}\n"
     assert adopt.split_dump(dump) == [("/a.conf", "http {}\n\n"), ("/b conf.conf", "server {}\n")]
     assert re.search("x", "x")
+
+
+@pytest.mark.parametrize("text", ["upstream user-api { server localhost:8082; }\n# where deploy.sh routes\n",
+                                  "upstream user-api {\n    server 127.0.0.1:9999 down;\n}\n"])
+def test_an_upstream_file_with_nothing_else_in_it_is_taken_over(text):
+    change, _ = adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert change is not None
+
+
+@pytest.mark.parametrize("text,said", [
+    ("upstream user-api { server 127.0.0.1:8081 max_fails=3; }\n", "(set UPSTREAM_MAX_FAILS=3 in user-api.env)"),
+    ("upstream user-api { server 127.0.0.1:8081; server 127.0.0.1:8082 backup; }\n", "`server 127.0.0.1:8082 backup;`"),
+    ("upstream user-api { server 127.0.0.1:8081; least_conn; }\nmap $a $b { default 1; }\n", "`least_conn;`; `map $a $b { ... }`"),
+])
+def test_an_upstream_file_holding_more_is_refused_naming_it(text, said):
+    with pytest.raises(UsageError) as exc:
+        adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert said in exc.value.message and "Nothing was changed" in exc.value.message
+
+
+def test_an_upstream_name_that_is_not_plain_text_is_refused():
+    text = b"upstream user-\xe9 { server 127.0.0.1:8081; }\n".decode("utf-8", "surrogateescape")
+    with pytest.raises(UsageError) as exc:
+        adopt.upstream_change(cfg_of(), Path("/x/user-api-upstream.conf"), text, {}, Path("/x"))
+    assert "not plain text" in exc.value.message and exc.value.message.isprintable()
+
+
+def test_an_include_glob_does_not_reach_into_subdirectories():
+    """nginx's `include conf.d/*.conf` (glob(3)) loads conf.d/x.conf, not conf.d/snippets/headers.conf."""
+    files = conf(("/etc/nginx/conf.d/snippets/headers.conf", "add_header X-Frame-Options DENY;\n"),
+                 ("/etc/nginx/conf.d/user-api.conf", GUIDE_BLOCK))
+    assert not files.http_sets("add_header")
+    after, manual = edited(GUIDE_BLOCK, files)
+    assert manual == [] and ROUTE in after
+
+
+def test_an_nginx_conf_the_reader_cannot_follow_leaves_the_header_lines_to_the_user():
+    """If nginx.conf itself cannot be read (a dump cut short), whether its http block sets add_header is
+    unknown: the route line is left to the user rather than placed where it might stop inherited headers."""
+    dump = ("# configuration file /etc/nginx/nginx.conf:\nhttp {\n    add_header X-Frame-Options DENY;\n"
+            "    include /etc/nginx/conf.d/*.conf;\n" + "x {" * 70 + "\n"
+            "# configuration file /etc/nginx/conf.d/user-api.conf:\n" + GUIDE_BLOCK + "\n")
+    files = adopt.NginxFiles(dump)
+    after, manual = edited(GUIDE_BLOCK, files)
+    assert ROUTE not in after and any(ROUTE in m for m in manual)
