@@ -215,7 +215,7 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
     holder = Holder(pid=os.getpid(), user=user_name(environ), host=socket.gethostname(), tag=f"(pull {tag})",
                     since=now_iso())
     # Under the project lock, like a deploy: a prune running now must not remove what is being pulled.
-    with project_lock(settings.lock_file(project), holder):
+    with project_lock(settings.lock_file(project), holder, retry="then pull again"):
         plan, _ = read_plan(settings, cfg, tag)
         deployer = Deployer(settings=settings, runner=runner or SubprocessRunner(), progress=progress, clock=clock)
         deployer.pull_only(plan)

@@ -83,7 +83,7 @@ def prune(*, settings: Settings, project: str, keep: int, dry_run: bool, stdout:
     docker = dk.Docker(run, settings.docker_cmd)
     holder = Holder(pid=os.getpid(), user=user_name(environ), host=socket.gethostname(), tag="(prune)", since=now_iso())
     # Under the deploy lock: a deploy starting now must not lose the image it is about to run.
-    with project_lock(settings.lock_file(project), holder):
+    with project_lock(settings.lock_file(project), holder, retry="then prune again"):
         colour, _, _ = read_current(settings, cfg, probe=http_probe)
         serving = dk.container_name(project, colour) if colour else None
         containers = list(docker.inspect_many([dk.container_name(project, col) for col in COLOURS]).values())
