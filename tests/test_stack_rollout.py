@@ -211,7 +211,8 @@ def test_ctrl_c_during_the_second_host_lets_it_finish_and_starts_no_other(app):
     try:
         watcher.wait_for("[h2] before-host", timeout=120)
         proc.send_signal(signal.SIGINT)  # a cancelled CI job
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)  # the watcher reads stderr; stdout (the JSON table) is small
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -268,7 +269,8 @@ def test_a_second_signal_aborts_at_once_and_names_the_host_in_progress(app):
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)  # at once: not after the 30 s hook
+        proc.wait(timeout=20)  # at once: not after the 30 s hook
+        out = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
