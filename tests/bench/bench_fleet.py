@@ -34,7 +34,6 @@ only when the bench itself broke, never because of a number.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
