@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet clean settings-docs
 
 all: build
 
@@ -22,6 +22,11 @@ demo: deps build
 K ?= 20
 bench: deps build
 	$(PYTHON) tests/bench/bench.py --deploys $(K)
+
+# Also a benchmark, not in CI: K full rollouts over 3 hosts behind haproxy for each of bluegreen with the
+# load-balancer hooks, bluegreen without them and the guide's ssh + deploy.sh (K defaults to 3 here).
+bench-fleet: deps build
+	$(PYTHON) tests/bench/bench_fleet.py --rollouts $(if $(filter file,$(origin K)),3,$(K))
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:
