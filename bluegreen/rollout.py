@@ -25,14 +25,18 @@ from typing import Callable, Mapping, Sequence, TextIO
 
 from bluegreen import fleet, host
 from bluegreen.config import Settings, validate_project, validate_tag
-from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, UsageError
+from bluegreen.errors import (EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, BluegreenError, CommandError,
+                              UsageError)
 from bluegreen.fleet import HostResult, SshOptions, Target
+from bluegreen.runner import Result, Runner, SubprocessRunner
 
 REMOTE_MIN_PYTHON = (3, 9)
 SSH_UNREACHABLE = 255  # ssh's own exit code for a connection or authentication failure
 PARALLEL = 16  # hosts preflighted and pulled at once
 HOOK_NAMES = ("rollout-before-host", "rollout-after-host")
 LINE_MAX = 2000  # a remote line shown at most this long (the host's output is untrusted)
+OUTPUT_LIMIT = 1 << 20  # what is kept of one remote command's output (doctor --json is a few KiB)
+HOOK_OUTPUT_LIMIT = 64 * 1024
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 # Where the tool lives on a host: --remote-pyz, else ROOT/bluegreen.pyz with the host's BLUEGREEN_ROOT (as
@@ -148,6 +152,7 @@ class Rollout:
         self.stdout, self.stderr, self.environ = stdout, stderr, environ
         self.before_host, self.after_host, self.hook_timeout = list(before_host), list(after_host), hook_timeout
         self.github, self.ssh_cmd = github, ssh_cmd
+        self.runner: Runner = SubprocessRunner()
         self.stop = Stop()
         self._print_lock = threading.Lock()
         self.data = pyz.read_bytes()
@@ -161,14 +166,16 @@ class Rollout:
 
     # -- ssh -----------------------------------------------------------------------------------------------
     def ssh_run(self, target: Target, remote: Sequence[str], *, input: bytes | None = None,
-                timeout: float = 120) -> subprocess.CompletedProcess:
+                timeout: float = 120) -> Result:
+        """One remote command through the project's runner: bounded in time and in output (a host's output is
+        untrusted), its ssh killed with everything it started when the time is up."""
         argv = fleet.ssh_argv(target, self.ssh, remote, ssh=self.ssh_cmd)
         try:
-            return subprocess.run(argv, input=input if input is not None else b"", stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            return subprocess.CompletedProcess(argv, 124, exc.stdout or b"",
-                                               (exc.stderr or b"") + f"\ntimed out after {timeout:g}s".encode())
+            # Not a session of its own: the ControlPersist master ssh leaves behind must outlive this command.
+            return self.runner.run(argv, check=False, timeout=timeout, input=input if input is not None else b"",
+                                   output_limit=OUTPUT_LIMIT)
+        except CommandError as exc:  # timed out
+            return Result(tuple(argv), 124, exc.stdout, exc.stderr)
 
     def ssh_stream(self, target: Target, remote: Sequence[str], keep: list[str]) -> int:
         """Run `remote` on `target`, every line shown live with the host as prefix; the last lines kept."""
@@ -177,7 +184,8 @@ class Rollout:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         assert proc.stdout is not None
-        for raw in proc.stdout:
+        # Line by line, each read bounded: a host that prints one endless line costs no memory.
+        for raw in iter(lambda: proc.stdout.readline(LINE_MAX), b""):  # type: ignore[union-attr]
             line = clean(raw.decode("utf-8", "replace").rstrip("\n"))
             keep.append(line)
             del keep[:-60]
@@ -185,9 +193,9 @@ class Rollout:
         return proc.wait()
 
     @staticmethod
-    def _text(data: bytes, limit: int = 1 << 20) -> str:
-        """A host's output, decoded, without control characters (line breaks kept), at most `limit` characters."""
-        return _CONTROL.sub("?", data[-limit:].decode("utf-8", "replace")).strip()
+    def _text(data: str) -> str:
+        """A host's output (the runner bounded it) without control characters, line breaks kept."""
+        return _CONTROL.sub("?", data).strip()
 
     # -- preflight -----------------------------------------------------------------------------------------
     def preflight_one(self, h: Host) -> None:
@@ -241,7 +249,7 @@ class Rollout:
         r.before = r.after = h.before
         r.result = "ready"
 
-    def _unreachable(self, t: Target, proc: subprocess.CompletedProcess) -> str:
+    def _unreachable(self, t: Target, proc: Result) -> str:
         err = self._text(proc.stderr)[-400:]
         if proc.returncode == SSH_UNREACHABLE:
             return f"cannot reach {t} over ssh: {err or 'no message'}"
@@ -272,13 +280,13 @@ class Rollout:
                    BLUEGREEN_PROJECT=self.project, BLUEGREEN_TAG=self.tag, BLUEGREEN_BATCH=str(batch))
         self.say(f"{which}: {' '.join(shlex.quote(a) for a in argv)}", h.target)
         try:
-            proc = subprocess.run(list(argv), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, timeout=self.hook_timeout, start_new_session=True)
-        except subprocess.TimeoutExpired:
+            proc = self.runner.run(list(argv), check=False, env=env, timeout=self.hook_timeout, new_session=True,
+                                   output_limit=HOOK_OUTPUT_LIMIT)
+        except CommandError:  # timed out: the runner stopped it with every process it started
             return f"{which} ran longer than {self.hook_timeout:g}s and was stopped"
-        except OSError as exc:
-            return f"{which} could not run: {exc.strerror or exc}"
-        for line in self._text(proc.stdout).splitlines()[-20:]:
+        except (BluegreenError, OSError) as exc:  # not found, not executable
+            return f"{which} could not run: {getattr(exc, 'message', None) or exc}"
+        for line in self._text(proc.stdout + proc.stderr).splitlines()[-20:]:
             self.say(f"  {line}", h.target)
         return None if proc.returncode == 0 else f"{which} exited {proc.returncode}"
 

@@ -124,7 +124,7 @@ def test_the_probe_runs_on_an_old_python_and_preflight_names_it(tmp_path):
     assert digest == hashlib.sha256(b"x").hexdigest()
 
     class Answer:
-        returncode, stdout, stderr = 0, proc.stdout.encode(), b""
+        returncode, stdout, stderr = 0, proc.stdout, ""
 
     pyz = tmp_path / "me.pyz"
     pyz.write_bytes(b"new")
@@ -135,3 +135,25 @@ def test_the_probe_runs_on_an_old_python_and_preflight_names_it(tmp_path):
     ro.preflight_one(h)
     assert (h.result.result, h.result.step) == ("refused", "python")
     assert f"is {version}; bluegreen needs 3.9 or newer" in h.result.message
+
+
+def test_a_host_flooding_its_output_costs_bounded_memory(tmp_path):
+    """FAKE BINARY, on purpose: a stand-in for `ssh` that prints 64 MiB without a line break, as a broken or
+    hostile host could; the real ssh relays whatever the host prints. Both ways of running a remote command
+    keep only a bounded part of it."""
+    from bluegreen import rollout
+
+    flood = tmp_path / "ssh"
+    flood.write_text("#!/bin/sh\nhead -c 67108864 /dev/zero | tr '\\\\0' x\necho\necho 'bluegreen: the end'\n")
+    flood.chmod(0o755)
+    pyz = tmp_path / "me.pyz"
+    pyz.write_bytes(b"x")
+    err = io.StringIO()
+    ro = rollout.Rollout(settings=None, project="api", tag="v2", targets=[fleet.Target("h1")], ssh=fleet.SshOptions(),
+                         remote=rollout.Remote(), pyz=pyz, stdout=io.StringIO(), stderr=err, environ={}, ssh_cmd=str(flood))
+    result = ro.ssh_run(fleet.Target("h1"), ["true"], timeout=60)
+    assert result.returncode == 0 and len(result.stdout) <= 2 * rollout.OUTPUT_LIMIT
+    keep: list = []
+    assert ro.ssh_stream(fleet.Target("h1"), ["true"], keep) == 0
+    assert keep[-1] == "bluegreen: the end" and max(len(line) for line in keep) <= rollout.LINE_MAX
+    assert len(keep) <= 60 and len(err.getvalue()) > 64 * 1024 * 1024 // 2  # every piece was shown, bounded each
