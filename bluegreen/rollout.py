@@ -478,7 +478,7 @@ def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: 
     ro.say(f"pull {ro.project} {ro.tag} on {len(hosts)} host(s)")
     _each(ro.pull_one, hosts, PARALLEL)
     if _mark_others(hosts, fleet.FAILED, "not deployed: a pull failed on another host"):
-        ro.say("a pull failed: no host was switched; every host serves what it served.")
+        ro.say("a pull failed: no host was switched (none ran a deploy); `bluegreen status` on a host shows what it serves.")
         return fleet.exit_code([h.result for h in hosts])
     for h in hosts:
         h.result.result, h.result.message = fleet.SKIPPED, ""
