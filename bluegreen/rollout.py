@@ -168,7 +168,7 @@ class Rollout:
     def ssh_run(self, target: Target, remote: Sequence[str], *, input: bytes | None = None,
                 timeout: float = 120) -> Result:
         """One remote command through the project's runner: bounded in time and in output (a host's output is
-        untrusted), its ssh killed with everything it started when the time is up."""
+        untrusted); ssh is killed when the time is up (the remote side then loses its connection)."""
         argv = fleet.ssh_argv(target, self.ssh, remote, ssh=self.ssh_cmd)
         try:
             # Not a session of its own: the ControlPersist master ssh leaves behind must outlive this command.
