@@ -46,6 +46,17 @@ class App:
         env = {k: v for k, v in {**os.environ, **(env or {})}.items() if not k.startswith("BLUEGREEN_")}
         return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=env)
 
+    def start(self, tag: str, *args: str):
+        """The rollout in the background, its stderr collected line by line (to send it signals mid-way)."""
+        from test_stack_deploy import LineWatcher
+
+        hosts = ",".join(h.name for h in self.fleet.hosts)
+        argv = [sys.executable, self.stack.pyz, "rollout", self.name, tag, "--hosts", hosts, "--ssh-config",
+                self.fleet.ssh_config, *args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return proc, LineWatcher(proc)
+
     def versions(self) -> list:
         return [h.get("/version")[1] if h.get("/version")[0] == 200 else None for h in self.fleet.hosts]
 
@@ -198,16 +209,9 @@ def test_a_before_host_hook_that_fails_leaves_that_host_untouched(app):
 
 
 def test_ctrl_c_during_the_second_host_lets_it_finish_and_starts_no_other(app):
-    from test_stack_deploy import LineWatcher
-
     assert app.rollout("v1").returncode == 0
-    hosts = ",".join(h.name for h in app.fleet.hosts)
     slow_h2 = f"{sys.executable} -c \"import os,time; os.environ['BLUEGREEN_HOST'] == 'h2' and time.sleep(2)\""
-    argv = [sys.executable, app.stack.pyz, "rollout", app.name, "v2", "--hosts", hosts, "--ssh-config",
-            app.fleet.ssh_config, "--before-host", slow_h2, "--json"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    watcher = LineWatcher(proc)
+    proc, watcher = app.start("v2", "--before-host", slow_h2, "--json")
     try:
         watcher.wait_for("[h2] before-host", timeout=120)
         proc.send_signal(signal.SIGINT)  # a cancelled CI job
@@ -218,7 +222,7 @@ def test_ctrl_c_during_the_second_host_lets_it_finish_and_starts_no_other(app):
             proc.kill()
     err = watcher.text()
     assert proc.returncode == 1, out + err
-    assert table_of(subprocess.CompletedProcess(argv, 1, out, "")) == [
+    assert table_of(subprocess.CompletedProcess([], 1, out, "")) == [
         ("h1", "deployed", "v1", "v2"), ("h2", "deployed", "v1", "v2"), ("h3", "interrupted", "v1", "v1")]
     assert "SIGINT: no new host is started" in err
     assert app.versions() == ["v2", "v2", "v1"]
@@ -254,16 +258,9 @@ def test_dry_run_then_batches_of_two_with_github_groups(app):
 
 
 def test_a_second_signal_aborts_at_once_and_names_the_host_in_progress(app):
-    from test_stack_deploy import LineWatcher
-
     assert app.rollout("v1").returncode == 0
-    hosts = ",".join(h.name for h in app.fleet.hosts)
     slow_h2 = f"{sys.executable} -c \"import os,time; os.environ['BLUEGREEN_HOST'] == 'h2' and time.sleep(30)\""
-    argv = [sys.executable, app.stack.pyz, "rollout", app.name, "v2", "--hosts", hosts, "--ssh-config",
-            app.fleet.ssh_config, "--before-host", slow_h2, "--json"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    watcher = LineWatcher(proc)
+    proc, watcher = app.start("v2", "--before-host", slow_h2, "--json")
     try:
         watcher.wait_for("[h2] before-host", timeout=120)
         proc.send_signal(signal.SIGTERM)
