@@ -16,7 +16,7 @@ import shlex
 import shutil
 import stat
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
@@ -41,6 +41,8 @@ class Check:
     status: str
     detail: str
     fix: str = ""
+    # What a program reading `doctor --json` may use beside the verdict (the serving check: tag and colour).
+    facts: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
 
 # -- pure: judging ----------------------------------------------------------------------------------------
@@ -609,22 +611,24 @@ def _other_log_dirs(settings: Settings, project: str) -> dict:
 
 
 def judge_serving(ps) -> Check:
-    """status's verdict on the path a client takes, as a doctor item: a service that is down is a FAIL."""
+    """status's verdict on the path a client takes, as a doctor item: a service that is down is a FAIL.
+    Its facts name what serves (a fleet rollout's preflight reads them as the host's tag before)."""
     from bluegreen import status
 
     if ps.error:
         return Check("serving", WARN, f"cannot tell: {ps.error.splitlines()[0]}")
+    facts = {"tag": ps.tag or "", "colour": ps.serving or "", "verdict": ps.verdict}
     if ps.serving is None and all(c.state == "absent" for c in ps.colours):
-        return Check("serving", OK, "not deployed yet: nothing to check")
+        return Check("serving", OK, "not deployed yet: nothing to check", facts=facts)
     failed = status.first_failed(ps.checks)
     fix = failed.fix if failed is not None and failed.fix else ps.drift[0].fix if ps.drift else ""
     if ps.verdict == status.DOWN:
-        return Check("serving", FAIL, f"the service is down: {status.reason(ps)}", fix)
+        return Check("serving", FAIL, f"the service is down: {status.reason(ps)}", fix, facts=facts)
     if ps.verdict == status.DEGRADED:
-        return Check("serving", WARN, f"degraded: {status.reason(ps)}", fix)
+        return Check("serving", WARN, f"degraded: {status.reason(ps)}", fix, facts=facts)
     live = next((c for c in ps.colours if c.colour == ps.serving), None)
     return Check("serving", OK, f"nginx answers {ps.nginx_answer} and routes to {live.container if live else ps.serving}, "
-                                f"which runs and is healthy")
+                                f"which runs and is healthy", facts=facts)
 
 
 def serving_check(settings: Settings, runner: Runner, project: str) -> Check:
@@ -901,7 +905,9 @@ def as_json(sections: list[tuple[str, list[Check]]], *, frozen: str | None, lock
         "frozen": frozen,
         "locked": locked,
         "sections": [{"title": title, "checks": [{"name": c.name, "status": c.status, "detail": _clean(c.detail),
-                                                   "fix": _clean(c.fix)} for c in checks]} for title, checks in sections],
+                                                   "fix": _clean(c.fix), **({"facts": {k: _clean(v) for k, v in c.facts.items()}}
+                                                                            if c.facts else {})}
+                                                  for c in checks]} for title, checks in sections],
     }, sort_keys=True)
 
 

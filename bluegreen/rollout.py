@@ -49,7 +49,9 @@ p = sys.argv[1] or os.path.join(os.environ.get("BLUEGREEN_ROOT") or "/opt/deploy
 BOOT = _WHERE + """os.execv(sys.executable, [sys.executable, p] + sys.argv[2:])
 """
 
-# Runs on any python3 the host may have (2.7 included): its version, and the sha256 of the tool there.
+# Runs on any python3 the host may have (2.7 included): its version and the sha256 of the tool there; when
+# that is the controller's tool (argv[2]) on a new enough python, it goes on as the tool with the rest of argv
+# (`doctor PROJECT --json`), so that a host already up to date is checked with one command and one start.
 PROBE = _WHERE + """import hashlib
 print("%d.%d" % tuple(sys.version_info[:2]))
 h = "-"
@@ -60,6 +62,9 @@ if os.path.isfile(p):
             d.update(b)
     h = d.hexdigest()
 print(h)
+if sys.argv[2:3] == [h] and sys.version_info >= (3, 9) and sys.argv[3:]:
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, p] + sys.argv[3:])
 """
 
 # Receives the tool on stdin into a temporary file next to its place, checks size and sha256, then renames it
@@ -208,23 +213,28 @@ class Rollout:
 
     def _preflight(self, h: Host) -> None:
         t, r = h.target, h.result
-        probe = self.ssh_run(t, self.remote.python(PROBE), timeout=60)
-        if probe.returncode != 0:
+        doctor_args = ("doctor", self.project, "--json")
+        probe = self.ssh_run(t, self.remote.python(PROBE, self.sha, *doctor_args), timeout=180)
+        if probe.returncode in (SSH_UNREACHABLE, 127):
             return self._refuse(r, "ssh", self._unreachable(t, probe))
-        lines = self._text(probe.stdout).splitlines()
-        version = tuple(int(x) for x in lines[0].split(".")) if lines and re.fullmatch(r"[0-9]+\.[0-9]+", lines[0]) else ()
-        if not version or version < REMOTE_MIN_PYTHON:
-            return self._refuse(r, "python", f"python3 on {t} is {lines[0] if lines else 'unknown'}; bluegreen needs "
+        version_line, sha_line, report = (self._text(probe.stdout).split("\n", 2) + ["", ""])[:3]
+        version = tuple(int(x) for x in version_line.split(".")) if re.fullmatch(r"[0-9]+\.[0-9]+", version_line) else ()
+        if not version:
+            return self._refuse(r, "ssh", self._unreachable(t, probe))
+        if version < REMOTE_MIN_PYTHON:
+            return self._refuse(r, "python", f"python3 on {t} is {version_line}; bluegreen needs "
                                              f"3.9 or newer there (Amazon Linux 2023 and Debian 12 have it).")
-        if len(lines) < 2 or lines[1] != self.sha:
+        doctor = probe
+        if sha_line != self.sha:  # the probe stopped after its two lines: send the tool, then ask doctor
             self.say(f"sending bluegreen ({len(self.data)} bytes, sha256 {self.sha[:12]}) to {self.remote.pyz or 'ROOT/bluegreen.pyz'}", t)
             sent = self.ssh_run(t, self.remote.python(UPLOAD, self.sha, str(len(self.data))), input=self.data, timeout=300)
             if sent.returncode != 0:
                 return self._refuse(r, "upload", f"could not install the tool at {self.remote.pyz or 'ROOT/bluegreen.pyz'} on {t}: "
                                                  f"{self._text(sent.stderr)[-500:] or 'exit ' + str(sent.returncode)}")
-        doctor = self.ssh_run(t, self.remote.argv("doctor", self.project, "--json"), timeout=180)
+            doctor = self.ssh_run(t, self.remote.argv(*doctor_args), timeout=180)
+            report = self._text(doctor.stdout)
         try:
-            found = json.loads(self._text(doctor.stdout) or "null")
+            found = json.loads(report or "null")
             assert isinstance(found, dict)
         except (ValueError, AssertionError):
             return self._refuse(r, "doctor", f"`doctor {self.project}` on {t} gave no report (exit {doctor.returncode}): "
@@ -233,19 +243,17 @@ class Rollout:
             r.exit_code = EXIT_LOCKED
             return self._refuse(r, "lock", f"{self.project} on {t} is {found.get('frozen') or 'locked: ' + str(found.get('locked'))}",
                                 code=EXIT_LOCKED)
+        checks = [c for s in found.get("sections") or [] if isinstance(s, dict) for c in s.get("checks") or []
+                  if isinstance(c, dict)]
         # What would make the deploy fail; a service that is down (`serving`) is what a deploy may fix.
-        fails = [c for s in found.get("sections") or [] for c in s.get("checks") or []
-                 if isinstance(c, dict) and c.get("status") == "FAIL" and c.get("name") not in ("serving", "lock")]
+        fails = [c for c in checks if c.get("status") == "FAIL" and c.get("name") not in ("serving", "lock")]
         if fails:
             first = fails[0]
             more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
             return self._refuse(r, "doctor", f"{first.get('name')}: {first.get('detail')}{more}; fix: {first.get('fix')}")
-        status = self.ssh_run(t, self.remote.argv("status", self.project, "--json"), timeout=120)
-        try:
-            (item,) = json.loads(self._text(status.stdout))
-            h.before = str(item.get("tag") or "")
-        except (ValueError, TypeError):
-            h.before = ""
+        # The tag that serves now, as doctor's serving check saw it (the same facts `status` reads).
+        facts = next((c.get("facts") for c in checks if c.get("name") == "serving" and isinstance(c.get("facts"), dict)), {})
+        h.before = clean(str(facts.get("tag") or ""))[:200]
         r.before = r.after = h.before
         r.result = "ready"
 

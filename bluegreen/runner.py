@@ -219,7 +219,12 @@ def _collect(proc: subprocess.Popen, out: _Capture, err: _Capture, data: bytes |
             if deadline is not None:
                 wait = min(wait, deadline - now)
             if not sel.get_map():
-                time.sleep(max(0.0, wait))
+                # Every pipe is closed: only the exit is left to wait for, and waiting on it (not polling
+                # every 50 ms) returns the moment it comes; a deploy runs dozens of commands.
+                try:
+                    proc.wait(timeout=None if deadline is None else max(0.0, deadline - now))
+                except subprocess.TimeoutExpired:
+                    return True
                 continue
             for key, _events in sel.select(max(0.0, wait)):
                 if key.fileobj is proc.stdin:

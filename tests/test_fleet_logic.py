@@ -8,6 +8,7 @@ import io
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
@@ -105,6 +106,25 @@ def test_the_table_has_one_line_per_host():
     assert lines[2].endswith("health: no answer") and len(lines) == 3
 
 
+def test_the_probe_goes_on_as_the_tool_only_when_it_is_the_controllers(tmp_path):
+    """One command checks a host that is up to date: the probe's two lines, then the tool's own output."""
+    from bluegreen import rollout
+
+    tool = tmp_path / "bluegreen.pyz"
+    tool.write_bytes(b"import sys\nprint('tool ran with', sys.argv[1:])\n")
+    digest = hashlib.sha256(tool.read_bytes()).hexdigest()
+
+    def probe(want: str) -> list:
+        proc = subprocess.run([sys.executable, "-c", rollout.PROBE, str(tool), want, "doctor", "api", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    version = "%d.%d" % sys.version_info[:2]
+    assert probe(digest) == [version, digest, "tool ran with ['doctor', 'api', '--json']"]
+    assert probe("0" * 64) == [version, digest]  # another tool there: it is replaced first, never run
+
+
 OLD_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[678].*/bin/python3")))
 
 
@@ -116,8 +136,10 @@ def test_the_probe_runs_on_an_old_python_and_preflight_names_it(tmp_path):
     old = OLD_PYTHONS[0]
     tool = tmp_path / "bluegreen.pyz"
     tool.write_bytes(b"x")
-    proc = subprocess.run([old, "-c", rollout.PROBE, str(tool)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=30)
+    digest = hashlib.sha256(b"x").hexdigest()
+    # Even with the tool's own sha256 and a command, an old python only reports: it never runs the tool.
+    proc = subprocess.run([old, "-c", rollout.PROBE, str(tool), digest, "doctor", "api", "--json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     version, digest = proc.stdout.split()
     assert version.startswith("3.") and int(version.split(".")[1]) < 9
