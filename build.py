@@ -1,8 +1,15 @@
-"""Build dist/bluegreen.pyz: a reproducible zipapp of the pure-Python package, standard library only."""
+"""Build dist/bluegreen.pyz: a reproducible zipapp of the pure-Python package, standard library only.
+
+Beside each module's source the archive holds its bytecode for the Python that builds it: zipimport has no
+`__pycache__`, so without it every start compiles every imported module again (about 0.15 s of a 0.3 s
+`--version` on Python 3.11). Another Python finds the magic number wrong and compiles the source, as before:
+build with the hosts' Python (`make build PYTHON=python3.9`) to give them the faster start.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 import zipfile
@@ -36,13 +43,25 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data, compresslevel=9)
 
 
-def build(output: Path, src: Path = HERE) -> Path:
+def bytecode(name: str, source: bytes) -> bytes:
+    """`name`'s code as zipimport reads `NAME.pyc`: unchecked-hash (no timestamp: reproducible; zipimport
+    neither stats nor hashes the source), compiled under the archive-relative name, not the build path."""
+    code = compile(source, name, "exec", dont_inherit=True, optimize=0)
+    from importlib._bootstrap_external import _code_to_hash_pyc  # what py_compile uses; no public API takes bytes
+
+    return bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), False))
+
+
+def build(output: Path, src: Path = HERE, *, with_bytecode: bool = True) -> Path:
     """Write the archive to `output` atomically and return its path."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         _add(zf, "__main__.py", MAIN)
         for path in package_files(src):
-            _add(zf, path.relative_to(src).as_posix(), path.read_bytes())
+            name, data = path.relative_to(src).as_posix(), path.read_bytes()
+            _add(zf, name, data)
+            if with_bytecode and name.endswith(".py"):
+                _add(zf, name + "c", bytecode(name, data))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_bytes(SHEBANG + buf.getvalue())
@@ -54,9 +73,11 @@ def build(output: Path, src: Path = HERE) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", "-o", type=Path, default=HERE / "dist" / "bluegreen.pyz")
+    parser.add_argument("--no-bytecode", action="store_true", help="sources only (every Python compiles them at each start)")
     args = parser.parse_args(argv)
-    out = build(args.output)
-    print(f"built {out} ({out.stat().st_size} bytes)")
+    out = build(args.output, with_bytecode=not args.no_bytecode)
+    what = "sources only" if args.no_bytecode else f"bytecode for CPython {sys.version_info[0]}.{sys.version_info[1]}"
+    print(f"built {out} ({out.stat().st_size} bytes, {what})")
     return 0
 
 

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 PYENV_ROOT = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
 
 
-def build(out: Path) -> Path:
-    subprocess.run([sys.executable, str(REPO / "build.py"), "--output", str(out)], check=True, capture_output=True)
+def build(out: Path, python: str | Path = sys.executable, repo: Path = REPO) -> Path:
+    subprocess.run([str(python), str(repo / "build.py"), "--output", str(out)], check=True, capture_output=True)
     return out
 
 
@@ -39,11 +39,43 @@ def test_two_builds_are_byte_identical(tmp_path):
     assert a.startswith(b"#!/usr/bin/env python3\n")
 
 
-def test_archive_holds_only_the_package(tmp_path):
+def test_archive_holds_only_the_package_and_its_bytecode(tmp_path):
     names = zipfile.ZipFile(build(tmp_path / "x.pyz")).namelist()
     assert "__main__.py" in names and "bluegreen/cli.py" in names
     assert all(n == "__main__.py" or n.startswith("bluegreen/") for n in names)
-    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    assert not any("__pycache__" in n for n in names)
+    sources = {n for n in names if n.startswith("bluegreen/") and n.endswith(".py")}
+    assert {n[:-1] for n in names if n.endswith(".pyc")} == sources  # each module's bytecode beside it, nothing else
+
+
+def test_a_build_elsewhere_is_byte_identical(tmp_path):
+    """The bytecode names modules by their place in the archive, not by the checkout's path."""
+    other = tmp_path / "elsewhere" / "checkout"
+    shutil.copytree(REPO / "bluegreen", other / "bluegreen", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(REPO / "build.py", other / "build.py")
+    here = build(tmp_path / "here.pyz").read_bytes()
+    assert build(tmp_path / "there.pyz", repo=other).read_bytes() == here
+
+
+def _loaded_from(python: Path, pyz: Path) -> str:
+    """Where the imported cli module's code says it came from: the archive-relative name when zipimport took
+    the bytecode, the archive path when it compiled the source."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import bluegreen.cli as c; print(c.main.__code__.co_filename)"
+    proc = subprocess.run(["env", "-i", str(python), "-c", code, str(pyz)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_bytecode_serves_the_python_that_built_it_and_every_other_compiles_the_source(tmp_path):
+    found = {p.parent.parent.name.rsplit(".", 1)[0]: p for p in pythons()}
+    if "3.9" not in found or len(found) < 2:
+        pytest.skip("needs CPython 3.9 and a newer one (pyenv has 3.9 to 3.13 here)")
+    oldest, newest = found["3.9"], found[max(found, key=lambda v: tuple(map(int, v.split("."))))]
+    pyz = build(tmp_path / "built-by-3.9.pyz", python=oldest)
+    assert _loaded_from(oldest, pyz) == "bluegreen/cli.py"
+    assert _loaded_from(newest, pyz) == f"{pyz}/bluegreen/cli.py"  # wrong magic number: the source, compiled
+    version = subprocess.run(["env", "-i", str(newest), str(pyz), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("bluegreen "), version.stderr
 
 
 def test_pythons_from_3_9_to_newest_are_available():
