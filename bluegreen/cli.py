@@ -55,6 +55,58 @@ class Context:
     stderr: TextIO
 
 
+def _fleet_options(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--hosts and the ssh options: on rollout, and on the day-2 commands to ask or act on every host."""
+    g = p.add_argument_group("fleet (run on these hosts over ssh)" if not required else "fleet")
+    g.add_argument("--hosts", metavar="HOST[,HOST...]", default="", help="the hosts, in order (USER@HOST, HOST:PORT accepted)")
+    g.add_argument("--hosts-file", metavar="FILE", default="", help="the hosts, one a line (# comments)")
+    g.add_argument("--ssh-user", metavar="USER", default="", help="ssh login user (default: your ssh config's)")
+    g.add_argument("-i", "--identity", metavar="FILE", default="", help="ssh private key")
+    g.add_argument("--ssh-option", metavar="KEY=VALUE", action="append", default=[], help="passed to ssh as -o (repeatable)")
+    g.add_argument("--ssh-config", metavar="FILE", default="", help="ssh config file (ssh -F; default: ~/.ssh/config)")
+    g.add_argument("--remote-pyz", metavar="PATH", default="",
+                   help="where the tool lives on the hosts (default: ROOT/bluegreen.pyz there, ROOT being their BLUEGREEN_ROOT or /opt/deploy)")
+    g.add_argument("--remote-root", metavar="DIR", default="", help="BLUEGREEN_ROOT on the hosts (default: theirs)")
+
+
+def _switch_options(p: argparse.ArgumentParser) -> None:
+    """How a fleet is switched host by host: rollout, and rollback with --hosts."""
+    p.add_argument("--batch", metavar="N|N%", default="1", help="hosts switched at a time (default 1)")
+    p.add_argument("--pause", metavar="SECONDS", type=float, default=0.0, help="wait between batches")
+    p.add_argument("--before-host", metavar="CMD", default="", help="run here before each host (take it out of the load balancer)")
+    p.add_argument("--after-host", metavar="CMD", default="", help="run here after each host (put it back)")
+    p.add_argument("--revert-on-failure", action="store_true", help="roll the hosts switched in this run back if one fails")
+    p.add_argument("--skip-preflight", action="store_true", help="do not check every host first (not recommended)")
+
+
+_FLEET_ONLY = ("ssh_user", "identity", "ssh_option", "ssh_config", "remote_pyz", "remote_root", "before_host", "after_host",
+               "revert_on_failure", "skip_preflight", "pause", "json")
+
+
+def _fleet_mode(args: argparse.Namespace) -> bool:
+    """Whether the command runs on the hosts of --hosts/--hosts-file; a fleet option without them is an error
+    (never silently ignored)."""
+    if getattr(args, "hosts", "") or getattr(args, "hosts_file", ""):
+        return True
+    given = [name for name in _FLEET_ONLY if hasattr(args, "hosts") and getattr(args, name, None)
+             and not (name == "json" and args.command != "rollback")]
+    if getattr(args, "batch", "1") != "1":
+        given.append("batch")
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise UsageError(f"{flags}: only with --hosts or --hosts-file (the command then runs on those hosts over "
+                         f"ssh). Nothing was changed.")
+    return False
+
+
+def _ssh(args: argparse.Namespace):
+    from bluegreen import fleet, rollout
+
+    opts = fleet.SshOptions(user=args.ssh_user, identity=args.identity, config=args.ssh_config,
+                            options=tuple(fleet.check_option(o) for o in args.ssh_option))
+    return opts, rollout.Remote(pyz=args.remote_pyz, root=args.remote_root)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     """The parser and the names of its commands (for the `bluegreen PROJECT TAG` shorthand)."""
     parser = argparse.ArgumentParser(
@@ -85,6 +137,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     _common(p)
     p.add_argument("project", metavar="PROJECT", nargs="?", help="one project in detail (default: every project, one line each)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _fleet_options(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("history", help="the deploy journal, newest first")
@@ -92,27 +145,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("-n", metavar="N", type=int, default=20, help="how many entries (default 20; 0 for all)")
     p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
+    _fleet_options(p)
     p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("rollout", help="deploy PROJECT TAG to several hosts over ssh: preflight and pull everywhere, then host by host")
     _common(p)
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("tag", metavar="TAG")
-    p.add_argument("--hosts", metavar="HOST[,HOST...]", default="", help="the hosts, in order (USER@HOST, HOST:PORT accepted)")
-    p.add_argument("--hosts-file", metavar="FILE", default="", help="the hosts, one a line (# comments)")
-    p.add_argument("--ssh-user", metavar="USER", default="", help="ssh login user (default: your ssh config's)")
-    p.add_argument("-i", "--identity", metavar="FILE", default="", help="ssh private key")
-    p.add_argument("--ssh-option", metavar="KEY=VALUE", action="append", default=[], help="passed to ssh as -o (repeatable)")
-    p.add_argument("--ssh-config", metavar="FILE", default="", help="ssh config file (ssh -F; default: ~/.ssh/config)")
-    p.add_argument("--remote-pyz", metavar="PATH", default="",
-                   help="where the tool lives on the hosts (default: ROOT/bluegreen.pyz there, ROOT being their BLUEGREEN_ROOT or /opt/deploy)")
-    p.add_argument("--remote-root", metavar="DIR", default="", help="BLUEGREEN_ROOT on the hosts (default: theirs)")
-    p.add_argument("--batch", metavar="N|N%", default="1", help="hosts switched at a time (default 1)")
-    p.add_argument("--pause", metavar="SECONDS", type=float, default=0.0, help="wait between batches")
-    p.add_argument("--before-host", metavar="CMD", default="", help="run here before each host (take it out of the load balancer)")
-    p.add_argument("--after-host", metavar="CMD", default="", help="run here after each host (put it back)")
-    p.add_argument("--revert-on-failure", action="store_true", help="roll the hosts switched in this rollout back if one fails")
-    p.add_argument("--skip-preflight", action="store_true", help="do not check every host first (not recommended)")
+    _fleet_options(p, required=True)
+    _switch_options(p)
     p.add_argument("--dry-run", action="store_true", help="preflight, then print each host's plan; change nothing")
     p.add_argument("--json", action="store_true", help="print the final table as JSON")
     p.set_defaults(func=cmd_rollout)
@@ -129,6 +170,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("--to", metavar="TAG", help="the tag to go back to (default: the previous successful deploy's)")
     p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long")
     p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    _fleet_options(p)
+    _switch_options(p)
+    p.add_argument("--json", action="store_true", help="with --hosts: print the final table as JSON")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("prune", help="remove stopped containers and old images, keeping rollback targets")
@@ -136,6 +180,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("--keep", metavar="N", type=int, default=3, help="successful tags to keep besides the serving one (default 3)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    _fleet_options(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("lock", help="freeze deploys of a project (incident, migration) until unlock")
@@ -143,12 +188,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("-m", "--message", required=True, help="why; shown to everyone whose deploy is refused")
     p.add_argument("--dry-run", action="store_true", help="say what would be written; change nothing")
+    _fleet_options(p)
     p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("unlock", help="lift a freeze set with lock")
     _common(p)
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+    _fleet_options(p)
     p.set_defaults(func=cmd_unlock)
 
     p = sub.add_parser("logs", help="the serving (or named) container's logs")
@@ -264,17 +311,26 @@ def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
     )
 
 
-def cmd_rollout(args: argparse.Namespace, ctx: Context) -> int:
-    from bluegreen import fleet, rollout
+def cmd_rollout(args: argparse.Namespace, ctx: Context, action: str = "deploy", tag: str | None = None) -> int:
+    from bluegreen import rollout
 
-    opts = fleet.SshOptions(user=args.ssh_user, identity=args.identity, config=args.ssh_config,
-                            options=tuple(fleet.check_option(o) for o in args.ssh_option))
+    opts, remote = _ssh(args)
     return rollout.run_rollout(
-        settings=ctx.settings, project=args.project, tag=args.tag, hosts=args.hosts, hosts_file=args.hosts_file,
-        ssh=opts, remote=rollout.Remote(pyz=args.remote_pyz, root=args.remote_root), batch=args.batch,
+        settings=ctx.settings, project=args.project, tag=args.tag if tag is None else tag, hosts=args.hosts,
+        hosts_file=args.hosts_file, ssh=opts, remote=remote, batch=args.batch,
         pause=args.pause, before_host=args.before_host, after_host=args.after_host, revert=args.revert_on_failure,
         skip_preflight=args.skip_preflight, dry_run=args.dry_run, json_out=args.json, stdout=ctx.stdout,
-        stderr=ctx.stderr, environ=ctx.environ)
+        stderr=ctx.stderr, environ=ctx.environ, action=action)
+
+
+def _fleet_command(args: argparse.Namespace, ctx: Context, words: Sequence[str]) -> int:
+    """lock, unlock or prune on every host of --hosts."""
+    from bluegreen import fleetcmd
+
+    opts, remote = _ssh(args)
+    return fleetcmd.run_fleet_each(settings=ctx.settings, project=args.project, words=words, hosts=args.hosts,
+                                   hosts_file=args.hosts_file, ssh=opts, remote=remote, stdout=ctx.stdout,
+                                   stderr=ctx.stderr, environ=ctx.environ)
 
 
 def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
@@ -343,6 +399,15 @@ def cmd_backup_logs(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import status  # imported here: off the deploy's start-up path
 
+    if _fleet_mode(args):
+        from bluegreen import fleetcmd
+
+        if not args.project:
+            raise UsageError("status --hosts needs the PROJECT to ask every host about.")
+        opts, remote = _ssh(args)
+        return fleetcmd.run_fleet_status(settings=ctx.settings, project=args.project, hosts=args.hosts,
+                                         hosts_file=args.hosts_file, ssh=opts, remote=remote, json_out=args.json,
+                                         stdout=ctx.stdout, stderr=ctx.stderr, environ=ctx.environ)
     if args.project:
         validate_project(args.project)
     projects = [args.project] if args.project else ctx.settings.projects()
@@ -364,6 +429,13 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_history(args: argparse.Namespace, ctx: Context) -> int:
+    if _fleet_mode(args):
+        from bluegreen import fleetcmd
+
+        opts, remote = _ssh(args)
+        return fleetcmd.run_fleet_history(settings=ctx.settings, project=args.project, hosts=args.hosts,
+                                          hosts_file=args.hosts_file, ssh=opts, remote=remote, n=args.n,
+                                          json_out=args.json, stdout=ctx.stdout, stderr=ctx.stderr, environ=ctx.environ)
     validate_project(args.project)
     entries = journal.read(ctx.settings.journal_file(args.project))
     if args.n > 0:
@@ -379,6 +451,9 @@ def cmd_history(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
+    if _fleet_mode(args):
+        # One tag for the whole fleet, host by host with the rollout's preflight, hooks and table.
+        return cmd_rollout(args, ctx, action="rollback", tag=args.to or "")
     return attempt.rollback_project(
         settings=ctx.settings,
         project=args.project,
@@ -392,6 +467,8 @@ def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
+    if _fleet_mode(args):
+        return _fleet_command(args, ctx, ["prune", args.project, "--keep", str(args.keep)] + (["--dry-run"] if args.dry_run else []))
     from bluegreen import prune
 
     return prune.prune(settings=ctx.settings, project=args.project, keep=args.keep, dry_run=args.dry_run,
@@ -399,6 +476,10 @@ def cmd_prune(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
+    if _fleet_mode(args):  # a fleet freeze: every host's own freeze file
+        if not args.message.strip():
+            raise UsageError("lock needs a message (-m) saying why deploys are frozen.")
+        return _fleet_command(args, ctx, ["lock", args.project, "-m", args.message.strip()] + (["--dry-run"] if args.dry_run else []))
     validate_project(args.project)
     load_project(ctx.settings, args.project)
     path = ctx.settings.freeze_file(args.project)
@@ -417,6 +498,8 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
+    if _fleet_mode(args):
+        return _fleet_command(args, ctx, ["unlock", args.project] + (["--dry-run"] if args.dry_run else []))
     validate_project(args.project)
     path = ctx.settings.freeze_file(args.project)
     existing = read_freeze(path)

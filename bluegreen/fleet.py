@@ -3,13 +3,15 @@ for one remote command, the batches of a rollout, its table and exit code."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, UsageError
+from bluegreen.journal import RESULT_DEPLOYED, Entry, rollback_candidates
 
 # A host name or IPv4 address; IPv6 in brackets. Never starting with '-': ssh would read it as an option.
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?"
@@ -124,6 +126,7 @@ def ssh_argv(target: Target, opts: SshOptions, remote: Sequence[str], *, ssh: st
 # -- the result table --------------------------------------------------------------------------------------
 
 OK, FAILED, SKIPPED, REVERTED, REFUSED, INTERRUPTED = "deployed", "failed", "not started", "reverted", "refused", "interrupted"
+UNCHANGED = "unchanged"  # a fleet rollback's host that already serves the target tag
 
 
 @dataclass
@@ -150,7 +153,7 @@ def exit_code(results: Sequence[HostResult], *, preflight_failed: bool = False, 
         return EXIT_LOCKED if any(r.exit_code == EXIT_LOCKED for r in results) else EXIT_USAGE
     if any(r.exit_code == EXIT_LOCKED for r in results):
         return EXIT_LOCKED
-    if all(r.result == OK for r in results):
+    if all(r.result in (OK, UNCHANGED) for r in results):
         return EXIT_OK
     return EXIT_FAILED
 
@@ -165,3 +168,136 @@ def table(results: Sequence[HostResult]) -> list[str]:
         first = detail.splitlines()[0] if detail else ""
         lines.append(f"{r.target:<{width}}  {r.result:<11}  {tags:<24}  {r.seconds:>6.1f}s  {first[:300]}")
     return lines
+
+
+def markdown_table(project: str, tag: str, code: int, results: Sequence[HostResult]) -> str:
+    """The rollout's table for a GitHub Actions job summary ($GITHUB_STEP_SUMMARY)."""
+    def cell(text: str) -> str:
+        return _clean(text).replace("|", "\\|")[:300] or " "
+
+    lines = [f"### bluegreen: {cell(project)} {cell(tag)}: exit {code}", "",
+             "| host | result | tag before → after | time | detail |", "|---|---|---|---|---|"]
+    for r in results:
+        detail = f"{r.step}: {r.message}" if r.step else r.message
+        lines.append(f"| {cell(r.target)} | {cell(r.result)} | {cell(r.before or '?')} → {cell(r.after or '?')} | "
+                     f"{r.seconds:.1f}s | {cell(detail.splitlines()[0] if detail else '')} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- the fleet's day-2 questions ---------------------------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _clean(value: object, limit: int = 300) -> str:
+    """A host's answer fit for one line of a table: untrusted, so no control characters and bounded."""
+    return _CONTROL.sub("?", str(value if value is not None else "")[:limit])
+
+
+@dataclass
+class HostStatus:
+    """One host's answer to `status PROJECT --json`, or why there was none."""
+
+    target: str
+    error: str = ""  # unreachable, no tool, no answer: the host's state is unknown
+    tag: str = ""
+    colour: str = ""
+    verdict: str = ""  # ok, degraded, down (status's)
+    reason: str = ""  # why not ok, from the first failed check
+    lock: str = ""  # a deploy in progress
+    freeze: str = ""
+    drift: int = 0
+    exit_code: int = 0
+
+
+def host_status(target: str, text: str, returncode: int) -> HostStatus | None:
+    """Read a host's `status PROJECT --json` (untrusted: any shape) into a HostStatus; None when it is none."""
+    try:
+        data = json.loads(text)
+        (item,) = data
+        assert isinstance(item, dict) and isinstance(item.get("checks") or [], list)
+    except (ValueError, TypeError, AssertionError, RecursionError):
+        return None
+    failed = next((c for c in item.get("checks") or [] if isinstance(c, dict) and not c.get("ok")), None)
+    lock, freeze = item.get("lock"), item.get("freeze")
+    return HostStatus(
+        target,
+        error=_clean(item.get("error") or ""),
+        tag=_clean(item.get("tag") or "", 140),
+        colour=_clean(item.get("serving") or "", 20),
+        verdict=_clean(item.get("verdict") or "", 20),
+        reason=_clean(failed.get("detail") or failed.get("name") or "") if failed else "",
+        lock=_clean(f"deploy of {lock.get('tag')} by {lock.get('user')} since {lock.get('since')}") if isinstance(lock, dict) else "",
+        freeze=_clean(f"by {freeze.get('user')}: {freeze.get('message')}") if isinstance(freeze, dict) else "",
+        drift=len(item.get("drift") or []) if isinstance(item.get("drift"), list) else 0,
+        exit_code=returncode,
+    )
+
+
+def status_verdict(statuses: Sequence[HostStatus]) -> tuple[bool, list[str]]:
+    """Whether the fleet is in order (every host answers and serves the same version, healthy), and what is
+    wrong with it otherwise: version skew, unreachable hosts, hosts down or degraded, freezes."""
+    problems = []
+    unknown = [s.target for s in statuses if s.error]
+    if unknown:
+        problems.append(f"unreachable or unknown: {', '.join(unknown)}")
+    tags: dict[str, list[str]] = {}
+    for s in statuses:
+        if not s.error:
+            tags.setdefault(s.tag or "nothing", []).append(s.target)
+    if len(tags) > 1:
+        problems.append("version skew: " + "; ".join(f"{tag} on {', '.join(hosts)}" for tag, hosts in sorted(tags.items())))
+    for s in statuses:
+        if not s.error and s.verdict != "ok":
+            problems.append(f"{s.target} is {s.verdict or 'not ok'}: {s.reason or 'see its status'}")
+    frozen = [s.target for s in statuses if s.freeze]
+    if frozen and len(frozen) < len(statuses):
+        problems.append(f"frozen on {', '.join(frozen)} only")
+    return not problems, problems
+
+
+def status_table(statuses: Sequence[HostStatus]) -> list[str]:
+    """One line per host: serving tag and colour, health, lock, freeze, drift."""
+    width = max([len("host")] + [len(s.target) for s in statuses])
+    lines = [f"{'host':<{width}}  {'serving':<28}  {'health':<9}  detail"]
+    for s in statuses:
+        if s.error:
+            lines.append(f"{s.target:<{width}}  {'?':<28}  {'unknown':<9}  {s.error.splitlines()[0] if s.error else ''}")
+            continue
+        serving = f"{s.tag or 'nothing'} ({s.colour})" if s.colour else (s.tag or "nothing")
+        flags = [f"{s.verdict}: {s.reason}"] if s.verdict != "ok" and s.reason else []
+        flags += [f"DEPLOYING ({s.lock})"] if s.lock else []
+        flags += [f"FROZEN {s.freeze}"] if s.freeze else []
+        flags += [f"{s.drift} drift problem(s)"] if s.drift else []
+        lines.append(f"{s.target:<{width}}  {serving:<28}  {s.verdict or '?':<9}  {'; '.join(flags)[:300]}")
+    return lines
+
+
+def rollback_target(hosts: Mapping[str, tuple[str, Sequence[Entry]]]) -> str | None:
+    """One tag for the whole fleet to go back to: the newest tag that every host either serves or can roll back
+    to (journal.rollback_candidates), leaving out a tag that every host already serves. `hosts` maps each host
+    to (its serving tag, its journal, oldest first). Newest: the latest successful deploy of the tag anywhere."""
+    allowed: set[str] | None = None
+    serving = set()
+    last: dict[str, str] = {}
+    for tag, entries in hosts.values():
+        ok = set(rollback_candidates(list(entries))) | ({tag} if tag else set())
+        allowed = ok if allowed is None else allowed & ok
+        serving.add(tag)
+        for e in entries:
+            if e.result == RESULT_DEPLOYED:
+                last[e.tag] = max(last.get(e.tag, ""), e.time)
+            if e.result == RESULT_DEPLOYED and e.from_tag:
+                last.setdefault(e.from_tag, "")
+    if not allowed:
+        return None
+    choices = [t for t in allowed if serving != {t}]
+    if not choices:
+        return None
+    return max(choices, key=lambda t: (last.get(t, ""), t))
+
+
+def merge_history(hosts: Mapping[str, Sequence[Entry]]) -> list[tuple[str, Entry]]:
+    """Every host's journal entries in one list, newest first, each with its host."""
+    merged = [(target, e) for target, entries in hosts.items() for e in entries]
+    merged.sort(key=lambda pair: (pair[1].time, pair[0]), reverse=True)
+    return merged

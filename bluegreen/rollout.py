@@ -14,20 +14,23 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence, TextIO
+from typing import Callable, Iterator, Mapping, Sequence, TextIO
 
 from bluegreen import fleet, host
 from bluegreen.config import Settings, validate_project, validate_tag
 from bluegreen.errors import (EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, BluegreenError, CommandError,
                               UsageError)
 from bluegreen.fleet import HostResult, SshOptions, Target
+from bluegreen.journal import parse_line
 from bluegreen.runner import Result, Runner, SubprocessRunner
 
 REMOTE_MIN_PYTHON = (3, 9)
@@ -148,10 +151,11 @@ class Rollout:
     """One rollout: hosts, ssh, hooks, output."""
 
     def __init__(self, *, settings: Settings, project: str, tag: str, targets: Sequence[Target], ssh: SshOptions,
-                 remote: Remote, pyz: Path, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str],
+                 remote: Remote, pyz: Path | None, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str],
                  before_host: Sequence[str] = (), after_host: Sequence[str] = (), hook_timeout: float = 600.0,
-                 github: bool = False, ssh_cmd: str = "ssh") -> None:
+                 github: bool = False, ssh_cmd: str = "ssh", action: str = "deploy") -> None:
         self.settings, self.project, self.tag = settings, project, tag
+        self.action = action  # deploy TAG, or rollback --to TAG (a fleet rollback)
         self.hosts = [Host(t, HostResult(str(t))) for t in targets]
         self.ssh, self.remote, self.pyz = ssh, remote, pyz
         self.stdout, self.stderr, self.environ = stdout, stderr, environ
@@ -160,8 +164,9 @@ class Rollout:
         self.runner: Runner = SubprocessRunner()
         self.stop = Stop()
         self._print_lock = threading.Lock()
-        self.data = pyz.read_bytes()
-        self.sha = hashlib.sha256(self.data).hexdigest()
+        # The tool sent to the hosts (none for a command that only reads what the hosts have).
+        self.data = pyz.read_bytes() if pyz is not None else b""
+        self.sha = hashlib.sha256(self.data).hexdigest() if pyz is not None else ""
 
     # -- output ------------------------------------------------------------------------------------------
     def say(self, text: str, host: Target | None = None) -> None:
@@ -271,7 +276,48 @@ class Rollout:
         r.exit_code = code
 
     # -- pull, deploy, revert ------------------------------------------------------------------------------
+    def choose_rollback_tag(self) -> bool:
+        """Read every host's journal and pick the fleet's rollback tag; False (with every host told why) when
+        there is none."""
+        journals: dict[str, list] = {}
+        problems: dict[str, str] = {}
+
+        def read(h: Host) -> None:
+            proc = self.ssh_run(h.target, self.remote.argv("history", self.project, "-n", "500", "--json"), timeout=120)
+            if proc.returncode != 0:
+                problems[str(h.target)] = f"could not read its history (exit {proc.returncode}): {self._text(proc.stderr)[-300:]}"
+            journals[str(h.target)] = [e for e in map(parse_line, self._text(proc.stdout).splitlines()[:500]) if e]
+            journals[str(h.target)].reverse()  # history prints newest first
+
+        _each(read, self.hosts, PARALLEL)
+        tag = None if problems else fleet.rollback_target({str(h.target): (h.before, journals[str(h.target)]) for h in self.hosts})
+        if tag is None:
+            why = "; ".join(f"{t}: {m}" for t, m in problems.items()) or (
+                "no tag that every host has deployed before (or serves now) besides what they all serve: "
+                + ", ".join(f"{h.target} serves {h.before or 'nothing'}" for h in self.hosts))
+            for h in self.hosts:
+                self._refuse(h.result, "rollback", problems.get(str(h.target), "no common tag to roll back to"))
+            self.say(f"Nothing to roll back to for {self.project} on every host: {why}. Nothing was changed; name "
+                     f"the tag with --to TAG.")
+            return False
+        self.tag = tag
+        self.say(f"rolling {self.project} back to {tag} on every host that does not serve it: "
+                 + ", ".join(f"{h.target} ({h.before or 'nothing'})" for h in self.hosts))
+        return True
+
+    def unchanged(self, h: Host) -> bool:
+        """A fleet rollback leaves a host alone that already serves the target tag."""
+        return self.action == "rollback" and bool(h.before) and h.before == self.tag
+
+    def command(self, *extra: str) -> list[str]:
+        """The remote command that switches one host."""
+        if self.action == "rollback":
+            return self.remote.argv("rollback", self.project, "--to", self.tag, *extra)
+        return self.remote.argv("deploy", self.project, self.tag, *extra)
+
     def pull_one(self, h: Host) -> None:
+        if self.unchanged(h):
+            return
         proc = self.ssh_run(h.target, self.remote.argv("pull", self.project, self.tag), timeout=1800)
         for line in self._text(proc.stderr).splitlines()[-3:] + self._text(proc.stdout).splitlines()[-1:]:
             self.say(line, h.target)
@@ -301,14 +347,17 @@ class Rollout:
     def deploy_one(self, h: Host, batch: int) -> None:
         r, started = h.result, time.monotonic()
         r.batch = batch
+        if self.unchanged(h):
+            r.result, r.after, r.message = fleet.UNCHANGED, h.before, f"already serves {self.tag}"
+            return
         if self.github:
-            self.say(f"::group::{h.target}: deploy {self.project} {self.tag}")
+            self.say(f"::group::{h.target}: {self.action} {self.project} {self.tag}")
         try:
             problem = self.hook("before-host", self.before_host, h, batch)
             if problem:
                 r.result, r.step, r.message, r.exit_code = fleet.FAILED, "before-host", f"{problem}; {h.target} was not touched", EXIT_FAILED
                 return
-            code = self.ssh_stream(h.target, self.remote.argv("deploy", self.project, self.tag), h.lines)
+            code = self.ssh_stream(h.target, self.command(), h.lines)
             r.exit_code = code if code in (EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_ATTENTION) else EXIT_FAILED
             if code == EXIT_OK:
                 r.result, r.after = fleet.OK, self.tag
@@ -318,7 +367,7 @@ class Rollout:
                 r.message = _message(h.lines) or f"exit {code}"
                 if code == SSH_UNREACHABLE:  # the connection broke: what the host did is unknown
                     r.exit_code = EXIT_ATTENTION
-                    r.message = f"the ssh connection failed during the deploy; check `bluegreen status {self.project}` on {h.target}"
+                    r.message = f"the ssh connection failed during the {self.action}; check `bluegreen status {self.project}` on {h.target}"
             problem = self.hook("after-host", self.after_host, h, batch)
             if problem and r.result == fleet.OK:
                 r.result, r.step, r.message, r.exit_code = fleet.FAILED, "after-host", f"{problem} (the deploy itself succeeded)", EXIT_FAILED
@@ -380,68 +429,109 @@ def hook_argv(option: str, settings: Settings, project: str, name: str) -> list[
     return [str(path)]
 
 
-def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts_file: str, ssh: SshOptions,
-                remote: Remote, batch: str, pause: float, before_host: str, after_host: str, revert: bool,
-                skip_preflight: bool, dry_run: bool, json_out: bool, stdout: TextIO, stderr: TextIO,
-                environ: Mapping[str, str], ssh_cmd: str = "ssh", pyz: str | None = None) -> int:
-    validate_project(project)
-    validate_tag(tag)
+def read_targets(hosts: str, hosts_file: str, command: str = "rollout") -> list[Target]:
+    """The fleet from --hosts or --hosts-file (exactly one of them)."""
     if bool(hosts) == bool(hosts_file):
-        raise UsageError("rollout needs the hosts: --hosts HOST[,HOST...] or --hosts-file FILE (one of them). Nothing was changed.")
+        raise UsageError(f"{command} needs the hosts: --hosts HOST[,HOST...] or --hosts-file FILE (one of them). "
+                         f"Nothing was changed.")
     if hosts_file:
         text = host.read_config_file(Path(hosts_file), max_bytes=1 << 20)  # regular files only; a FIFO never blocks
         if text is None:
             raise UsageError(f"--hosts-file: {hosts_file} does not exist. Nothing was changed.")
-        targets = fleet.parse_hosts(text, "--hosts-file")
-    else:
-        targets = fleet.parse_hosts(hosts)
-    size = fleet.parse_batch(batch, len(targets))
-    if not 0 <= pause <= 86400:
-        raise UsageError("--pause: seconds between batches, 0 to 86400. Nothing was changed.")
-    me = Path(pyz) if pyz else host.running_pyz()
-    if me is None or not me.is_file():
-        raise UsageError("rollout sends the tool itself to every host, so run it from bluegreen.pyz "
-                         "(`python3 dist/bluegreen.pyz rollout ...`, or the `bluegreen` launcher). Nothing was changed.")
+        return fleet.parse_hosts(text, "--hosts-file")
+    return fleet.parse_hosts(hosts)
+
+
+@contextmanager
+def connections(targets: Sequence[Target], ssh: SshOptions, ssh_cmd: str = "ssh") -> Iterator[SshOptions]:
+    """`ssh` with one multiplexed connection per host in a private directory; the connections are closed and
+    the directory removed at the end (their masters would outlive us otherwise)."""
     control = tempfile.mkdtemp(prefix="bg-ssh-")  # 0700: the multiplexed connections' sockets
     opts = SshOptions(user=ssh.user, identity=ssh.identity, options=ssh.options, config=ssh.config, control_dir=control,
                       connect_timeout=ssh.connect_timeout)
-    ro = Rollout(settings=settings, project=project, tag=tag, targets=targets, ssh=opts, remote=remote, pyz=me,
-                 stdout=stdout, stderr=stderr, environ=environ,
-                 before_host=hook_argv(before_host, settings, project, HOOK_NAMES[0]),
-                 after_host=hook_argv(after_host, settings, project, HOOK_NAMES[1]),
-                 github=environ.get("GITHUB_ACTIONS") == "true", ssh_cmd=ssh_cmd)
-    old = {s: signal.signal(s, ro.stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        code = _run(ro, size=size, pause=pause, revert=revert, skip_preflight=skip_preflight, dry_run=dry_run)
-    except KeyboardInterrupt:
-        busy = ", ".join(ro.stop.current) or "none"
-        for h in ro.hosts:
-            if str(h.target) in ro.stop.current and h.result.result == fleet.SKIPPED:
-                h.result.result, h.result.exit_code = fleet.INTERRUPTED, EXIT_ATTENTION
-                h.result.message = "aborted while this host was in progress: check what it serves"
-            elif h.result.result == fleet.SKIPPED:
-                h.result.result, h.result.message = fleet.INTERRUPTED, "not started (aborted)"
-        ro.say(f"rollout aborted by a second {ro.stop.requested or 'signal'}: a deploy may still be running on: {busy}. "
-               f"Check each with `ssh HOST {remote.shown('status', project)}`.")
-        code = EXIT_ATTENTION
+        yield opts
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for t in targets:  # close the multiplexed connections (their masters outlive us otherwise)
+        for t in targets:
             try:
                 subprocess.run(fleet.ssh_argv(t, opts, [], ssh=ssh_cmd)[:-3] + ["-O", "exit", "--", t.host],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         shutil.rmtree(control, ignore_errors=True)
+
+
+def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts_file: str, ssh: SshOptions,
+                remote: Remote, batch: str, pause: float, before_host: str, after_host: str, revert: bool,
+                skip_preflight: bool, dry_run: bool, json_out: bool, stdout: TextIO, stderr: TextIO,
+                environ: Mapping[str, str], ssh_cmd: str = "ssh", pyz: str | None = None, action: str = "deploy") -> int:
+    """`rollout PROJECT TAG`, or with action "rollback" `rollback PROJECT --hosts ... [--to TAG]` (tag "": the
+    newest tag every host can go back to, chosen after the preflight)."""
+    command = "rollout" if action == "deploy" else "rollback"
+    validate_project(project)
+    if tag or action == "deploy":
+        validate_tag(tag)
+    targets = read_targets(hosts, hosts_file, command)
+    size = fleet.parse_batch(batch, len(targets))
+    if not 0 <= pause <= 86400:
+        raise UsageError("--pause: seconds between batches, 0 to 86400. Nothing was changed.")
+    if action == "rollback" and not tag and skip_preflight:
+        raise UsageError("a fleet rollback finds its tag from what every host serves, which the preflight reads: "
+                         "name the tag with --to TAG to skip the preflight. Nothing was changed.")
+    me = Path(pyz) if pyz else host.running_pyz()
+    if me is None or not me.is_file():
+        raise UsageError(f"{command} sends the tool itself to every host, so run it from bluegreen.pyz "
+                         f"(`python3 dist/bluegreen.pyz {command} ...`, or the `bluegreen` launcher). Nothing was changed.")
+    with connections(targets, ssh, ssh_cmd) as opts:
+        ro = Rollout(settings=settings, project=project, tag=tag, targets=targets, ssh=opts, remote=remote, pyz=me,
+                     stdout=stdout, stderr=stderr, environ=environ,
+                     before_host=hook_argv(before_host, settings, project, HOOK_NAMES[0]),
+                     after_host=hook_argv(after_host, settings, project, HOOK_NAMES[1]),
+                     github=environ.get("GITHUB_ACTIONS") == "true", ssh_cmd=ssh_cmd, action=action)
+        old = {s: signal.signal(s, ro.stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = _run(ro, size=size, pause=pause, revert=revert, skip_preflight=skip_preflight, dry_run=dry_run)
+        except KeyboardInterrupt:
+            busy = ", ".join(ro.stop.current) or "none"
+            for h in ro.hosts:
+                if str(h.target) in ro.stop.current and h.result.result == fleet.SKIPPED:
+                    h.result.result, h.result.exit_code = fleet.INTERRUPTED, EXIT_ATTENTION
+                    h.result.message = "aborted while this host was in progress: check what it serves"
+                elif h.result.result == fleet.SKIPPED:
+                    h.result.result, h.result.message = fleet.INTERRUPTED, "not started (aborted)"
+            ro.say(f"{command} aborted by a second {ro.stop.requested or 'signal'}: a {action} may still be running on: "
+                   f"{busy}. Check each with `ssh HOST {remote.shown('status', project)}`.")
+            code = EXIT_ATTENTION
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
     results = [h.result for h in ro.hosts]
     if json_out:
-        print(json.dumps({"project": project, "tag": tag, "exit_code": code, "hosts": [asdict(r) for r in results]},
-                         sort_keys=True), file=stdout)
+        print(json.dumps({"project": project, "tag": ro.tag, "action": action, "exit_code": code,
+                          "hosts": [asdict(r) for r in results]}, sort_keys=True), file=stdout)
     else:
         for line in fleet.table(results):
             print(line, file=stdout)
+    write_summary(environ, fleet.markdown_table(project, f"{command} {ro.tag or '(no tag)'}", code, results), ro)
     return code
+
+
+def write_summary(environ: Mapping[str, str], text: str, ro: Rollout) -> None:
+    """In a GitHub Actions job, the table goes to the job's summary page too ($GITHUB_STEP_SUMMARY)."""
+    path = environ.get("GITHUB_STEP_SUMMARY", "")
+    if environ.get("GITHUB_ACTIONS") != "true" or not path:
+        return
+    try:
+        # The runner's own file (not under a deploy root): appended to, never followed if it is not a file.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            os.write(fd, text.encode("utf-8"))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        ro.say(f"could not write the job summary to {path}: {getattr(exc, 'strerror', None) or exc}")
 
 
 def _each(fn: Callable[[Host], None], items: Sequence[Host], workers: int) -> None:
@@ -476,9 +566,15 @@ def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: 
         if _mark_others(hosts, fleet.REFUSED, "preflight passed; not deployed (another host failed preflight)"):
             ro.say("preflight failed: nothing was changed on any host (the tool itself may have been updated).")
             return fleet.exit_code([h.result for h in hosts], preflight_failed=True)
+    if not ro.tag:  # a fleet rollback without --to: one tag that every host can go back to
+        if not ro.choose_rollback_tag():
+            return EXIT_USAGE
     if dry_run:
         for h in hosts:
-            proc = ro.ssh_run(h.target, ro.remote.argv("deploy", ro.project, ro.tag, "--dry-run"))
+            if ro.unchanged(h):
+                h.result.result, h.result.message = fleet.UNCHANGED, f"already serves {ro.tag}"
+                continue
+            proc = ro.ssh_run(h.target, ro.command("--dry-run"))
             ro.say(ro._text(proc.stdout + proc.stderr), h.target)
             h.result.result = fleet.SKIPPED
             h.result.message = "dry run"
@@ -507,7 +603,7 @@ def _run(ro: Rollout, *, size: int, pause: float, revert: bool, skip_preflight: 
         ro.stop.current = [str(h.target) for h in members]
         _each(lambda h, n=number: ro.deploy_one(h, n), members, len(members))
         ro.stop.current = []
-        if any(h.result.result != fleet.OK for h in members):
+        if any(h.result.result not in (fleet.OK, fleet.UNCHANGED) for h in members):
             failed = True
             break
     if not failed:
