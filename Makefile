@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench bench-fleet clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet bench-fleet-status clean settings-docs
 
 all: build
 
@@ -27,6 +27,10 @@ bench: deps build
 # load-balancer hooks, bluegreen without them and the guide's ssh + deploy.sh (K defaults to 3 here).
 bench-fleet: deps build
 	$(PYTHON) tests/bench/bench_fleet.py --rollouts $(if $(filter file,$(origin K)),3,$(K))
+
+# A benchmark, not in CI: `status PROJECT --hosts h1,h2,h3` against one host's `status` over ssh, paired runs.
+bench-fleet-status: deps build
+	$(PYTHON) tests/bench/bench_fleet_status.py
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:

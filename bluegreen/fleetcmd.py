@@ -45,7 +45,7 @@ def run_fleet_status(*, settings: Settings, project: str, hosts: str, hosts_file
     the same version, healthy."""
     targets, make = _fleet(settings, project, hosts, hosts_file, ssh, remote, stdout, stderr, environ, "status", ssh_cmd)
     found: dict[str, fleet.HostStatus] = {}
-    with connections(targets, ssh, ssh_cmd) as opts:
+    with connections(targets, ssh, ssh_cmd, multiplex=False) as opts:  # one command per host
         ro = make(opts)
 
         def ask(h: Host) -> None:
@@ -80,7 +80,7 @@ def run_fleet_history(*, settings: Settings, project: str, hosts: str, hosts_fil
     per_host: dict[str, list] = {}
     problems: dict[str, str] = {}
     count = n if n > 0 else HISTORY_MAX
-    with connections(targets, ssh, ssh_cmd) as opts:
+    with connections(targets, ssh, ssh_cmd, multiplex=False) as opts:  # one command per host
         ro = make(opts)
 
         def read(h: Host) -> None:
@@ -118,7 +118,7 @@ def run_fleet_each(*, settings: Settings, project: str, words: Sequence[str], ho
     command = words[0]
     targets, make = _fleet(settings, project, hosts, hosts_file, ssh, remote, stdout, stderr, environ, command, ssh_cmd)
     results: dict[str, tuple[int, str]] = {}
-    with connections(targets, ssh, ssh_cmd) as opts:
+    with connections(targets, ssh, ssh_cmd, multiplex=False) as opts:  # one command per host
         ro = make(opts)
 
         def act(h: Host) -> None:

@@ -443,21 +443,33 @@ def read_targets(hosts: str, hosts_file: str, command: str = "rollout") -> list[
 
 
 @contextmanager
-def connections(targets: Sequence[Target], ssh: SshOptions, ssh_cmd: str = "ssh") -> Iterator[SshOptions]:
+def connections(targets: Sequence[Target], ssh: SshOptions, ssh_cmd: str = "ssh", multiplex: bool = True) -> Iterator[SshOptions]:
     """`ssh` with one multiplexed connection per host in a private directory; the connections are closed and
-    the directory removed at the end (their masters would outlive us otherwise)."""
+    the directory removed at the end (their masters would outlive us otherwise). Without `multiplex` (one
+    command per host: a fleet status), each command is its own connection and there is nothing to close."""
+    if not multiplex:
+        yield ssh
+        return
     control = tempfile.mkdtemp(prefix="bg-ssh-")  # 0700: the multiplexed connections' sockets
     opts = SshOptions(user=ssh.user, identity=ssh.identity, options=ssh.options, config=ssh.config, control_dir=control,
                       connect_timeout=ssh.connect_timeout)
     try:
         yield opts
     finally:
-        for t in targets:
+        closing = []
+        for t in targets:  # all at once: a fleet of many hosts must not wait for them one by one
             try:
-                subprocess.run(fleet.ssh_argv(t, opts, [], ssh=ssh_cmd)[:-3] + ["-O", "exit", "--", t.host],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
-            except (OSError, subprocess.TimeoutExpired):
+                closing.append(subprocess.Popen(fleet.ssh_argv(t, opts, [], ssh=ssh_cmd)[:-3] + ["-O", "exit", "--", t.host],
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            except OSError:
                 pass
+        deadline = time.monotonic() + 10
+        for proc in closing:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         shutil.rmtree(control, ignore_errors=True)
 
 
