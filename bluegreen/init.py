@@ -25,6 +25,8 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CI_WORKFLOWS = ".github/workflows"
 CI_DOCKERFILE = "infra/docker/backend.Dockerfile"
+# What init reads of a file it may replace (to compare and keep as .bak): the pyz is a few hundred KiB.
+MAX_FILE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,15 @@ class FileSpec:
     """One file init writes: where, what, and how."""
 
     path: Path
-    text: str
+    content: str | bytes  # text (written as UTF-8) or bytes (the vendored pyz), compared byte for byte
     note: str
     mode: int = 0o644
     keep_existing: bool = False  # deploy-managed state (the upstream file): written only when missing
     root: Path | None = None  # trusted directory above `path`: nothing below it is followed (see safefs)
+
+    @property
+    def data(self) -> bytes:
+        return self.content.encode("utf-8") if isinstance(self.content, str) else self.content
 
 
 # -- pure: parsing options and rendering ------------------------------------------------------------
@@ -232,11 +238,11 @@ def ci_files(repo: Path, project: str) -> list[FileSpec]:
 
 
 def conflicts(files: list[FileSpec], read=None) -> list[Path]:
-    """Existing files that init would replace with different content."""
+    """Existing files that init would replace with different content (compared byte for byte)."""
     found = []
     for spec in files:
         current = _read(spec.path, spec.root) if read is None else read(spec.path)
-        if current is not None and current != spec.text and not spec.keep_existing:
+        if current is not None and current != spec.data and not spec.keep_existing:
             found.append(spec.path)
     return found
 
@@ -246,7 +252,7 @@ def conflicts(files: list[FileSpec], read=None) -> list[Path]:
 @dataclass
 class Written:
     spec: FileSpec
-    previous: str | None  # content before, None if the file did not exist
+    previous: bytes | None  # content before, None if the file did not exist
     status: str
 
 
@@ -266,8 +272,8 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
     try:
         for spec in files:
             previous = _read(spec.path, spec.root)
-            if previous is not None and (previous == spec.text or spec.keep_existing):
-                done.append(Written(spec, previous, "kept" if previous != spec.text else "unchanged"))
+            if previous is not None and (previous == spec.data or spec.keep_existing):
+                done.append(Written(spec, previous, "kept" if previous != spec.data else "unchanged"))
                 continue
             if spec.root is None:
                 spec.path.parent.mkdir(parents=True, exist_ok=True)  # a trusted place (--repo, nginx's conf dir)
@@ -277,9 +283,9 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
                 backup = spec.path.with_name(spec.path.name + ".bak")
                 # Replaced atomically, never written through: a planted FILE.bak symlink (to a cron
                 # directory, say) is swapped for a regular file holding the previous content.
-                safefs.atomic_write(backup, previous.encode("utf-8", errors="surrogateescape"), root=spec.root, mode=_mode_of(spec) & spec.mode, owner=owner)
+                safefs.atomic_write(backup, previous, root=spec.root, mode=_mode_of(spec) & spec.mode, owner=owner)
                 status = f"replaced (previous kept as {backup.name})"
-            safefs.atomic_write(spec.path, spec.text, root=spec.root, mode=spec.mode, owner=owner, make_dirs=True)
+            safefs.atomic_write(spec.path, spec.data, root=spec.root, mode=spec.mode, owner=owner, make_dirs=True)
             done.append(Written(spec, previous, status))
     except OSError as exc:
         undo(done)
@@ -294,10 +300,10 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
     return done
 
 
-def _read(path: Path, root: Path | None = None) -> str | None:
-    # Strict UTF-8: an env file with other bytes is compared (and kept as .bak) byte for byte, not mangled.
-    data = safefs.read_bytes(path, root=root)
-    return None if data is None else data.decode("utf-8", errors="surrogateescape")
+def _read(path: Path, root: Path | None = None) -> bytes | None:
+    # Bytes, never decoded: an env file with bytes that are not UTF-8, or the vendored pyz, is compared (and
+    # kept as .bak) byte for byte, not mangled.
+    return safefs.read_bytes(path, root=root, max_bytes=MAX_FILE_BYTES)
 
 
 def _mode_of(spec: FileSpec) -> int:
@@ -330,8 +336,8 @@ def undo(done: list[Written]) -> None:
         if item.previous is None:
             safefs.unlink(item.spec.path, root=item.spec.root)
         else:
-            safefs.atomic_write(item.spec.path, item.previous.encode("utf-8", errors="surrogateescape"),
-                                root=item.spec.root, mode=item.spec.mode, owner=_parent_owner(item.spec))
+            safefs.atomic_write(item.spec.path, item.previous, root=item.spec.root, mode=item.spec.mode,
+                                owner=_parent_owner(item.spec))
 
 
 def _missing_upstream(error: str, upstream: str) -> bool:

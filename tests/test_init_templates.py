@@ -31,7 +31,7 @@ def files(tmp_path: Path, **kw) -> dict[str, str]:
     args = dict(project="user-api", image="ghcr.io/acme/mono/user-api", ports=(8081, 8082), listen="80",
                 server_name="api.example.com", existing_upstream=None, token=TOKEN)
     args.update(kw)
-    return {spec.path.name: spec.text for spec in init.project_files(settings(tmp_path), **args)}
+    return {spec.path.name: spec.content for spec in init.project_files(settings(tmp_path), **args)}
 
 
 def run(argv, environ):
@@ -90,7 +90,7 @@ def test_a_hand_written_upstream_name_is_kept_in_the_server_block(tmp_path):
 
 
 def test_no_placeholder_is_left_in_any_template(tmp_path):
-    rendered = list(files(tmp_path).values()) + [spec.text for spec in init.ci_files(tmp_path, "user-api")]
+    rendered = list(files(tmp_path).values()) + [spec.content for spec in init.ci_files(tmp_path, "user-api")]
     for text in rendered:
         assert not re.search(r"@[A-Z][A-Z0-9_]*@", text)
     with pytest.raises(KeyError):
