@@ -15,6 +15,7 @@ import yaml
 
 WORKFLOWS = ".github/workflows"
 DEPLOY_STEP = "Roll out to every host"
+CLEANUP_STEP = "Remove the SSH key"
 _EXPR = re.compile(r"\$\{\{\s*([A-Za-z0-9_.-]+)\s*\}\}")
 
 
@@ -61,19 +62,48 @@ def step_env(repo: Path, project: str, *, secrets: Mapping[str, str], tag: str,
     return {k: _EXPR.sub(lambda m: context[m.group(1)], _text(v)) for k, v in deploy_step(repo)["env"].items()}
 
 
-def run_deploy_step(repo: Path, project: str, *, home: Path, summary: Path, secrets: Mapping[str, str], tag: str,
-                    inputs: Mapping[str, object] | None = None, path: str | None = None,
-                    extra_env: Mapping[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """The step's script in `repo` (the checked-out workspace), stdout and stderr together as on the runner.
-    `extra_env` is for stand-ins only (a fake python3's settings), never something the workflow needs."""
-    env = step_env(repo, project, secrets=secrets, tag=tag, inputs=inputs)
+def _step_process(repo: Path, project: str, *, step: dict, home: Path, summary: Path, secrets: Mapping[str, str],
+                  tag: str, inputs: Mapping[str, object] | None, path: str | None,
+                  extra_env: Mapping[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    env = step_env(repo, project, secrets=secrets, tag=tag, inputs=inputs) if "env" in step else {}
     runner_temp = home / "runner-temp"
     runner_temp.mkdir(parents=True, exist_ok=True)
     env.update(HOME=str(home), GITHUB_ACTIONS="true", CI="true", GITHUB_WORKSPACE=str(repo),
                GITHUB_STEP_SUMMARY=str(summary), RUNNER_TEMP=str(runner_temp),
                PATH=path or os.environ.get("PATH", "/usr/bin:/bin"), **(extra_env or {}))
-    script = home / "deploy-step.sh"
-    script.write_text(deploy_step(repo)["run"])
-    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], cwd=repo, env=env,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    script = home / ("step-" + re.sub(r"[^a-z0-9]+", "-", step["name"].lower()) + ".sh")
+    script.write_text(step["run"])
+    return ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)], env
+
+
+def run_deploy_step(repo: Path, project: str, *, home: Path, summary: Path, secrets: Mapping[str, str], tag: str,
+                    inputs: Mapping[str, object] | None = None, path: str | None = None,
+                    extra_env: Mapping[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The deploy step's script in `repo` (the checked-out workspace), then the key-removing step that always
+    follows it; stdout and stderr together as on the runner, the deploy step's exit code. `extra_env` is for
+    stand-ins only (a fake python3's settings), never something the workflow needs."""
+    argv, env = _step_process(repo, project, step=deploy_step(repo), home=home, summary=summary, secrets=secrets,
+                              tag=tag, inputs=inputs, path=path, extra_env=extra_env)
+    proc = subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    cleanup(repo, home=home, summary=summary, path=path)
+    return proc
+
+
+def start_deploy_step(repo: Path, project: str, *, home: Path, summary: Path, secrets: Mapping[str, str], tag: str,
+                      inputs: Mapping[str, object] | None = None, path: str | None = None) -> subprocess.Popen:
+    """The deploy step in the background (to cancel it as GitHub does: signals to the step's process)."""
+    argv, env = _step_process(repo, project, step=deploy_step(repo), home=home, summary=summary, secrets=secrets,
+                              tag=tag, inputs=inputs, path=path, extra_env=None)
+    return subprocess.Popen(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def cleanup(repo: Path, *, home: Path, summary: Path, path: str | None = None) -> None:
+    """The `if: always()` step after the deploy step (it removes the key's directory)."""
+    steps = load(repo, "deploy-backend.yml")["jobs"]["deploy"]["steps"]
+    [step] = [s for s in steps if s.get("name") == CLEANUP_STEP]
+    assert step["if"] == "always()"
+    argv, env = _step_process(repo, "", step=step, home=home, summary=summary, secrets={}, tag="", inputs=None,
+                              path=path, extra_env=None)
+    subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, check=True, timeout=60)

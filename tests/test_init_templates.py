@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -335,7 +336,7 @@ import json, os, stat, sys
 argv = sys.argv[1:]
 key = argv[argv.index("-i") + 1]
 known = next(a.split("=", 2)[2] for a in argv if a.startswith("--ssh-option=UserKnownHostsFile="))
-json.dump({{"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(),
+json.dump({{"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ppid": os.getppid(),
            "key_mode": stat.S_IMODE(os.stat(key).st_mode), "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(key)).st_mode),
            "key": open(key).read(), "known_hosts": open(known).read()}}, open(os.environ["FAKE_OUT"], "w"))
 sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
@@ -390,10 +391,19 @@ def test_the_step_runs_the_rollout_with_pinned_keys_and_the_key_only_in_a_privat
     assert "SSH_PRIVATE_KEY" not in ran["env"] and "SSH_KNOWN_HOSTS" not in ran["env"]
     assert not any("PRIVATE KEY" in a or "AAAAC3" in a for a in argv) and "PRIVATE KEY" not in proc.stdout
     assert ran["env"]["GITHUB_ACTIONS"] == "true"
-    assert not Path(key).exists() and not Path(key).parent.exists()  # removed when the step ends
+    # The rollout is the step's own process (exec), so the signals of a cancelled run reach it.
+    assert ran["ppid"] == os.getpid()
+    assert not Path(key).parent.exists()  # removed by the `if: always()` step after it
 
 
-def test_a_failed_rollout_fails_the_step_and_still_removes_the_key(fake_runner):
+def test_the_key_is_removed_by_a_step_that_always_runs(fake_runner):
+    steps = gha.load(fake_runner.repo, "deploy-backend.yml")["jobs"]["deploy"]["steps"]
+    names = [s.get("name") for s in steps]
+    assert names.index(gha.CLEANUP_STEP) == names.index(gha.DEPLOY_STEP) + 1
+    assert steps[-1] == {"name": gha.CLEANUP_STEP, "if": "always()", "run": 'rm -rf "$RUNNER_TEMP"/bluegreen-ssh.*'}
+
+
+def test_a_failed_rollout_fails_the_step_with_its_exit_code_and_the_key_is_still_removed(fake_runner):
     proc, ran = fake_runner(exit_code=4)
     assert proc.returncode == 4
     assert not Path(ran["argv"][ran["argv"].index("-i") + 1]).parent.exists()

@@ -4,8 +4,11 @@ vendored pyz rolls the project out with the host keys pinned by SSH_KNOWN_HOSTS 
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,18 @@ import pytest
 import gha
 from bluegreen import init
 from fleet import fleet_fixture  # noqa: F401  (the module-scoped `fleet` fixture)
+from test_stack_deploy import LineWatcher
 from test_stack_rollout import App
 
 # Logs each call (its argv and the host) to hooks.log in the workspace: the hooks run on the runner, from there.
 HOOK = """import os, sys
 with open("hooks.log", "a") as log:
     log.write(" ".join([os.environ["BLUEGREEN_HOST"], os.environ["BLUEGREEN_TAG"]] + sys.argv[1:]) + "\\n")
+"""
+# Sleeps SECONDS before the host HOST (argv 1 and 2), so that a test can cancel the run while it is there.
+SLOW = """import os, sys, time
+if os.environ["BLUEGREEN_HOST"] == sys.argv[1]:
+    time.sleep(float(sys.argv[2]))
 """
 
 
@@ -47,6 +56,7 @@ class Runner:
         assert (self.repo / init.CI_PYZ).read_bytes() == Path(app.stack.pyz).read_bytes()
         (self.repo / "deploy").mkdir()
         (self.repo / "deploy" / "hook.py").write_text(HOOK)
+        (self.repo / "deploy" / "slow.py").write_text(SLOW)
         # The runner's python3 (an image's, not this machine's pyenv shim, which would look in HOME).
         self.bin = tmp_path / "bin"
         self.bin.mkdir()
@@ -59,10 +69,18 @@ class Runner:
             "SSH_KNOWN_HOSTS": Path(self.fleet.known_hosts).read_text(),
         }
 
+    @property
+    def path(self) -> str:
+        return f"{self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
     def deploy(self, tag: str, secrets: dict | None = None, inputs: dict | None = None) -> subprocess.CompletedProcess:
-        path = f"{self.bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        """The deploy step, then the step that always follows it."""
         return gha.run_deploy_step(self.repo, self.app.name, home=self.home, summary=self.summary, tag=tag,
-                                   secrets={**self.secrets, **(secrets or {})}, inputs=inputs, path=path)
+                                   secrets={**self.secrets, **(secrets or {})}, inputs=inputs, path=self.path)
+
+    def start(self, tag: str, inputs: dict | None = None) -> subprocess.Popen:
+        return gha.start_deploy_step(self.repo, self.app.name, home=self.home, summary=self.summary, tag=tag,
+                                     secrets=self.secrets, inputs=inputs, path=self.path)
 
     def leftovers(self) -> list:
         """What the step left in the runner's temp directory (its key directory must be gone)."""
@@ -128,3 +146,36 @@ def test_a_host_whose_key_is_not_the_pinned_one_is_refused_and_nothing_changes(r
     assert all(app.journal(h) == [] for h in runner.fleet.hosts)
     assert runner.leftovers() == []
     assert not (runner.home / ".ssh").exists()  # no key was learned on the way
+
+
+def test_cancelling_the_run_reaches_the_rollout_which_starts_no_new_host(runner, app):
+    assert runner.deploy("v1").returncode == 0
+    h1, h2, h3 = runner.fleet.hosts
+    proc = runner.start("v2", inputs={"before-host": f"python3 deploy/slow.py {h2.addr} 2"})
+    watcher = LineWatcher(types.SimpleNamespace(stderr=proc.stdout))
+    try:
+        watcher.wait_for(f"[{h2.addr}] before-host", timeout=120)
+        # What GitHub does to a cancelled step: SIGINT to its process, SIGTERM 7.5 s later, then SIGKILL.
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=7.5)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=2.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        gha.cleanup(runner.repo, home=runner.home, summary=runner.summary, path=runner.path)
+    out = watcher.text()
+    assert "SIGINT: no new host is started" in out, out
+    assert proc.returncode in (1, 4), out  # 1: h2 finished within the 7.5 s; 4: the SIGTERM named it as in progress
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("10.")}
+    assert " deployed " in rows[h1.addr] and " interrupted " in rows[h3.addr], out
+    if proc.returncode == 4:  # h2's deploy was cut off here; on the host it runs to its end (no terminal, no signal)
+        deadline = time.monotonic() + 120
+        while not [e for e in app.journal(h2) if e["tag"] == "v2"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert app.versions() == ["v2", "v2", "v1"]
+    assert [e["tag"] for e in app.journal(h3)] == ["v1"]
+    assert runner.leftovers() == []
