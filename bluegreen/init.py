@@ -441,10 +441,10 @@ def _check_nginx(runner: Runner, settings: Settings, done: list[Written], upstre
     return "nginx -t: ok, the configuration with the new files is valid (nginx loads it at the next reload; every deploy reloads).", False
 
 
-def init_ci(*, project: str, repo: str, force: bool, stdout: TextIO, pyz: Path | None = None) -> int:
-    """Write the workflows, the Dockerfile and the running bluegreen.pyz (or `pyz`) into the repository at `repo`."""
+def init_ci(*, project: str, repo: str, force: bool, stdout: TextIO) -> int:
+    """Write the workflows, the Dockerfile and the running bluegreen.pyz into the repository at `repo`."""
     validate_project(project)
-    tool = pyz or running_pyz()
+    tool = running_pyz()
     if tool is None:
         raise UsageError(
             f"init --ci github copies the running bluegreen into the repository ({CI_PYZ}), where the deploy "
