@@ -1,8 +1,10 @@
-"""`bluegreen init`: a project's env file, placeholder upstream and nginx server block, or its CI files,
-from the templates in the package. Rendering is pure; writing (never over a file without --force) is separate."""
+"""`bluegreen init`: a project's env file, placeholder upstream and nginx server block, or its CI files (with
+the running bluegreen.pyz vendored beside them), from the templates in the package. Rendering is pure; writing
+(never over a file without --force) is separate."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from bluegreen.config import (_IMAGE_RE, RESERVED_KEYS, Settings, load_project, 
                               validate_project)
 from bluegreen.settings import BY_KEY, upstream_options
 from bluegreen.errors import BluegreenError, CommandError, ConfigError, ExecutableNotFound, UsageError
-from bluegreen.host import invocation, upstream_dir
+from bluegreen.host import invocation, running_pyz, upstream_dir
 from bluegreen.runner import Runner, indent
 
 _SERVER_NAME_RE = re.compile(r"_|(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -25,6 +27,12 @@ _PORT_RE = re.compile(r"[0-9]{1,5}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 CI_WORKFLOWS = ".github/workflows"
 CI_DOCKERFILE = "infra/docker/backend.Dockerfile"
+# The bluegreen the deploy workflow runs on the runner (and the rollout sends to the hosts), kept in the
+# application repository with its sha256 beside it: the workflow checks one against the other.
+CI_PYZ = ".github/bluegreen/bluegreen.pyz"
+CI_PYZ_SUM = CI_PYZ + ".sha256"
+# What init reads of a file it may replace (to compare and keep as .bak): the pyz is a few hundred KiB.
+MAX_FILE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -32,11 +40,15 @@ class FileSpec:
     """One file init writes: where, what, and how."""
 
     path: Path
-    text: str
+    content: str | bytes  # text (written as UTF-8) or bytes (the vendored pyz), compared byte for byte
     note: str
     mode: int = 0o644
     keep_existing: bool = False  # deploy-managed state (the upstream file): written only when missing
     root: Path | None = None  # trusted directory above `path`: nothing below it is followed (see safefs)
+
+    @property
+    def data(self) -> bytes:
+        return self.content.encode("utf-8") if isinstance(self.content, str) else self.content
 
 
 # -- pure: parsing options and rendering ------------------------------------------------------------
@@ -217,26 +229,42 @@ def secret_prefix(project: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", project.upper())
 
 
-def ci_files(repo: Path, project: str) -> list[FileSpec]:
-    """The GitHub Actions workflows and the Spring Boot Dockerfile, at the seed's paths in `repo`."""
+def render_pyz_sum(pyz: bytes, version: str) -> str:
+    """The vendored pyz's sha256 in `sha256sum -c` form (relative to its directory), with its version."""
+    name = CI_PYZ.rsplit("/", 1)[-1]
+    return (
+        f"# bluegreen {version}: the tool .github/workflows/deploy-backend.yml runs (the rollout sends it to the hosts).\n"
+        f"# Written by `bluegreen init --ci github`; the workflow refuses a {name} that does not match. Update both\n"
+        f"# files with the new pyz: python3 NEW/bluegreen.pyz init --ci github PROJECT --force\n"
+        f"{hashlib.sha256(pyz).hexdigest()}  {name}\n"
+    )
+
+
+def ci_files(repo: Path, project: str, pyz: bytes, version: str) -> list[FileSpec]:
+    """The GitHub Actions workflows, the Spring Boot Dockerfile at the seed's paths in `repo`, and the tool
+    itself (`pyz`, the bytes of the running bluegreen.pyz) with its checksum."""
     validate_project(project)
     workflows = repo / CI_WORKFLOWS
+    prefix = secret_prefix(project)
     return [
-        FileSpec(workflows / "deploy-backend.yml", template.render("deploy-backend.yml"),
-                 "reusable: build the jar and image, push to GHCR, deploy over SSH host by host"),
+        FileSpec(workflows / "deploy-backend.yml", template.render("deploy-backend.yml", PYZ=CI_PYZ),
+                 f"reusable: build the jar and image, push to GHCR, then `bluegreen rollout` over SSH from {CI_PYZ}"),
         FileSpec(workflows / f"deploy-{project}.yml",
-                 template.render("deploy-project.yml", PROJECT=project, SECRET_PREFIX=secret_prefix(project)),
-                 f"runs on every push to deploy/{project}; secrets {secret_prefix(project)}_SERVER_HOST, SERVER_USER, SSH_PRIVATE_KEY"),
+                 template.render("deploy-project.yml", PROJECT=project, SECRET_PREFIX=prefix),
+                 f"runs on every push to deploy/{project}; secrets {prefix}_SERVER_HOST, SERVER_USER, SSH_PRIVATE_KEY, "
+                 f"SSH_KNOWN_HOSTS"),
         FileSpec(repo / CI_DOCKERFILE, template.render("backend.Dockerfile"), "Spring Boot on eclipse-temurin, graceful shutdown"),
+        FileSpec(repo / CI_PYZ, pyz, f"bluegreen {version}, the tool the workflow runs and sends to the hosts", mode=0o755),
+        FileSpec(repo / CI_PYZ_SUM, render_pyz_sum(pyz, version), "its sha256, checked by the workflow before it runs it"),
     ]
 
 
 def conflicts(files: list[FileSpec], read=None) -> list[Path]:
-    """Existing files that init would replace with different content."""
+    """Existing files that init would replace with different content (compared byte for byte)."""
     found = []
     for spec in files:
         current = _read(spec.path, spec.root) if read is None else read(spec.path)
-        if current is not None and current != spec.text and not spec.keep_existing:
+        if current is not None and current != spec.data and not spec.keep_existing:
             found.append(spec.path)
     return found
 
@@ -246,7 +274,7 @@ def conflicts(files: list[FileSpec], read=None) -> list[Path]:
 @dataclass
 class Written:
     spec: FileSpec
-    previous: str | None  # content before, None if the file did not exist
+    previous: bytes | None  # content before, None if the file did not exist
     status: str
 
 
@@ -266,8 +294,8 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
     try:
         for spec in files:
             previous = _read(spec.path, spec.root)
-            if previous is not None and (previous == spec.text or spec.keep_existing):
-                done.append(Written(spec, previous, "kept" if previous != spec.text else "unchanged"))
+            if previous is not None and (previous == spec.data or spec.keep_existing):
+                done.append(Written(spec, previous, "kept" if previous != spec.data else "unchanged"))
                 continue
             if spec.root is None:
                 spec.path.parent.mkdir(parents=True, exist_ok=True)  # a trusted place (--repo, nginx's conf dir)
@@ -277,9 +305,9 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
                 backup = spec.path.with_name(spec.path.name + ".bak")
                 # Replaced atomically, never written through: a planted FILE.bak symlink (to a cron
                 # directory, say) is swapped for a regular file holding the previous content.
-                safefs.atomic_write(backup, previous.encode("utf-8", errors="surrogateescape"), root=spec.root, mode=_mode_of(spec) & spec.mode, owner=owner)
+                safefs.atomic_write(backup, previous, root=spec.root, mode=_mode_of(spec) & spec.mode, owner=owner)
                 status = f"replaced (previous kept as {backup.name})"
-            safefs.atomic_write(spec.path, spec.text, root=spec.root, mode=spec.mode, owner=owner, make_dirs=True)
+            safefs.atomic_write(spec.path, spec.data, root=spec.root, mode=spec.mode, owner=owner, make_dirs=True)
             done.append(Written(spec, previous, status))
     except OSError as exc:
         undo(done)
@@ -294,10 +322,10 @@ def write_files(files: list[FileSpec], *, force: bool) -> list[Written]:
     return done
 
 
-def _read(path: Path, root: Path | None = None) -> str | None:
-    # Strict UTF-8: an env file with other bytes is compared (and kept as .bak) byte for byte, not mangled.
-    data = safefs.read_bytes(path, root=root)
-    return None if data is None else data.decode("utf-8", errors="surrogateescape")
+def _read(path: Path, root: Path | None = None) -> bytes | None:
+    # Bytes, never decoded: an env file with bytes that are not UTF-8, or the vendored pyz, is compared (and
+    # kept as .bak) byte for byte, not mangled.
+    return safefs.read_bytes(path, root=root, max_bytes=MAX_FILE_BYTES)
 
 
 def _mode_of(spec: FileSpec) -> int:
@@ -330,8 +358,8 @@ def undo(done: list[Written]) -> None:
         if item.previous is None:
             safefs.unlink(item.spec.path, root=item.spec.root)
         else:
-            safefs.atomic_write(item.spec.path, item.previous.encode("utf-8", errors="surrogateescape"),
-                                root=item.spec.root, mode=item.spec.mode, owner=_parent_owner(item.spec))
+            safefs.atomic_write(item.spec.path, item.previous, root=item.spec.root, mode=item.spec.mode,
+                                owner=_parent_owner(item.spec))
 
 
 def _missing_upstream(error: str, upstream: str) -> bool:
@@ -414,14 +442,39 @@ def _check_nginx(runner: Runner, settings: Settings, done: list[Written], upstre
 
 
 def init_ci(*, project: str, repo: str, force: bool, stdout: TextIO) -> int:
-    """Write the workflows and the Dockerfile into the repository at `repo`."""
-    files = ci_files(Path(repo), project)
-    for item in write_files(files, force=force):
+    """Write the workflows, the Dockerfile and the running bluegreen.pyz into the repository at `repo`."""
+    validate_project(project)
+    tool = running_pyz()
+    if tool is None:
+        raise UsageError(
+            f"init --ci github copies the running bluegreen into the repository ({CI_PYZ}), where the deploy "
+            f"workflow runs it, but this bluegreen runs from a source tree, not from bluegreen.pyz. Nothing was "
+            f"written. Run it from the pyz: `python3 dist/bluegreen.pyz init --ci github {project}` (build it "
+            f"with `python3 build.py`), or through the `bluegreen` launcher that setup installs."
+        )
+    try:
+        data = tool.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"Could not read {tool} ({exc.strerror or exc}), the bluegreen.pyz init copies into the "
+                         f"repository. Nothing was written.") from None
+    from bluegreen import __version__
+
+    files = ci_files(Path(repo), project, data, __version__)
+    done = write_files(files, force=force)
+    for item in done:
         print(f"{item.status:<8} {item.spec.path}: {item.spec.note}", file=stdout)
+    if any(item.status.startswith("replaced") for item in done):
+        print("The previous files are kept as FILE.bak beside them: carry over any edit of yours, then delete the "
+              ".bak files (do not commit them).", file=stdout)
+    prefix = secret_prefix(project)
     print(
-        f"Next: add the repository secrets {secret_prefix(project)}_SERVER_HOST (comma-separated hosts, deployed in "
-        f"order), SERVER_USER, SSH_PRIVATE_KEY and optionally SSH_KNOWN_HOSTS; commit; then "
-        f"`git push origin HEAD:deploy/{project}` deploys.",
+        f"Next: commit {CI_WORKFLOWS}/deploy-backend.yml, {CI_WORKFLOWS}/deploy-{project}.yml, {CI_DOCKERFILE}, "
+        f"{CI_PYZ} and {CI_PYZ_SUM}. Add the repository secrets (Settings > Secrets and variables > Actions) "
+        f"{prefix}_SERVER_HOST (the hosts, comma-separated, deployed in that order), SERVER_USER, SSH_PRIVATE_KEY "
+        f"(the whole private key) and SSH_KNOWN_HOSTS (required: the output of `ssh-keyscan HOST` for every host, "
+        f"its fingerprints checked against `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` run on the host; the "
+        f"workflow never trusts a key it has not been given). Then `git push origin HEAD:deploy/{project}` deploys. "
+        f"To update the bluegreen the workflow runs, run the new pyz's `init --ci github {project} --force`.",
         file=stdout,
     )
     return 0

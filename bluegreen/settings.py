@@ -511,6 +511,7 @@ other layouts and for the tests (which never touch the machine's real `/etc`).
 | nginx.conf | `setup`, once | one `include ROOT/nginx/conf.d/*.conf;` line at the top of the http block |
 | `/etc/cron.d/bluegreen` | `setup` | one daily job; rewritten only when it differs |
 | `.github/workflows/deploy-backend.yml`, `deploy-PROJECT.yml`, `infra/docker/backend.Dockerfile` | `init --ci github` | in the application repository |
+| `.github/bluegreen/bluegreen.pyz`, `bluegreen.pyz.sha256` | `init --ci github` | in the application repository: the bluegreen the deploy workflow runs (and the rollout sends to the hosts), and its sha256, which the workflow checks; replaced only with `--force` (docs/github-actions.md) |
 """
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -14,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import bluegreen
+import gha
 from bluegreen import init, nginx, template
 from bluegreen.cli import main
 from bluegreen.config import RESERVED_KEYS, ProjectConfig, load_settings, parse_env, project_from_entries
@@ -31,7 +35,7 @@ def files(tmp_path: Path, **kw) -> dict[str, str]:
     args = dict(project="user-api", image="ghcr.io/acme/mono/user-api", ports=(8081, 8082), listen="80",
                 server_name="api.example.com", existing_upstream=None, token=TOKEN)
     args.update(kw)
-    return {spec.path.name: spec.text for spec in init.project_files(settings(tmp_path), **args)}
+    return {spec.path.name: spec.content for spec in init.project_files(settings(tmp_path), **args)}
 
 
 def run(argv, environ):
@@ -90,7 +94,8 @@ def test_a_hand_written_upstream_name_is_kept_in_the_server_block(tmp_path):
 
 
 def test_no_placeholder_is_left_in_any_template(tmp_path):
-    rendered = list(files(tmp_path).values()) + [spec.text for spec in init.ci_files(tmp_path, "user-api")]
+    ci = init.ci_files(tmp_path, "user-api", b"@PYZ@ bytes are never filled in", "0.1.0")
+    rendered = list(files(tmp_path).values()) + [spec.content for spec in ci if isinstance(spec.content, str)]
     for text in rendered:
         assert not re.search(r"@[A-Z][A-Z0-9_]*@", text)
     with pytest.raises(KeyError):
@@ -157,22 +162,29 @@ def test_nginx_refusing_the_files_removes_them_again(tmp_path):
 # -- CI templates, written by the built pyz ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ci_repo(tmp_path_factory):
-    """`python bluegreen.pyz init --ci github user-api` into an empty repository (templates read from the zip)."""
-    work = tmp_path_factory.mktemp("ci")
-    pyz = work / "bluegreen.pyz"
+def built_pyz(tmp_path_factory) -> Path:
+    pyz = tmp_path_factory.mktemp("pyz") / "bluegreen.pyz"
     subprocess.run([sys.executable, str(REPO / "build.py"), "--output", str(pyz)], check=True, capture_output=True)
-    repo = work / "repo"
-    repo.mkdir()
-    proc = subprocess.run([sys.executable, str(pyz), "init", "--ci", "github", "user-api", "--repo", str(repo)],
+    return pyz
+
+
+def init_ci_with(pyz: Path, repo: Path, *extra: str, project: str = "user-api") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(pyz), "init", "--ci", "github", project, "--repo", str(repo), *extra],
                           capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def ci_repo(tmp_path_factory, built_pyz):
+    """`python bluegreen.pyz init --ci github user-api` into an empty repository (templates read from the zip)."""
+    repo = tmp_path_factory.mktemp("ci") / "repo"
+    repo.mkdir()
+    proc = init_ci_with(built_pyz, repo)
     assert proc.returncode == 0, proc.stderr
-    assert "USER_API_SERVER_HOST" in proc.stdout and "deploy/user-api" in proc.stdout
     return repo
 
 
 def _on(doc: dict) -> dict:
-    return doc.get("on", doc.get(True))  # YAML 1.1 reads a bare `on` key as true
+    return gha.on(doc)
 
 
 def test_per_project_workflow_is_triggered_by_its_deploy_branch(ci_repo):
@@ -180,21 +192,47 @@ def test_per_project_workflow_is_triggered_by_its_deploy_branch(ci_repo):
     assert _on(doc)["push"]["branches"] == ["deploy/user-api"] and "workflow_dispatch" in _on(doc)
     job = doc["jobs"]["deploy"]
     assert job["uses"] == "./.github/workflows/deploy-backend.yml" and job["with"] == {"project": "user-api"}
-    assert job["secrets"]["SERVER_HOST"] == "${{ secrets.USER_API_SERVER_HOST }}"
-    assert doc["permissions"] == {"contents": "read", "packages": "write"}
+    assert job["secrets"] == {"SERVER_HOST": "${{ secrets.USER_API_SERVER_HOST }}", "SERVER_USER": "${{ secrets.SERVER_USER }}",
+                              "SSH_PRIVATE_KEY": "${{ secrets.SSH_PRIVATE_KEY }}", "SSH_KNOWN_HOSTS": "${{ secrets.SSH_KNOWN_HOSTS }}"}
+    assert doc["permissions"] == {"contents": "read", "packages": "write", "id-token": "write"}
 
 
-def test_reusable_workflow_builds_pushes_to_ghcr_and_deploys_host_by_host(ci_repo):
+def test_reusable_workflow_builds_pushes_to_ghcr_and_rolls_out_with_the_vendored_pyz(ci_repo):
     doc = yaml.safe_load((ci_repo / ".github/workflows/deploy-backend.yml").read_text())
     call = _on(doc)["workflow_call"]
-    assert set(call["inputs"]) >= {"project", "pyz"} and set(call["secrets"]) >= {"SERVER_HOST", "SERVER_USER", "SSH_PRIVATE_KEY"}
+    assert set(call["inputs"]) >= {"project", "batch", "pause", "revert-on-failure", "before-host", "after-host", "remote-pyz"}
+    assert call["inputs"]["revert-on-failure"] == {**call["inputs"]["revert-on-failure"], "type": "boolean", "default": False}
+    assert call["inputs"]["batch"]["default"] == "1" and call["inputs"]["remote-pyz"]["default"] == ""
+    assert set(call["secrets"]) == {"SERVER_HOST", "SERVER_USER", "SSH_PRIVATE_KEY", "SSH_KNOWN_HOSTS"}
+    assert all(spec["required"] for spec in call["secrets"].values())  # SSH_KNOWN_HOSTS too: keys are pinned
     build = "\n".join(step.get("run", "") for step in doc["jobs"]["build"]["steps"])
     assert "ghcr.io/${GITHUB_REPOSITORY,,}/$PROJECT" in build and 'docker push "$IMAGE:$TAG"' in build
     deploy = doc["jobs"]["deploy"]
-    assert deploy["needs"] == "build"
-    script = deploy["steps"][0]["run"]
-    assert "set -euo pipefail" in script and 'for host in "${hosts[@]}"' in script
-    assert 'python3 "$PYZ" deploy "$PROJECT" "$TAG"' in script
+    assert deploy["needs"] == "build" and deploy["steps"][0]["uses"].startswith("actions/checkout@")
+    step = gha.deploy_step(ci_repo)
+    script = step["run"]
+    assert 'python3 "$PYZ" "${args[@]}"' in script and 'args=(rollout "$PROJECT" "$TAG" --hosts="$HOSTS"' in script
+    assert "for host in" not in script and " deploy " not in script  # no hand loop over the hosts any more
+    # The pyz the step runs is the one init wrote into the repository, with a checksum that matches it.
+    assert step["env"]["PYZ"] == init.CI_PYZ
+    sums = subprocess.run(["sha256sum", "--check", "--strict", Path(init.CI_PYZ_SUM).name], cwd=ci_repo / Path(init.CI_PYZ).parent,
+                          capture_output=True, text=True)
+    assert sums.returncode == 0 and sums.stdout == "bluegreen.pyz: OK\n", sums.stdout + sums.stderr
+    # Every value reaches the script through env (never ${{ }} inside the script, where it would be shell code).
+    assert "${{" not in script
+
+
+def test_host_keys_are_pinned_never_scanned_nor_unchecked(ci_repo):
+    for name in ("deploy-backend.yml", "deploy-user-api.yml"):
+        text = (ci_repo / ".github/workflows" / name).read_text()
+        assert "StrictHostKeyChecking=no" not in text and "accept-new" not in text
+    script = gha.deploy_step(ci_repo)["run"]
+    assert "--ssh-option=StrictHostKeyChecking=yes" in script
+    assert '--ssh-option="UserKnownHostsFile=$ssh_dir/known_hosts"' in script
+    # ssh-keyscan appears only in the advice of the error message, never as a command.
+    for line in script.splitlines():
+        if "ssh-keyscan" in line:
+            assert line.strip().startswith('echo "::error title=SSH_KNOWN_HOSTS is required::'), line
 
 
 def test_workflows_pass_actionlint_with_shellcheck(ci_repo):
@@ -216,15 +254,205 @@ def test_dockerfile_passes_hadolint(ci_repo):
     assert 'ENTRYPOINT ["java", "-jar", "/app/app.jar"]' in text and "EXPOSE 8080" in text
 
 
-def test_ci_files_are_not_overwritten_without_force(ci_repo):
+def test_ci_files_are_not_overwritten_without_force(ci_repo, built_pyz):
     wf = ci_repo / ".github/workflows/deploy-user-api.yml"
     original = wf.read_text()
     wf.write_text(original + "# local edit\n")
     try:
-        code, _, err = run(["init", "--ci", "github", "user-api", "--repo", str(ci_repo)], {})
-        assert code == 2 and "already exist" in err and wf.read_text().endswith("# local edit\n")
+        proc = init_ci_with(built_pyz, ci_repo)
+        assert proc.returncode == 2 and "already exist" in proc.stderr and wf.read_text().endswith("# local edit\n")
     finally:
         wf.write_text(original)
+
+
+# -- the vendored pyz ------------------------------------------------------------------------------------
+
+def test_init_ci_writes_the_running_pyz_and_names_files_and_secrets(tmp_path, built_pyz):
+    proc = init_ci_with(built_pyz, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    vendored = tmp_path / init.CI_PYZ
+    assert vendored.read_bytes() == built_pyz.read_bytes()
+    assert (tmp_path / init.CI_PYZ_SUM).read_text() == init.render_pyz_sum(built_pyz.read_bytes(), bluegreen.__version__)
+    assert f"# bluegreen {bluegreen.__version__}: " in (tmp_path / init.CI_PYZ_SUM).read_text()
+    nxt = proc.stdout[proc.stdout.index("Next: "):]
+    assert "\n" not in nxt.rstrip("\n")  # one paragraph
+    for name in (init.CI_PYZ, init.CI_PYZ_SUM, "deploy-backend.yml", "deploy-user-api.yml", "USER_API_SERVER_HOST",
+                 "SERVER_USER", "SSH_PRIVATE_KEY", "SSH_KNOWN_HOSTS (required", "ssh-keyscan", "--force"):
+        assert name in nxt, name
+    # A second project in the same repository shares the reusable workflow, the Dockerfile and the pyz.
+    proc = init_ci_with(built_pyz, tmp_path, project="orders")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("unchanged") == 4 and "wrote    " in proc.stdout and "ORDERS_SERVER_HOST" in proc.stdout
+
+
+def test_a_different_vendored_pyz_is_a_conflict_and_force_replaces_it_keeping_a_bak(tmp_path, built_pyz):
+    assert init_ci_with(built_pyz, tmp_path).returncode == 0
+    vendored, sums = tmp_path / init.CI_PYZ, tmp_path / init.CI_PYZ_SUM
+    old = b"#!/usr/bin/env python3\nPK\x03\x04\x00\xff an older bluegreen\n"  # bytes that are not UTF-8
+    old_sums = init.render_pyz_sum(old, "0.0.9")
+    vendored.write_bytes(old)
+    sums.write_text(old_sums)
+    proc = init_ci_with(built_pyz, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert str(vendored) in proc.stderr and str(sums) in proc.stderr and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr and vendored.read_bytes() == old and sums.read_text() == old_sums
+    proc = init_ci_with(built_pyz, tmp_path, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert vendored.read_bytes() == built_pyz.read_bytes()
+    assert Path(str(vendored) + ".bak").read_bytes() == old and Path(str(sums) + ".bak").read_text() == old_sums
+    assert "replaced (previous kept as bluegreen.pyz.bak)" in proc.stdout and "delete the .bak files" in proc.stdout
+    assert "unchanged" in proc.stdout  # the workflows themselves did not change
+    check = subprocess.run(["sha256sum", "--check", "--status", "bluegreen.pyz.sha256"], cwd=vendored.parent)
+    assert check.returncode == 0
+
+
+def test_init_ci_from_a_source_tree_says_to_run_the_pyz(tmp_path):
+    code, out, err = run(["init", "--ci", "github", "user-api", "--repo", str(tmp_path)], {})
+    assert code == 2 and "run it from the pyz" in err.lower() and "python3 dist/bluegreen.pyz init --ci github user-api" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_file_specs_compare_binary_content_byte_for_byte(tmp_path):
+    specs = init.ci_files(tmp_path, "user-api", b"\x00\xffpyz", "9.9")
+    pyz = next(s for s in specs if s.path == tmp_path / init.CI_PYZ)
+    assert pyz.data == b"\x00\xffpyz" and pyz.mode == 0o755
+    init.write_files(specs, force=False)
+    assert init.conflicts(specs) == []
+    (tmp_path / init.CI_PYZ).write_bytes(b"\x00\xfepyz")
+    assert init.conflicts(specs) == [tmp_path / init.CI_PYZ]
+    with pytest.raises(UsageError, match="already exists"):
+        init.write_files(specs, force=False)
+    done = init.write_files(specs, force=True)
+    assert [w.status for w in done if w.spec is pyz] == ["replaced (previous kept as bluegreen.pyz.bak)"]
+    assert (tmp_path / (init.CI_PYZ + ".bak")).read_bytes() == b"\x00\xfepyz"
+    init.undo(done)  # puts the previous bytes back
+    assert (tmp_path / init.CI_PYZ).read_bytes() == b"\x00\xfepyz"
+
+
+# -- the deploy step's script, run with a stand-in for python3 --------------------------------------------
+
+FAKE_PYTHON = """#!{python}
+import json, os, stat, sys
+argv = sys.argv[1:]
+key = argv[argv.index("-i") + 1]
+known = next(a.split("=", 2)[2] for a in argv if a.startswith("--ssh-option=UserKnownHostsFile="))
+json.dump({{"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "ppid": os.getppid(),
+           "key_mode": stat.S_IMODE(os.stat(key).st_mode), "dir_mode": stat.S_IMODE(os.stat(os.path.dirname(key)).st_mode),
+           "key": open(key).read(), "known_hosts": open(known).read()}}, open(os.environ["FAKE_OUT"], "w"))
+sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA-not-a-real-key\n-----END OPENSSH PRIVATE KEY-----"
+KNOWN = "10.0.1.10 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOne\n10.0.1.11 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITwo"
+SECRETS = {"USER_API_SERVER_HOST": "10.0.1.10,10.0.1.11", "SERVER_USER": "ec2-user", "SSH_PRIVATE_KEY": KEY,
+           "SSH_KNOWN_HOSTS": KNOWN}
+
+
+@pytest.fixture
+def fake_runner(tmp_path, ci_repo):
+    """A copy of the repository, a HOME, and a PATH whose python3 records what the script ran it with."""
+    repo = tmp_path / "repo"
+    shutil.copytree(ci_repo, repo, ignore=shutil.ignore_patterns(".git"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON.format(python=sys.executable))
+    (bin_dir / "python3").chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    out = tmp_path / "fake.json"
+
+    def step(secrets=None, inputs=None, exit_code=0):
+        path = f"{bin_dir}:/usr/bin:/bin"
+        env_extra = {"FAKE_OUT": str(out), "FAKE_EXIT": str(exit_code)}
+        proc = gha.run_deploy_step(repo, "user-api", home=home, summary=tmp_path / "summary.md",
+                                   secrets=SECRETS if secrets is None else secrets, tag="abc1234", inputs=inputs,
+                                   path=path, extra_env=env_extra, timeout=60)
+        ran = json.loads(out.read_text()) if out.exists() else None
+        if out.exists():
+            out.unlink()
+        return proc, ran
+
+    step.repo, step.home = repo, home
+    return step
+
+
+def test_the_step_runs_the_rollout_with_pinned_keys_and_the_key_only_in_a_private_file(fake_runner):
+    proc, ran = fake_runner()
+    assert proc.returncode == 0, proc.stdout
+    argv = ran["argv"]
+    key, known = argv[argv.index("-i") + 1], f"{Path(argv[argv.index('-i') + 1]).parent}/known_hosts"
+    assert argv == [init.CI_PYZ, "rollout", "user-api", "abc1234", "--hosts=10.0.1.10,10.0.1.11", "--ssh-user=ec2-user",
+                    "-i", key, "--ssh-option=StrictHostKeyChecking=yes", f"--ssh-option=UserKnownHostsFile={known}",
+                    "--ssh-option=GlobalKnownHostsFile=/dev/null", "--ssh-option=IdentitiesOnly=yes", "--batch=1",
+                    "--pause=0"]
+    assert ran["cwd"] == str(fake_runner.repo) and key.startswith(str(fake_runner.home / "runner-temp"))
+    assert ran["key"] == KEY + "\n" and ran["key_mode"] == 0o600 and ran["dir_mode"] == 0o700
+    assert ran["known_hosts"] == KNOWN + "\n"
+    # The secrets are in no argument and not in the environment of the rollout (nor so of its hooks).
+    assert "SSH_PRIVATE_KEY" not in ran["env"] and "SSH_KNOWN_HOSTS" not in ran["env"]
+    assert not any("PRIVATE KEY" in a or "AAAAC3" in a for a in argv) and "PRIVATE KEY" not in proc.stdout
+    assert ran["env"]["GITHUB_ACTIONS"] == "true"
+    # The rollout is the step's own process (exec), so the signals of a cancelled run reach it.
+    assert ran["ppid"] == os.getpid()
+    assert not Path(key).parent.exists()  # removed by the `if: always()` step after it
+
+
+def test_the_key_is_removed_by_a_step_that_always_runs(fake_runner):
+    steps = gha.load(fake_runner.repo, "deploy-backend.yml")["jobs"]["deploy"]["steps"]
+    names = [s.get("name") for s in steps]
+    assert names.index(gha.CLEANUP_STEP) == names.index(gha.DEPLOY_STEP) + 1
+    assert steps[-1] == {"name": gha.CLEANUP_STEP, "if": "always()", "run": 'rm -rf "$RUNNER_TEMP"/bluegreen-ssh.*'}
+
+
+def test_a_failed_rollout_fails_the_step_with_its_exit_code_and_the_key_is_still_removed(fake_runner):
+    proc, ran = fake_runner(exit_code=4)
+    assert proc.returncode == 4
+    assert not Path(ran["argv"][ran["argv"].index("-i") + 1]).parent.exists()
+
+
+def test_inputs_reach_the_rollout_as_words_never_as_shell_code(fake_runner, tmp_path):
+    marker = tmp_path / "PWNED"
+    hook = f'./deploy/alb-out.sh "arn:aws:x" $(touch {marker}); touch {marker} `touch {marker}`'
+    crlf_key = KEY.replace("\n", "\r\n")
+    proc, ran = fake_runner(secrets={**SECRETS, "SSH_PRIVATE_KEY": crlf_key},
+                            inputs={"batch": "25%", "pause": "5", "revert-on-failure": True, "before-host": hook,
+                                    "after-host": "-x ./in.sh", "remote-pyz": "/srv/deploy/bluegreen.pyz"})
+    assert proc.returncode == 0, proc.stdout
+    argv = ran["argv"]
+    assert argv[argv.index("--batch=25%"):] == ["--batch=25%", "--pause=5", "--revert-on-failure", f"--before-host={hook}",
+                                                "--after-host=-x ./in.sh", "--remote-pyz=/srv/deploy/bluegreen.pyz"]
+    assert not marker.exists()
+    assert ran["key"] == KEY + "\n"  # CRLF line ends from a key pasted on Windows are dropped
+
+
+@pytest.mark.parametrize("known_hosts", ["", "  \n\t\n"])
+def test_the_step_refuses_without_known_hosts_before_running_anything(fake_runner, known_hosts):
+    proc, ran = fake_runner(secrets={**SECRETS, "SSH_KNOWN_HOSTS": known_hosts})
+    assert proc.returncode == 1 and ran is None
+    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("::error")]
+    assert line.startswith("::error title=SSH_KNOWN_HOSTS is required::")
+    for words in ("SSH_KNOWN_HOSTS", "ssh-keyscan HOST", "ssh-keygen -lf", "Settings > Secrets and variables > Actions",
+                  "Nothing was deployed"):
+        assert words in line, words
+
+
+def test_the_step_names_every_missing_secret(fake_runner):
+    proc, ran = fake_runner(secrets={"SSH_KNOWN_HOSTS": KNOWN})
+    assert proc.returncode == 1 and ran is None
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("::error")]
+    assert len(errors) == 3 and all("Nothing was deployed" in e for e in errors)
+    for name in ("USER_API_SERVER_HOST", "SERVER_USER", "SSH_PRIVATE_KEY"):
+        assert any(f"The secret {name} is empty" in e for e in errors), name
+
+
+def test_the_step_refuses_a_pyz_that_does_not_match_its_checksum(fake_runner):
+    vendored = fake_runner.repo / init.CI_PYZ
+    vendored.write_bytes(vendored.read_bytes() + b"\n")
+    proc, ran = fake_runner()
+    assert proc.returncode == 1 and ran is None
+    assert f"::error title=bluegreen.pyz changed::{init.CI_PYZ} does not match {init.CI_PYZ_SUM}" in proc.stdout
+    vendored.unlink()
+    proc, ran = fake_runner()
+    assert proc.returncode == 1 and ran is None and "::error title=bluegreen.pyz missing::" in proc.stdout
 
 
 # -- hostile options and planted files ------------------------------------------------------------------
