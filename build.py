@@ -9,8 +9,10 @@ build with the hosts' Python (`make build PYTHON=python3.9`) to give them the fa
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import base64
 import io
+import json
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -43,25 +45,44 @@ def _add(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
     zf.writestr(info, data, compresslevel=9)
 
 
-def bytecode(name: str, source: bytes) -> bytes:
-    """`name`'s code as zipimport reads `NAME.pyc`: unchecked-hash (no timestamp: reproducible; zipimport
-    neither stats nor hashes the source), compiled under the archive-relative name, not the build path."""
-    code = compile(source, name, "exec", dont_inherit=True, optimize=0)
-    from importlib._bootstrap_external import _code_to_hash_pyc  # what py_compile uses; no public API takes bytes
+# Compiles in a fresh interpreter without site (-I -S): marshal marks objects it meets twice by their reference
+# counts, so on Python 3.9 and 3.10 the same source compiled in a busier interpreter (more modules imported,
+# a .pth file) can give other bytes. In a fresh one, each build does the same and gets the same.
+_COMPILER = r"""
+import base64, importlib.util, json, sys
+from importlib._bootstrap_external import _code_to_hash_pyc  # what py_compile uses; no public API takes bytes
+out = {}
+for name, path in json.load(sys.stdin):
+    with open(path, "rb") as f:
+        source = f.read()
+    # Named by its place in the archive (not the build path: reproducible; and never a path relative to
+    # where a traceback is printed, which linecache would read instead).
+    code = compile(source, "bluegreen.pyz/" + name, "exec", dont_inherit=True, optimize=0)
+    pyc = _code_to_hash_pyc(code, importlib.util.source_hash(source), False)
+    out[name] = base64.b64encode(bytes(pyc)).decode("ascii")
+json.dump(out, sys.stdout)
+"""
 
-    return bytes(_code_to_hash_pyc(code, importlib.util.source_hash(source), False))
+
+def bytecode(sources: list[tuple[str, Path]]) -> dict[str, bytes]:
+    """Each module's code as zipimport reads `NAME.pyc`: unchecked-hash (no timestamp: reproducible; zipimport
+    neither stats nor hashes the source), compiled by this Python in a fresh interpreter."""
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", _COMPILER], input=json.dumps([(n, str(p)) for n, p in sources]),
+                          stdout=subprocess.PIPE, text=True, check=True)
+    return {name: base64.b64decode(data) for name, data in json.loads(proc.stdout).items()}
 
 
 def build(output: Path, src: Path = HERE, *, with_bytecode: bool = True) -> Path:
     """Write the archive to `output` atomically and return its path."""
+    files = [(path.relative_to(src).as_posix(), path) for path in package_files(src)]
+    compiled = bytecode([(n, p) for n, p in files if n.endswith(".py")]) if with_bytecode else {}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         _add(zf, "__main__.py", MAIN)
-        for path in package_files(src):
-            name, data = path.relative_to(src).as_posix(), path.read_bytes()
-            _add(zf, name, data)
-            if with_bytecode and name.endswith(".py"):
-                _add(zf, name + "c", bytecode(name, data))
+        for name, path in files:
+            _add(zf, name, path.read_bytes())
+            if name in compiled:
+                _add(zf, name + "c", compiled[name])
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     tmp.write_bytes(SHEBANG + buf.getvalue())

@@ -203,12 +203,14 @@ def _as_error(exc: BaseException, stepping: bool) -> BaseException:
 
 def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, stderr: TextIO,
                  environ: Mapping[str, str], runner: Runner | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> int:
+                 clock: Callable[[], float] = time.monotonic, rollback: bool = False) -> int:
     """`bluegreen pull`: the deploy's first step alone (its PULL policy and messages), so that a rollout can
-    fetch the image on every host before any host switches. Changes nothing that serves."""
+    fetch the image on every host before any host switches. Changes nothing that serves. With `rollback`, the
+    image `rollback --to TAG` would deploy: the digest the journal recorded for TAG, if any."""
     validate_project(project)
     validate_tag(tag)
     cfg = load_project(settings, project)
+    digest = recorded_digest(journal.read(settings.journal_file(project)), tag) if rollback else ""
     for warning in cfg.warnings:
         say(stderr, f"warning: {warning}")
     progress = Progress(stderr, clock)
@@ -216,7 +218,7 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
                     since=now_iso())
     # Under the project lock, like a deploy: a prune running now must not remove what is being pulled.
     with project_lock(settings.lock_file(project), holder, retry="then pull again"):
-        plan, _ = read_plan(settings, cfg, tag)
+        plan, _ = read_plan(settings, cfg, tag, digest=digest)
         deployer = Deployer(settings=settings, runner=runner or SubprocessRunner(), progress=progress, clock=clock)
         deployer.pull_only(plan)
     found = f" (registry digest {deployer.digest})" if deployer.digest else ""

@@ -58,8 +58,9 @@ class Context:
 def _fleet_options(p: argparse.ArgumentParser, required: bool = False) -> None:
     """--hosts and the ssh options: on rollout, and on the day-2 commands to ask or act on every host."""
     g = p.add_argument_group("fleet (run on these hosts over ssh)" if not required else "fleet")
-    g.add_argument("--hosts", metavar="HOST[,HOST...]", default="", help="the hosts, in order (USER@HOST, HOST:PORT accepted)")
-    g.add_argument("--hosts-file", metavar="FILE", default="", help="the hosts, one a line (# comments)")
+    # None when not given: an empty --hosts (an unset CI secret) is an error, never the local command.
+    g.add_argument("--hosts", metavar="HOST[,HOST...]", default=None, help="the hosts, in order (USER@HOST, HOST:PORT accepted)")
+    g.add_argument("--hosts-file", metavar="FILE", default=None, help="the hosts, one a line (# comments)")
     g.add_argument("--ssh-user", metavar="USER", default="", help="ssh login user (default: your ssh config's)")
     g.add_argument("-i", "--identity", metavar="FILE", default="", help="ssh private key")
     g.add_argument("--ssh-option", metavar="KEY=VALUE", action="append", default=[], help="passed to ssh as -o (repeatable)")
@@ -86,7 +87,10 @@ _FLEET_ONLY = ("ssh_user", "identity", "ssh_option", "ssh_config", "remote_pyz",
 def _fleet_mode(args: argparse.Namespace) -> bool:
     """Whether the command runs on the hosts of --hosts/--hosts-file; a fleet option without them is an error
     (never silently ignored)."""
-    if getattr(args, "hosts", "") or getattr(args, "hosts_file", ""):
+    if getattr(args, "hosts", None) is not None or getattr(args, "hosts_file", None) is not None:
+        if args.command == "rollback" and args.wait:
+            raise UsageError("--wait: not with --hosts (a fleet rollback refuses a host where a deploy of the project "
+                             "runs, before any host changes; run it again when that deploy is done). Nothing was changed.")
         return True
     given = [name for name in _FLEET_ONLY if hasattr(args, "hosts") and getattr(args, name, None)
              and not (name == "json" and args.command != "rollback")]
@@ -162,6 +166,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     _common(p)
     p.add_argument("project", metavar="PROJECT")
     p.add_argument("tag", metavar="TAG")
+    p.add_argument("--rollback", action="store_true",
+                   help="the image `rollback --to TAG` would deploy: the digest the journal recorded for TAG")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("rollback", help="deploy the previous successful tag (or --to TAG) through the full checks")
@@ -337,7 +343,7 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import attempt
 
     return attempt.pull_project(settings=ctx.settings, project=args.project, tag=args.tag, stdout=ctx.stdout,
-                                stderr=ctx.stderr, environ=ctx.environ)
+                                stderr=ctx.stderr, environ=ctx.environ, rollback=args.rollback)
 
 
 def cmd_adopt(args: argparse.Namespace, ctx: Context) -> int:

@@ -10,6 +10,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from bluegreen.config import is_tag
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, UsageError
 from bluegreen.journal import RESULT_DEPLOYED, Entry, rollback_candidates
 
@@ -123,6 +124,29 @@ def ssh_argv(target: Target, opts: SshOptions, remote: Sequence[str], *, ssh: st
     return argv
 
 
+# -- host text on this terminal and in CI logs -----------------------------------------------------------
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# A CI runner reads workflow commands in what we print: GitHub's `::cmd::` at the start of a line (leading
+# blanks ignored) and its older `##[cmd]` anywhere. A host must never issue one through its text.
+_WORKFLOW_COMMAND = re.compile(r"^(\s*)::|##\[")
+
+
+def _clean(value: object, limit: int = 300) -> str:
+    """A host's answer fit for one line of a table: untrusted, so no control characters (line breaks
+    included), bounded, and no CI workflow command."""
+    return defuse(_CONTROL.sub("?", str(value if value is not None else "")[:limit]))
+
+
+def one_line(value: object, limit: int = 300) -> str:
+    """Host text for one line: see _clean."""
+    return _clean(value, limit)
+
+
+def defuse(line: str) -> str:
+    """`line` with any CI workflow command broken up by a zero-width space (it reads the same)."""
+    return _WORKFLOW_COMMAND.sub(lambda m: f"{m.group(1)}\u200b::" if m.group(0).endswith("::") else "##\u200b[", line)
+
+
 # -- the result table --------------------------------------------------------------------------------------
 
 OK, FAILED, SKIPPED, REVERTED, REFUSED, INTERRUPTED = "deployed", "failed", "not started", "reverted", "refused", "interrupted"
@@ -163,17 +187,21 @@ def table(results: Sequence[HostResult]) -> list[str]:
     width = max([len("host")] + [len(r.target) for r in results])
     lines = [f"{'host':<{width}}  {'result':<11}  {'tag':<24}  {'time':>7}  detail"]
     for r in results:
-        tags = f"{r.before or '?'} -> {r.after or '?'}"
+        tags = f"{_clean(r.before, 140) or '?'} -> {_clean(r.after, 140) or '?'}"
         detail = f"{r.step}: {r.message}" if r.step else r.message
-        first = detail.splitlines()[0] if detail else ""
-        lines.append(f"{r.target:<{width}}  {r.result:<11}  {tags:<24}  {r.seconds:>6.1f}s  {first[:300]}")
+        first = _clean(detail.splitlines()[0] if detail.splitlines() else "")
+        lines.append(f"{r.target:<{width}}  {r.result:<11}  {tags:<24}  {r.seconds:>6.1f}s  {first}")
     return lines
+
+
+_MARKDOWN = set("\\`*_[](){}<>!#|~&")
 
 
 def markdown_table(project: str, tag: str, code: int, results: Sequence[HostResult]) -> str:
     """The rollout's table for a GitHub Actions job summary ($GITHUB_STEP_SUMMARY)."""
     def cell(text: str) -> str:
-        return _clean(text).replace("|", "\\|")[:300] or " "
+        # Markdown a host cannot use: no links, images, HTML or emphasis from its text, and no column break.
+        return "".join("\\" + c if c in _MARKDOWN else c for c in _clean(text))[:400] or " "
 
     lines = [f"### bluegreen: {cell(project)} {cell(tag)}: exit {code}", "",
              "| host | result | tag before → after | time | detail |", "|---|---|---|---|---|"]
@@ -185,12 +213,6 @@ def markdown_table(project: str, tag: str, code: int, results: Sequence[HostResu
 
 
 # -- the fleet's day-2 questions ---------------------------------------------------------------------------
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _clean(value: object, limit: int = 300) -> str:
-    """A host's answer fit for one line of a table: untrusted, so no control characters and bounded."""
-    return _CONTROL.sub("?", str(value if value is not None else "")[:limit])
 
 
 @dataclass
@@ -200,6 +222,7 @@ class HostStatus:
     target: str
     error: str = ""  # unreachable, no tool, no answer: the host's state is unknown
     tag: str = ""
+    digest: str = ""  # the registry digest its journal recorded for the serving tag ("" : unknown)
     colour: str = ""
     verdict: str = ""  # ok, degraded, down (status's)
     reason: str = ""  # why not ok, from the first failed check
@@ -213,22 +236,27 @@ def host_status(target: str, text: str, returncode: int) -> HostStatus | None:
     """Read a host's `status PROJECT --json` (untrusted: any shape) into a HostStatus; None when it is none."""
     try:
         data = json.loads(text)
-        (item,) = data
-        assert isinstance(item, dict) and isinstance(item.get("checks") or [], list)
-    except (ValueError, TypeError, AssertionError, RecursionError):
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, list) or len(data) != 1 or not isinstance(data[0], dict):
+        return None
+    item = data[0]
+    if not isinstance(item.get("checks") or [], list) or not isinstance(item.get("drift") or [], list):
         return None
     failed = next((c for c in item.get("checks") or [] if isinstance(c, dict) and not c.get("ok")), None)
+    digest = item.get("digest")
     lock, freeze = item.get("lock"), item.get("freeze")
     return HostStatus(
         target,
         error=_clean(item.get("error") or ""),
-        tag=_clean(item.get("tag") or "", 140),
+        tag=_clean(item.get("tag") or "", 140) if is_tag(item.get("tag")) else "",
+        digest=digest if isinstance(digest, str) and _DIGEST.fullmatch(digest) else "",
         colour=_clean(item.get("serving") or "", 20),
         verdict=_clean(item.get("verdict") or "", 20),
         reason=_clean(failed.get("detail") or failed.get("name") or "") if failed else "",
         lock=_clean(f"deploy of {lock.get('tag')} by {lock.get('user')} since {lock.get('since')}") if isinstance(lock, dict) else "",
         freeze=_clean(f"by {freeze.get('user')}: {freeze.get('message')}") if isinstance(freeze, dict) else "",
-        drift=len(item.get("drift") or []) if isinstance(item.get("drift"), list) else 0,
+        drift=len(item.get("drift") or []),
         exit_code=returncode,
     )
 
@@ -246,6 +274,18 @@ def status_verdict(statuses: Sequence[HostStatus]) -> tuple[bool, list[str]]:
             tags.setdefault(s.tag or "nothing", []).append(s.target)
     if len(tags) > 1:
         problems.append("version skew: " + "; ".join(f"{tag} on {', '.join(hosts)}" for tag, hosts in sorted(tags.items())))
+    for tag, hosts in sorted(tags.items()):
+        # One tag, several images (`latest` moved between two deploys): skew all the same.
+        images: dict[str, list[str]] = {}
+        for s in statuses:
+            if not s.error and (s.tag or "nothing") == tag and s.digest:
+                images.setdefault(s.digest, []).append(s.target)
+        if len(images) > 1:
+            problems.append(f"version skew: {tag} is {len(images)} different images: "
+                            + "; ".join(f"{d[:19]}... on {', '.join(h)}" for d, h in sorted(images.items())))
+    unnamed = [s.target for s in statuses if not s.error and not s.tag and s.verdict == "ok"]
+    if unnamed:
+        problems.append(f"version unknown on {', '.join(unnamed)}: the serving container's image names no tag of IMAGE")
     for s in statuses:
         if not s.error and s.verdict != "ok":
             problems.append(f"{s.target} is {s.verdict or 'not ok'}: {s.reason or 'see its status'}")
@@ -261,43 +301,48 @@ def status_table(statuses: Sequence[HostStatus]) -> list[str]:
     lines = [f"{'host':<{width}}  {'serving':<28}  {'health':<9}  detail"]
     for s in statuses:
         if s.error:
-            lines.append(f"{s.target:<{width}}  {'?':<28}  {'unknown':<9}  {s.error.splitlines()[0] if s.error else ''}")
+            lines.append(f"{s.target:<{width}}  {'?':<28}  {'unknown':<9}  {_clean(s.error)}")
             continue
         serving = f"{s.tag or 'nothing'} ({s.colour})" if s.colour else (s.tag or "nothing")
         flags = [f"{s.verdict}: {s.reason}"] if s.verdict != "ok" and s.reason else []
         flags += [f"DEPLOYING ({s.lock})"] if s.lock else []
         flags += [f"FROZEN {s.freeze}"] if s.freeze else []
         flags += [f"{s.drift} drift problem(s)"] if s.drift else []
-        lines.append(f"{s.target:<{width}}  {serving:<28}  {s.verdict or '?':<9}  {'; '.join(flags)[:300]}")
+        lines.append(f"{s.target:<{width}}  {_clean(serving, 60):<28}  {_clean(s.verdict, 20) or '?':<9}  {_clean('; '.join(flags))}")
     return lines
 
 
 def rollback_target(hosts: Mapping[str, tuple[str, Sequence[Entry]]]) -> str | None:
     """One tag for the whole fleet to go back to: the newest tag that every host either serves or can roll back
-    to (journal.rollback_candidates), leaving out a tag that every host already serves. `hosts` maps each host
-    to (its serving tag, its journal, oldest first). Newest: the latest successful deploy of the tag anywhere."""
+    to (journal.rollback_candidates), leaving out a tag that every host whose serving tag is known serves
+    already. `hosts` maps each host to (its serving tag, "" when unknown; its journal, oldest first). None
+    when no tag fits, or no host's serving tag is known. Newest: the latest successful deploy of the tag."""
     allowed: set[str] | None = None
-    serving = set()
+    serving = {tag for tag, _ in hosts.values() if tag}
+    if not serving:
+        return None
     last: dict[str, str] = {}
     for tag, entries in hosts.values():
         ok = set(rollback_candidates(list(entries))) | ({tag} if tag else set())
         allowed = ok if allowed is None else allowed & ok
-        serving.add(tag)
         for e in entries:
+            when = e.time if _TIME.match(e.time) else ""  # a host's journal: only a real time orders it
             if e.result == RESULT_DEPLOYED:
-                last[e.tag] = max(last.get(e.tag, ""), e.time)
+                last[e.tag] = max(last.get(e.tag, ""), when)
             if e.result == RESULT_DEPLOYED and e.from_tag:
                 last.setdefault(e.from_tag, "")
-    if not allowed:
-        return None
-    choices = [t for t in allowed if serving != {t}]
+    choices = [t for t in allowed or () if serving != {t}]
     if not choices:
         return None
     return max(choices, key=lambda t: (last.get(t, ""), t))
 
 
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\+00:00|Z)?$")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 def merge_history(hosts: Mapping[str, Sequence[Entry]]) -> list[tuple[str, Entry]]:
     """Every host's journal entries in one list, newest first, each with its host."""
     merged = [(target, e) for target, entries in hosts.items() for e in entries]
-    merged.sort(key=lambda pair: (pair[1].time, pair[0]), reverse=True)
+    merged.sort(key=lambda pair: (pair[1].time if _TIME.match(pair[1].time) else "", pair[0]), reverse=True)
     return merged

@@ -12,7 +12,7 @@ from typing import Mapping, Sequence, TextIO
 
 from bluegreen import fleet
 from bluegreen.config import Settings, validate_project
-from bluegreen.errors import EXIT_FAILED, EXIT_OK
+from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, Interrupted
 from bluegreen.fleet import SshOptions
 from bluegreen.journal import parse_line
 from bluegreen.rollout import PARALLEL, SSH_UNREACHABLE, Host, Remote, Rollout, _each, connections, read_targets
@@ -20,12 +20,27 @@ from bluegreen.rollout import PARALLEL, SSH_UNREACHABLE, Host, Remote, Rollout, 
 HISTORY_MAX = 1000  # entries read from one host
 
 
-def _fleet(settings: Settings, project: str, hosts: str, hosts_file: str, ssh: SshOptions, remote: Remote,
+def _fleet(settings: Settings, project: str, hosts: str | None, hosts_file: str | None, ssh: SshOptions, remote: Remote,
            stdout: TextIO, stderr: TextIO, environ: Mapping[str, str], command: str, ssh_cmd: str):
     validate_project(project)
     targets = read_targets(hosts, hosts_file, command)
     return targets, lambda opts: Rollout(settings=settings, project=project, tag="", targets=targets, ssh=opts, remote=remote,
                                          pyz=None, stdout=stdout, stderr=stderr, environ=environ, ssh_cmd=ssh_cmd)
+
+
+def _gather(fn, ro: Rollout) -> str:
+    """`fn` on every host at once; "" when all were asked, else the signal that stopped the waiting (the
+    hosts not done by then are reported as such; their ssh commands finish on their own)."""
+    try:
+        _each(fn, ro.hosts, PARALLEL)
+        return ""
+    except Interrupted as exc:
+        return exc.signame
+
+
+def _code(code: int) -> int:
+    """A host's exit code as one of ours: a signal, 124 (timed out), 126 or 127 is a failure."""
+    return code if 0 <= code <= 4 else EXIT_FAILED
 
 
 def _problem(ro: Rollout, h: Host, proc) -> str:
@@ -36,10 +51,10 @@ def _problem(ro: Rollout, h: Host, proc) -> str:
     if "can't open file" in err or "No such file" in err:
         return f"no bluegreen at {ro.remote.pyz or 'ROOT/bluegreen.pyz'} on {h.target} (a rollout installs it)"
     last = err.splitlines()[-1] if err else ""
-    return f"exit {proc.returncode}: {last[-300:]}" if last else f"exit {proc.returncode}"
+    return fleet.one_line(f"exit {proc.returncode}: {last[-300:]}" if last else f"exit {proc.returncode}")
 
 
-def run_fleet_status(*, settings: Settings, project: str, hosts: str, hosts_file: str, ssh: SshOptions, remote: Remote,
+def run_fleet_status(*, settings: Settings, project: str, hosts: str | None, hosts_file: str | None, ssh: SshOptions, remote: Remote,
                      json_out: bool, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str], ssh_cmd: str = "ssh") -> int:
     """`status PROJECT --hosts ...`: one line per host, then the fleet's verdict; 0 only when every host serves
     the same version, healthy."""
@@ -55,8 +70,8 @@ def run_fleet_status(*, settings: Settings, project: str, hosts: str, hosts_file
             found[str(h.target)] = item or fleet.HostStatus(str(h.target), error=_problem(ro, h, proc),
                                                             exit_code=proc.returncode)
 
-        _each(ask, ro.hosts, PARALLEL)
-    statuses = [found[str(t)] for t in targets]
+        stopped = _gather(ask, ro)
+    statuses = [found.get(str(t)) or fleet.HostStatus(str(t), error=f"not asked: interrupted by {stopped}") for t in targets]
     ok, problems = fleet.status_verdict(statuses)
     if json_out:
         print(json.dumps({"project": project, "ok": ok, "problems": problems, "hosts": [asdict(s) for s in statuses]},
@@ -67,10 +82,12 @@ def run_fleet_status(*, settings: Settings, project: str, hosts: str, hosts_file
         tags = {s.tag for s in statuses}
         print(f"fleet: ok, {len(statuses)} host(s) serve {tags.pop() or 'nothing'}" if ok else
               "fleet: NOT OK\n" + "\n".join(f"  - {p}" for p in problems), file=stdout)
-    return EXIT_OK if ok else EXIT_FAILED
+    if stopped:
+        print(f"bluegreen: interrupted by {stopped}: the hosts not asked are shown as unknown.", file=stderr)
+    return EXIT_OK if ok and not stopped else EXIT_FAILED
 
 
-def run_fleet_history(*, settings: Settings, project: str, hosts: str, hosts_file: str, ssh: SshOptions, remote: Remote,
+def run_fleet_history(*, settings: Settings, project: str, hosts: str | None, hosts_file: str | None, ssh: SshOptions, remote: Remote,
                       n: int, json_out: bool, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str],
                       ssh_cmd: str = "ssh") -> int:
     """`history PROJECT --hosts ...`: the journals merged, newest first, each entry with its host."""
@@ -90,18 +107,22 @@ def run_fleet_history(*, settings: Settings, project: str, hosts: str, hosts_fil
             lines = ro._text(proc.stdout).splitlines()[:HISTORY_MAX]
             per_host[str(h.target)] = [e for e in map(parse_line, lines) if e is not None]
 
-        _each(read, ro.hosts, PARALLEL)
+        stopped = _gather(read, ro)
+    for t in targets:
+        if str(t) not in per_host:
+            problems[str(t)] = f"not read: interrupted by {stopped}"
     merged = fleet.merge_history({str(t): per_host.get(str(t), []) for t in targets})
     if n > 0:
         merged = merged[:n]
     if json_out:
         for target, entry in merged:
-            print(json.dumps({"target": target, **asdict(entry)}, sort_keys=True), file=stdout)
+            # Journal fields are the host's text: JSON keeps them escaped, but never as a CI workflow command.
+            print(fleet.defuse(json.dumps({"target": target, **asdict(entry)}, sort_keys=True)), file=stdout)
     else:
         width = max(len(str(t)) for t in targets)
         for target, entry in merged:
             for i, line in enumerate(journal.render([entry]).splitlines()):
-                print(f"{target if i == 0 else '':<{width}}  {line}", file=stdout)
+                print(f"{target if i == 0 else '':<{width}}  {fleet.defuse(line)}", file=stdout)
         if not merged:
             print(f"no deploys recorded for {project} on any of the {len(targets)} host(s)", file=stdout)
     for target, problem in problems.items():
@@ -109,12 +130,13 @@ def run_fleet_history(*, settings: Settings, project: str, hosts: str, hosts_fil
     return EXIT_FAILED if problems else EXIT_OK
 
 
-def run_fleet_each(*, settings: Settings, project: str, words: Sequence[str], hosts: str, hosts_file: str,
+def run_fleet_each(*, settings: Settings, project: str, words: Sequence[str], hosts: str | None, hosts_file: str | None,
                    ssh: SshOptions, remote: Remote, stdout: TextIO, stderr: TextIO, environ: Mapping[str, str],
                    ssh_cmd: str = "ssh") -> int:
     """`lock`, `unlock` or `prune` on every host at once (`words`: the host's command line after the tool), one
-    line per host with its exit code and last words. 0 when every host did it; otherwise the worst host's code
-    (a host that could not be reached counts as 1)."""
+    line per host with its exit code and last words. 0 when every host did it; the hosts' code when all of them
+    failed alike; otherwise 1 (some did, some did not: the lines say which). Interrupted: 4, since a host not
+    heard from may or may not have done it."""
     command = words[0]
     targets, make = _fleet(settings, project, hosts, hosts_file, ssh, remote, stdout, stderr, environ, command, ssh_cmd)
     results: dict[str, tuple[int, str]] = {}
@@ -128,18 +150,25 @@ def run_fleet_each(*, settings: Settings, project: str, words: Sequence[str], ho
                 results[str(h.target)] = (EXIT_FAILED, _problem(ro, h, proc))
             else:
                 said = next((ln for ln in reversed(out) if ln.strip()), "")
-                results[str(h.target)] = (proc.returncode, said.removeprefix("bluegreen: "))
+                results[str(h.target)] = (_code(proc.returncode), fleet.one_line(said.removeprefix("bluegreen: ")))
             for line in out[-20:] if command == "prune" else []:
                 ro.say(line, h.target)
 
-        _each(act, ro.hosts, PARALLEL)
+        stopped = _gather(act, ro)
     width = max(len(str(t)) for t in targets)
     for t in targets:
-        code, said = results[str(t)]
-        print(f"{str(t):<{width}}  {'ok' if code == 0 else 'exit ' + str(code):<7}  {said[:300]}", file=stdout)
-    codes = [results[str(t)][0] for t in targets]
-    failed = [str(t) for t in targets if results[str(t)][0] != 0]
-    if failed:
-        print(f"bluegreen: {command} did not succeed on {', '.join(failed)} (above: what each host said); the other "
-              f"host(s) did it. Run it again for those hosts once their problem is fixed.", file=stderr)
-    return max(codes) if codes else EXIT_OK
+        code, said = results.get(str(t), (EXIT_ATTENTION, f"no answer yet when interrupted by {stopped}: check this host"))
+        print(f"{str(t):<{width}}  {'ok' if code == 0 else 'exit ' + str(code):<7}  {said}", file=stdout)
+    if stopped:
+        print(f"bluegreen: {command} interrupted by {stopped}: the hosts without an answer may or may not have done it; "
+              f"`status {project} --hosts ...` shows each host's freeze.", file=stderr)
+        return EXIT_ATTENTION
+    codes = {t: results[str(t)][0] for t in targets}
+    failed = [str(t) for t, c in codes.items() if c != 0]
+    if not failed:
+        return EXIT_OK
+    done = [str(t) for t, c in codes.items() if c == 0]
+    print(f"bluegreen: {command} did not succeed on {', '.join(failed)} (above: what each host said)"
+          + (f"; {', '.join(done)} did it" if done else "") + ". Run it again for those hosts once their problem is fixed.",
+          file=stderr)
+    return codes[targets[0]] if not done and len(set(codes.values())) == 1 else EXIT_FAILED

@@ -19,14 +19,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence, TextIO
 
 from bluegreen import fleet, host
-from bluegreen.config import Settings, validate_project, validate_tag
+from bluegreen.config import Settings, is_tag, validate_project, validate_tag
 from bluegreen.errors import (EXIT_ATTENTION, EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, BluegreenError, CommandError,
                               UsageError)
 from bluegreen.fleet import HostResult, SshOptions, Target
@@ -52,10 +51,12 @@ p = sys.argv[1] or os.path.join(os.environ.get("BLUEGREEN_ROOT") or "/opt/deploy
 BOOT = _WHERE + """os.execv(sys.executable, [sys.executable, p] + sys.argv[2:])
 """
 
-# Runs on any python3 the host may have (2.7 included): its version and the sha256 of the tool there; when
+# Runs on any python3 the host may have (2.7 included): a marker (a login script may print before it), its
+# version and the sha256 of the tool there; when
 # that is the controller's tool (argv[2]) on a new enough python, it goes on as the tool with the rest of argv
 # (`doctor PROJECT --json`), so that a host already up to date is checked with one command and one start.
 PROBE = _WHERE + """import hashlib
+print("BLUEGREEN-PROBE")
 print("%d.%d" % tuple(sys.version_info[:2]))
 h = "-"
 if os.path.isfile(p):
@@ -99,8 +100,9 @@ finally:
 
 
 def clean(text: str) -> str:
-    """A line from a host, fit for this terminal and a CI log: no control characters, bounded."""
-    return _CONTROL.sub("?", text[:LINE_MAX])
+    """A line from a host, fit for this terminal and a CI log: no control characters, bounded, no CI workflow
+    command."""
+    return fleet.defuse(_CONTROL.sub("?", text[:LINE_MAX]))
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,16 @@ class Rollout:
 
     # -- output ------------------------------------------------------------------------------------------
     def say(self, text: str, host: Target | None = None) -> None:
+        """Lines on stderr, each with the host it comes from; a host's text never issues a CI workflow command."""
         with self._print_lock:
             for line in text.splitlines() or [""]:
+                line = fleet.defuse(line)
                 print(f"[{host}] {line}" if host else line, file=self.stderr, flush=True)
+
+    def workflow(self, command: str) -> None:
+        """One GitHub Actions workflow command of our own (`::group::...`); its text is cleaned by the caller."""
+        with self._print_lock:
+            print(command, file=self.stderr, flush=True)
 
     # -- ssh -----------------------------------------------------------------------------------------------
     def ssh_run(self, target: Target, remote: Sequence[str], *, input: bytes | None = None,
@@ -213,6 +222,10 @@ class Rollout:
         started = time.monotonic()
         try:
             self._preflight(h)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError, RecursionError) as exc:
+            # A host's answer of a shape nothing here expected: that host is refused, the rollout goes on deciding.
+            self._refuse(r, "preflight", f"{h.target} gave an answer that could not be read ({type(exc).__name__}); "
+                                         f"run `{self.remote.shown('doctor', self.project)}` there")
         finally:
             r.seconds = round(time.monotonic() - started, 2)
 
@@ -222,8 +235,14 @@ class Rollout:
         probe = self.ssh_run(t, self.remote.python(PROBE, self.sha, *doctor_args), timeout=180)
         if probe.returncode in (SSH_UNREACHABLE, 127):
             return self._refuse(r, "ssh", self._unreachable(t, probe))
-        version_line, sha_line, report = (self._text(probe.stdout).split("\n", 2) + ["", ""])[:3]
-        version = tuple(int(x) for x in version_line.split(".")) if re.fullmatch(r"[0-9]+\.[0-9]+", version_line) else ()
+        out = self._text(probe.stdout)
+        marker = out.find("BLUEGREEN-PROBE\n")
+        if marker < 0:
+            first = out.splitlines()[0][:200] if out.splitlines() else ""
+            return self._refuse(r, "ssh", f"unexpected output instead of the probe's answer: {first!r}" if first and probe.returncode == 0
+                                else self._unreachable(t, probe))
+        version_line, sha_line, report = (out[marker:].split("\n", 3)[1:] + ["", "", ""])[:3]
+        version = tuple(int(x) for x in version_line.split(".")) if re.fullmatch(r"[0-9]{1,3}\.[0-9]{1,3}", version_line) else ()
         if not version:
             return self._refuse(r, "ssh", self._unreachable(t, probe))
         if version < REMOTE_MIN_PYTHON:
@@ -240,25 +259,28 @@ class Rollout:
             report = self._text(doctor.stdout)
         try:
             found = json.loads(report or "null")
-            assert isinstance(found, dict)
-        except (ValueError, AssertionError):
+        except (ValueError, RecursionError):
+            found = None
+        if not isinstance(found, dict):
             return self._refuse(r, "doctor", f"`doctor {self.project}` on {t} gave no report (exit {doctor.returncode}): "
                                              f"{self._text(doctor.stderr)[-500:]}")
         if found.get("frozen") or found.get("locked"):
             r.exit_code = EXIT_LOCKED
-            return self._refuse(r, "lock", f"{self.project} on {t} is {found.get('frozen') or 'locked: ' + str(found.get('locked'))}",
+            return self._refuse(r, "lock", fleet.one_line(f"{self.project} on {t} is {found.get('frozen') or 'locked: ' + str(found.get('locked'))}", 600),
                                 code=EXIT_LOCKED)
-        checks = [c for s in found.get("sections") or [] if isinstance(s, dict) for c in s.get("checks") or []
-                  if isinstance(c, dict)]
+        sections = found.get("sections") if isinstance(found.get("sections"), list) else []
+        checks = [c for s in sections if isinstance(s, dict) and isinstance(s.get("checks"), list)
+                  for c in s["checks"] if isinstance(c, dict)]
         # What would make the deploy fail; a service that is down (`serving`) is what a deploy may fix.
         fails = [c for c in checks if c.get("status") == "FAIL" and c.get("name") not in ("serving", "lock")]
         if fails:
             first = fails[0]
             more = f" (and {len(fails) - 1} more)" if len(fails) > 1 else ""
-            return self._refuse(r, "doctor", f"{first.get('name')}: {first.get('detail')}{more}; fix: {first.get('fix')}")
+            return self._refuse(r, "doctor", fleet.one_line(f"{first.get('name')}: {first.get('detail')}{more}; fix: {first.get('fix')}", 600))
         # The tag that serves now, as doctor's serving check saw it (the same facts `status` reads).
         facts = next((c.get("facts") for c in checks if c.get("name") == "serving" and isinstance(c.get("facts"), dict)), {})
-        h.before = clean(str(facts.get("tag") or ""))[:200]
+        tag = facts.get("tag")
+        h.before = tag if is_tag(tag) else ""  # "" : unknown (a fleet rollback then never counts this host as serving it)
         r.before = r.after = h.before
         r.result = "ready"
 
@@ -285,7 +307,8 @@ class Rollout:
         def read(h: Host) -> None:
             proc = self.ssh_run(h.target, self.remote.argv("history", self.project, "-n", "500", "--json"), timeout=120)
             if proc.returncode != 0:
-                problems[str(h.target)] = f"could not read its history (exit {proc.returncode}): {self._text(proc.stderr)[-300:]}"
+                problems[str(h.target)] = fleet.one_line(f"could not read its history (exit {proc.returncode}): "
+                                                         f"{self._text(proc.stderr)[-300:]}", 400)
             journals[str(h.target)] = [e for e in map(parse_line, self._text(proc.stdout).splitlines()[:500]) if e]
             journals[str(h.target)].reverse()  # history prints newest first
 
@@ -318,7 +341,9 @@ class Rollout:
     def pull_one(self, h: Host) -> None:
         if self.unchanged(h):
             return
-        proc = self.ssh_run(h.target, self.remote.argv("pull", self.project, self.tag), timeout=1800)
+        # A fleet rollback pulls what each host's rollback deploys: the digest its journal recorded for the tag.
+        extra = ("--rollback",) if self.action == "rollback" else ()
+        proc = self.ssh_run(h.target, self.remote.argv("pull", self.project, self.tag, *extra), timeout=1800)
         for line in self._text(proc.stderr).splitlines()[-3:] + self._text(proc.stdout).splitlines()[-1:]:
             self.say(line, h.target)
         if proc.returncode != 0:
@@ -351,7 +376,7 @@ class Rollout:
             r.result, r.after, r.message = fleet.UNCHANGED, h.before, f"already serves {self.tag}"
             return
         if self.github:
-            self.say(f"::group::{h.target}: {self.action} {self.project} {self.tag}")
+            self.workflow(f"::group::{h.target}: {self.action} {self.project} {self.tag}")
         try:
             problem = self.hook("before-host", self.before_host, h, batch)
             if problem:
@@ -375,9 +400,10 @@ class Rollout:
         finally:
             r.seconds = round(time.monotonic() - started, 2)
             if self.github:
-                self.say("::endgroup::")
+                self.workflow("::endgroup::")
                 if r.result != fleet.OK:
-                    self.say(f"::error title=bluegreen rollout::{h.target}: {r.step}: {r.message.splitlines()[0] if r.message else ''}")
+                    first = r.message.splitlines()[0] if r.message.splitlines() else ""
+                    self.workflow(f"::error title=bluegreen {self.action}::{h.target}: {r.step}: {fleet.one_line(first)}")
 
     def revert_one(self, h: Host) -> bool:
         if not h.before:
@@ -429,11 +455,13 @@ def hook_argv(option: str, settings: Settings, project: str, name: str) -> list[
     return [str(path)]
 
 
-def read_targets(hosts: str, hosts_file: str, command: str = "rollout") -> list[Target]:
-    """The fleet from --hosts or --hosts-file (exactly one of them)."""
-    if bool(hosts) == bool(hosts_file):
+def read_targets(hosts: str | None, hosts_file: str | None, command: str = "rollout") -> list[Target]:
+    """The fleet from --hosts or --hosts-file (exactly one of them; given but empty is an error)."""
+    if (hosts is None) == (hosts_file is None):
         raise UsageError(f"{command} needs the hosts: --hosts HOST[,HOST...] or --hosts-file FILE (one of them). "
                          f"Nothing was changed.")
+    if hosts_file == "":
+        raise UsageError("--hosts-file: empty file name. Nothing was changed.")
     if hosts_file:
         text = host.read_config_file(Path(hosts_file), max_bytes=1 << 20)  # regular files only; a FIFO never blocks
         if text is None:
@@ -473,7 +501,7 @@ def connections(targets: Sequence[Target], ssh: SshOptions, ssh_cmd: str = "ssh"
         shutil.rmtree(control, ignore_errors=True)
 
 
-def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str, hosts_file: str, ssh: SshOptions,
+def run_rollout(*, settings: Settings, project: str, tag: str, hosts: str | None, hosts_file: str | None, ssh: SshOptions,
                 remote: Remote, batch: str, pause: float, before_host: str, after_host: str, revert: bool,
                 skip_preflight: bool, dry_run: bool, json_out: bool, stdout: TextIO, stderr: TextIO,
                 environ: Mapping[str, str], ssh_cmd: str = "ssh", pyz: str | None = None, action: str = "deploy") -> int:
@@ -547,17 +575,35 @@ def write_summary(environ: Mapping[str, str], text: str, ro: Rollout) -> None:
 
 
 def _each(fn: Callable[[Host], None], items: Sequence[Host], workers: int) -> None:
-    """`fn` on every item, `workers` at a time; the main thread waits interruptibly (a second signal aborts at
-    once instead of waiting for the threads)."""
+    """`fn` on every item, `workers` at a time; the main thread waits interruptibly. The workers are daemon
+    threads: a signal that ends the command never waits for them (their ssh commands end on their own)."""
     if len(items) == 1:
         fn(items[0])
         return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))))
-    try:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
-    finally:
-        pool.shutdown(wait=False)
+    todo = list(items)
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with guard:
+                if not todo or errors:
+                    return
+                item = todo.pop(0)
+            try:
+                fn(item)
+            except Exception as exc:  # re-raised in the main thread, as the pool's future.result() did
+                with guard:
+                    errors.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(items))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+    if errors:
+        raise errors[0]
 
 
 def _mark_others(hosts: Sequence[Host], bad: str, message: str) -> bool:

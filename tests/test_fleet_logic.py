@@ -121,8 +121,8 @@ def test_the_probe_goes_on_as_the_tool_only_when_it_is_the_controllers(tmp_path)
         return proc.stdout.splitlines()
 
     version = "%d.%d" % sys.version_info[:2]
-    assert probe(digest) == [version, digest, "tool ran with ['doctor', 'api', '--json']"]
-    assert probe("0" * 64) == [version, digest]  # another tool there: it is replaced first, never run
+    assert probe(digest) == ["BLUEGREEN-PROBE", version, digest, "tool ran with ['doctor', 'api', '--json']"]
+    assert probe("0" * 64) == ["BLUEGREEN-PROBE", version, digest]  # another tool there: it is replaced first, never run
 
 
 OLD_PYTHONS = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.[678].*/bin/python3")))
@@ -141,7 +141,8 @@ def test_the_probe_runs_on_an_old_python_and_preflight_names_it(tmp_path):
     proc = subprocess.run([old, "-c", rollout.PROBE, str(tool), digest, "doctor", "api", "--json"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    version, digest = proc.stdout.split()
+    marker, version, digest = proc.stdout.split()
+    assert marker == "BLUEGREEN-PROBE"
     assert version.startswith("3.") and int(version.split(".")[1]) < 9
     assert digest == hashlib.sha256(b"x").hexdigest()
 
