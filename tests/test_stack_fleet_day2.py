@@ -74,6 +74,11 @@ def test_fleet_rollback_after_a_split_rollout_brings_every_host_to_one_tag(app):
     assert table_of(back) == [("h1", "deployed", "v2", "v1"), ("h2", "unchanged", "v1", "v1"), ("h3", "unchanged", "v1", "v1")]
     assert json.loads(back.stdout)["tag"] == "v1" and json.loads(back.stdout)["action"] == "rollback"
     assert "rolling" in back.stderr and "back to v1" in back.stderr
+    # The pull phase fetched what h1's rollback deploys (the digest its journal recorded for v1); h2 and h3,
+    # already on v1, pulled nothing.
+    pulls = [line for line in back.stderr.splitlines() if "[1/6] pull" in line]
+    assert pulls[0].startswith("[h1] [1/6] pull") and "/bg/app@sha256:" in pulls[0], pulls
+    assert not any(line.startswith(("[h2]", "[h3]")) for line in pulls)
     assert app.versions() == ["v1", "v1", "v1"]
     assert [e["action"] for e in app.journal(app.fleet.hosts[0])][-1] == "rollback"
     assert [e["tag"] for e in app.journal(app.fleet.hosts[2])] == ["v1"]  # h3 was left alone
