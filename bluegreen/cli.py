@@ -220,7 +220,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     p.add_argument("--server-name", metavar="NAME", default="_", help="nginx server_name (default _: the catch-all)")
     p.add_argument("--ports", metavar="BLUE,GREEN", default="8081,8082", help="host ports of the two colours (default 8081,8082)")
     p.add_argument("--listen", metavar="[ADDR:]PORT", default="80", help="nginx listen of the server block (default 80)")
-    p.add_argument("--ci", choices=("github",), help="write the GitHub Actions workflows and the Dockerfile instead")
+    p.add_argument("--ci", choices=("github",), help="write the GitHub Actions workflows, the Dockerfile and a copy of this pyz instead")
     p.add_argument("--repo", metavar="DIR", default=".", help="with --ci: the repository to write into (default: here)")
     p.add_argument("--force", action="store_true", help="replace existing files (the previous content is kept as FILE.bak)")
     p.set_defaults(func=cmd_init)
