@@ -255,6 +255,15 @@ def deployed_tags(app, h) -> list:
     return [e["tag"] for e in app.journal(h) if e.get("action") == "deploy" and e["result"] == "deployed"]
 
 
+def fleet_status_of(app) -> subprocess.CompletedProcess:
+    """`bluegreen status PROJECT --hosts h1,h2,h3` from the controller, over the harness's ssh config."""
+    hosts = ",".join(h.name for h in app.fleet.hosts)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLUEGREEN_")}
+    return subprocess.run([sys.executable, app.stack.pyz, "status", app.name, "--hosts", hosts, "--ssh-config",
+                           app.fleet.ssh_config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          timeout=120, env=env)
+
+
 def test_the_example_playbook_and_inventory_parse():
     work = Path(tempfile.mkdtemp(prefix="bg-ansible-"))
     try:
@@ -325,6 +334,10 @@ def test_the_playbook_deploys_every_host_and_copies_the_tool_only_when_it_change
     assert calls[0]["target_group_arn"] == ARN and calls[0]["target_id"] == "i-h1"
     assert [(c["target_status"], c["target_status_timeout"]) for c in calls[:2]] == [("unused", 30), ("healthy", 30)]
     assert all(r["changed"] for r in results(second, DEPLOY_TASK).values())
+    # The fleet as `bluegreen status --hosts` sees it after the playbook: one healthy version everywhere.
+    fleet_status = fleet_status_of(app)
+    assert fleet_status.returncode == 0, fleet_status.stdout + fleet_status.stderr
+    assert "fleet: ok, 3 host(s) serve v2" in fleet_status.stdout
 
 
 def test_a_host_whose_deploy_fails_stops_the_play_there(app, ansible):
@@ -348,6 +361,9 @@ def test_a_host_whose_deploy_fails_stops_the_play_there(app, ansible):
     last = app.journal(h2)[-1]
     assert (last["tag"], last["result"], last["exit_code"], last["failed_step"]) == ("v2", "failed", 1, "health")
     assert deployed_tags(app, h1) == ["v1", "v2"] and [e["tag"] for e in app.journal(h3)] == ["v1"]
+    # `status --hosts` names the skew the stopped play left.
+    skew = fleet_status_of(app)
+    assert skew.returncode == 1 and "version skew: v1 on h2, h3; v2 on h1" in skew.stdout, skew.stdout + skew.stderr
 
 
 def test_a_frozen_host_stops_everything_before_any_pull(app, ansible):
