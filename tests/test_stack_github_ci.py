@@ -114,6 +114,10 @@ def test_the_generated_step_rolls_v1_then_v2_out_to_every_host(runner, app, tmp_
     assert (runner.repo / "hooks.log").read_text().splitlines() == [
         f"{h.addr} v2 {side} $(touch {marker})" for h in runner.fleet.hosts for side in ("out", "in")]
     assert not marker.exists()
+    # Each rollout's table is on the job's summary page.
+    summary = runner.summary.read_text()
+    assert summary.count("### bluegreen: ") == 2
+    assert all(f"| {h.addr} | deployed | v1 → v2 |" in summary for h in runner.fleet.hosts), summary
     # The key is in no output, and its file is gone once the step has ended.
     for text in (first.stdout, second.stdout, runner.summary.read_text()):
         assert "PRIVATE KEY" not in text and runner.key.splitlines()[1] not in text
