@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fleet import fleet_fixture  # noqa: F401  (the module-scoped `fleet` fixture)
-from test_stack_rollout import App, break_image_on
+from test_stack_rollout import App, app, break_image_on  # noqa: F401  (`app`: one project on every host, removed after)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "docs" / "examples" / "ansible"
 PLAYBOOK = EXAMPLE / "deploy.yml"
@@ -211,15 +211,6 @@ class Ansible:
         for sock in self.control.iterdir() if self.control.exists() else ():
             subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "bluegreen-test"], timeout=20,
                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def app(fleet, stack):
-    a = App(fleet, stack)
-    try:
-        yield a
-    finally:
-        a.remove()
 
 
 @pytest.fixture

@@ -12,16 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleet import fleet_fixture  # noqa: F401  (the module-scoped `fleet` fixture)
-from test_stack_rollout import App, break_image_on, table_of
-
-
-@pytest.fixture
-def app(fleet, stack):
-    a = App(fleet, stack)
-    try:
-        yield a
-    finally:
-        a.remove()
+from test_stack_rollout import app, break_image_on, table_of  # noqa: F401  (`app`: one project on every host, removed after)
 
 
 def bg(app, *args: str, hosts: str | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import gha
 from bluegreen import init
 from fleet import fleet_fixture  # noqa: F401  (the module-scoped `fleet` fixture)
 from test_stack_deploy import LineWatcher
-from test_stack_rollout import App
+from test_stack_rollout import App, app  # noqa: F401  (`app`: one project on every host, removed after)
 
 # Logs each call (its argv and the host) to hooks.log in the workspace: the hooks run on the runner, from there.
 HOOK = """import os, sys
@@ -29,15 +29,6 @@ SLOW = """import os, sys, time
 if os.environ["BLUEGREEN_HOST"] == sys.argv[1]:
     time.sleep(float(sys.argv[2]))
 """
-
-
-@pytest.fixture
-def app(fleet, stack):
-    a = App(fleet, stack)
-    try:
-        yield a
-    finally:
-        a.remove()
 
 
 class Runner:
