@@ -204,6 +204,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     _fleet_options(p)
     p.set_defaults(func=cmd_unlock)
 
+    for name, text in (("promote", "end a running watch now: the new version stays, the old container is retired"),
+                       ("abort", "end a running watch now: switch back to the old container, remove the new one")):
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.set_defaults(func=cmd_watch_request)
+
     p = sub.add_parser("logs", help="the serving (or named) container's logs")
     _common(p)
     p.add_argument("project", metavar="PROJECT")
@@ -517,6 +524,22 @@ def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
         return EXIT_OK
     safefs.unlink(path, root=ctx.settings.root)
     print(f"{args.project} unfrozen (was {existing.describe()}).", file=ctx.stdout)
+    return EXIT_OK
+
+
+def cmd_watch_request(args: argparse.Namespace, ctx: Context) -> int:
+    """`promote` / `abort`: a word for the deploy watching PROJECT, which reads it within a quarter second."""
+    from bluegreen import watch
+
+    validate_project(args.project)
+    control = ctx.settings.watch_file(args.project)
+    if safefs.lstat(control, root=ctx.settings.root) is None:
+        raise UsageError(f"No watch is running for {args.project}, so there is nothing to {args.command}: a deploy "
+                         f"watches only with WATCH_SECONDS set, between its switch and its retire step. Nothing was changed.")
+    safefs.atomic_write(watch.request_path(control), args.command + "\n", root=ctx.settings.root)
+    what = "keep the new version and retire the old container" if args.command == watch.PROMOTE else \
+        "switch back to the old container and remove the new one"
+    print(f"Asked the deploy watching {args.project} to {what}; its output says when it has.", file=ctx.stdout)
     return EXIT_OK
 
 

@@ -106,6 +106,10 @@ class Settings:
     def freeze_file(self, project: str) -> Path:
         return self.root / "projects" / f"{project}.freeze"
 
+    def watch_file(self, project: str) -> Path:
+        """Present while a deploy watches the new container; `promote`/`abort` write PROJECT.watch-request."""
+        return self.root / "projects" / f"{project}.watch"
+
     def journal_file(self, project: str) -> Path:
         return self.root / "projects" / f"{project}.journal"
 
@@ -259,6 +263,9 @@ class ProjectConfig:
     green_port: int = _DEFAULTS["green_port"]  # type: ignore[assignment]
     app_port: int = _DEFAULTS["app_port"]  # type: ignore[assignment]
     stop_timeout: int = _DEFAULTS["stop_timeout"]  # type: ignore[assignment]
+    watch_seconds: float = _DEFAULTS["watch_seconds"]  # type: ignore[assignment]
+    watch_max_error_rate: int = _DEFAULTS["watch_max_error_rate"]  # type: ignore[assignment]
+    watch_min_requests: int = _DEFAULTS["watch_min_requests"]  # type: ignore[assignment]
     log_dir: str = _DEFAULTS["log_dir"]  # type: ignore[assignment]
     docker_args: tuple[str, ...] = _DEFAULTS["docker_args"]  # type: ignore[assignment]
     drain_timeout: float = _DEFAULTS["drain_timeout"]  # type: ignore[assignment]

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from typing import Callable, Iterator, TextIO
 
 from bluegreen import docker as dk
 from bluegreen import health, ports, safefs, state
+from bluegreen import watch as wt
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
 from bluegreen import nginx as ngx
@@ -30,6 +32,8 @@ from bluegreen.settings import upstream_options
 
 # Seconds the undo after a signal waits for nginx workers that may route to the new container.
 UNDO_DRAIN_ON_INTERRUPT = 3.0
+WATCH_POLL = 0.25  # seconds between two reads of the watch log (the switch back follows within this)
+WATCH_HEALTH_FAILURES = 3  # health checks failed in a row (one a second) that end the watch
 # Seconds the probe through nginx before a deploy may take to show where nginx routes.
 OBSERVE_TIMEOUT = 2.0
 
@@ -359,6 +363,8 @@ class Deployer:
         # Whether nginx was asked to route to the new container, and whether the undo routed it back: the
         # new container is removed by the undo only when nginx cannot be routing to it.
         self.reload_state = {"attempted": False, "done": False, "routed_back": False}
+        self.watch_log: str | None = None  # the file the server block logs the watch format to (preflight's dump)
+        self.watch_log_known = False
 
     def serving_note(self, plan: Plan, old: dk.Container | None) -> str:
         """Which version serves now, for every failure message: only what was seen, never more."""
@@ -408,6 +414,7 @@ class Deployer:
                 fix = "Fix the nginx error above (it names file and line), check with `nginx -t`, then deploy again."
             raise UsageError(f"nginx rejects its configuration (`nginx -t`), so this deploy could not switch traffic:"
                              f"\n{indent(text)}\n{nothing} {fix}") from exc
+        self.watch_log, self.watch_log_known = wt.find_log_path(dump, plan.cfg.project), True
         master, pid_file = ngx.master_pid(dump, self.settings.nginx_cmd, self.settings.nginx_pid_file)
         if master is None:
             raise DeployFailed(
@@ -459,17 +466,22 @@ class Deployer:
             self.check(plan)
         old, leftover, serving = self.old, self.leftover, self.serving
 
+        tail: wt.LogTail | None = None
         try:
             self._pull(plan, serving)
+            tail = self._watch_start(plan)
             with Transaction(self.progress) as tx:
                 self._start(plan, tx, serving, leftover)
                 self._health(plan, serving)
                 self._switch(plan, tx, serving)
+                if tail is not None:
+                    self._watch(plan, serving, tail)
                 tx.commit()
         except Interrupted as exc:
             raise DeployFailed(
-                f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete; whatever it "
-                f"had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
+                f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete"
+                + (" (during the watch)" if self.progress.failed_step == "watch" else "")
+                + f"; whatever it had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
             ) from exc
         except safefs.UnsafePath as exc:  # a link or FIFO planted under the root while the deploy ran
             raise DeployFailed(
@@ -485,6 +497,9 @@ class Deployer:
                 f"{os_problem(exc)} Everything this deploy had changed was put back. {serving} Fix the cause (free "
                 f"disk space, the file's permissions), then deploy again."
             ) from exc
+        finally:
+            if tail is not None:
+                tail.close()
 
         new_desc = f"{cfg.project} {plan.tag} now serves from {plan.target_name} on 127.0.0.1:{plan.target_port}"
         try:
@@ -642,6 +657,90 @@ class Deployer:
                 f"kept {plan.target_name} running: the upstream could not be routed back, so nginx may route to it"
             )
         self.docker.remove(plan.target_name)
+
+    def _watch_start(self, plan: Plan) -> wt.LogTail | None:
+        """Before the switch: where the watch will read what nginx served (from the end of that log as it is
+        now), or None when there is no watch (WATCH_SECONDS=0, no log line, nothing to switch back to)."""
+        cfg = plan.cfg
+        if cfg.watch_seconds <= 0:
+            return None
+        if plan.current is None or self.old is None or not self.old.running:
+            self.progress.say(f"note: WATCH_SECONDS={cfg.watch_seconds:g}, but no running container served before "
+                              f"this deploy, so there is nothing to switch back to: deploying without a watch.")
+            return None
+        if not self.watch_log_known:
+            try:
+                self.watch_log = wt.find_log_path(self.nginx.test_and_dump(), cfg.project)
+            except CommandError:
+                self.watch_log = None  # the switch step reports nginx's error
+            self.watch_log_known = True
+        if self.watch_log is None:
+            self.progress.say(
+                f"note: WATCH_SECONDS={cfg.watch_seconds:g}, but the server block of {cfg.project} has no "
+                f"`{wt.access_log_line(cfg.project)}` line, so bluegreen cannot see what nginx serves: deploying "
+                f"without a watch. Add that line (any path) to the server block to enable it (`bluegreen doctor` checks it).")
+            return None
+        tail = wt.LogTail(self.watch_log)
+        tail.start()
+        return tail
+
+    def _watch(self, plan: Plan, serving: str, tail: wt.LogTail) -> None:
+        """Step 4, watch: the old container keeps running while real traffic is judged; a 5xx share above
+        WATCH_MAX_ERROR_RATE, a failing health check, a crash or `bluegreen abort` raises, and the transaction
+        switches back (nothing boots: the old container still runs)."""
+        cfg = plan.cfg
+        control = self.settings.watch_file(cfg.project)
+        root = self.settings.root
+        detail = (f"{cfg.watch_seconds:g}s of real traffic to {plan.target_name}: at most {cfg.watch_max_error_rate}% "
+                  f"5xx (judged from {cfg.watch_min_requests} requests), health, crashes")
+        back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the watch)"
+        with self.progress.step(4, "watch", detail) as notes:
+            safefs.unlink(wt.request_path(control), root=root)
+            safefs.atomic_write(control, json.dumps({"pid": os.getpid(), "tag": plan.tag}) + "\n", root=root)
+            try:
+                tally = wt.Tally()
+                started = self.clock()
+                next_check, bad_health = started, 0
+                while True:
+                    tally.add(tail.read(), plan.target_port)
+                    elapsed = self.clock() - started
+                    if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
+                        self._watch_failed(plan, back,
+                                           f"{wt.describe(tally, elapsed)} > WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}%")
+                    request = wt.read_request(control, root)
+                    if request == wt.ABORT:
+                        self._watch_failed(plan, back, f"`abort` after {wt.describe(tally, elapsed)}")
+                    if request == wt.PROMOTE:
+                        notes.append(f"promoted after {wt.describe(tally, elapsed)}")
+                        return
+                    if self.clock() >= next_check:
+                        next_check += 1.0
+                        found = self.docker.inspect(plan.target_name)
+                        if found is None or not found.running:
+                            why = "it disappeared" if found is None else (found.crash_note() or f"it is {found.status}")
+                            self._watch_failed(plan, back, f"{plan.target_name} stopped during the watch: {why}")
+                        probe = self.probe(plan.health_url(), timeout=cfg.health_request_timeout, host=cfg.health_host)
+                        bad_health = 0 if probe.status == cfg.health_expect else bad_health + 1
+                        if bad_health >= WATCH_HEALTH_FAILURES:
+                            self._watch_failed(plan, back, f"its health check failed {bad_health} times in a row "
+                                                                    f"(last: {probe.detail})")
+                    if elapsed >= cfg.watch_seconds:
+                        break
+                    self.sleep(min(WATCH_POLL, max(0.0, cfg.watch_seconds - elapsed)))
+                tally.add(tail.read(), plan.target_port)
+                few = "" if tally.requests >= cfg.watch_min_requests else f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health"
+                notes.append(f"{wt.describe(tally, self.clock() - started)}{few}")
+            finally:
+                safefs.unlink(control, root=root)
+                safefs.unlink(wt.request_path(control), root=root)
+
+    def _watch_failed(self, plan: Plan, back: str, why: str) -> None:
+        logs = self.docker.logs(plan.target_name, tail=20)
+        raise DeployFailed(
+            f"The watch after the switch saw {why} from {plan.target_name} ({plan.ref}): switched back to {back}, "
+            f"and {plan.target_name} was removed. Fix the release (its last log lines are below), then deploy again.",
+            details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
+        )
 
     def _port_holder(self, port: int) -> str:
         names = self.docker.publishers(port)

@@ -548,6 +548,7 @@ def project_checks(settings: Settings, runner: Runner, project: str, facts: Host
         checks.append(judge_credentials(cfg.image, config, config_path, open_registry, answer))
     checks.append(judge_log_dir_shared(project, cfg.log_dir, _other_log_dirs(settings, project), settings.env_file(project)))
     checks.append(serving_check(settings, runner, project))
+    checks.append(judge_watch(cfg, facts.nginx_dump))
     if cfg.log_dir:
         checks.append(judge_disk("LOG_DIR", cfg.log_dir, _free_bytes(cfg.log_dir), min_free))
     checks.append(lock_check(settings, project))
@@ -608,6 +609,24 @@ def _other_log_dirs(settings: Settings, project: str) -> dict:
     from bluegreen.init import other_log_dirs
 
     return other_log_dirs(settings, project)
+
+
+def judge_watch(cfg: ProjectConfig, dump: str | None) -> Check:
+    """Whether the watch window (WATCH_SECONDS) can see what nginx serves: the server block's log line."""
+    from bluegreen import watch
+
+    path = watch.find_log_path(dump, cfg.project) if dump is not None else None
+    line = watch.access_log_line(cfg.project)
+    if cfg.watch_seconds <= 0:
+        return Check("watch", OK if path else INFO, f"WATCH_SECONDS=0: no watch" + (f" (log line ready: {path})" if path else
+                     f"; to use it, add `{line}` to the server block, then set WATCH_SECONDS"))
+    if dump is None:
+        return Check("watch", WARN, "cannot tell whether the server block logs for the watch: `nginx -T` failed")
+    if path is None:
+        return Check("watch", WARN, f"WATCH_SECONDS={cfg.watch_seconds:g}, but no server block logs with the watch "
+                                    f"format, so deploys go ahead without a watch",
+                     f"add `{line}` to the server block of {cfg.project}, then `nginx -t && nginx -s reload`")
+    return Check("watch", OK, f"WATCH_SECONDS={cfg.watch_seconds:g}: deploys judge the traffic nginx logs to {path}")
 
 
 def judge_serving(ps) -> Check:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, TextIO
 
 from bluegreen import nginx as ngx
+from bluegreen import watch
 from bluegreen import ports as portlib
 from bluegreen import safefs, state, template
 from bluegreen.config import (_IMAGE_RE, RESERVED_KEYS, Settings, load_project, parse_env, project_from_entries,
@@ -152,7 +153,7 @@ def render_env(*, project: str, image: str, blue_port: int, green_port: int, ngi
 def render_server_block(*, project: str, upstream: str, upstream_file: str, listen: str, server_name: str) -> str:
     return template.render(
         "server.conf", PROJECT=project, UPSTREAM=upstream, UPSTREAM_FILE=upstream_file, LISTEN=listen,
-        SERVER_NAME=server_name, ADD_HEADER=ngx.add_header_line(project),
+        SERVER_NAME=server_name, ADD_HEADER=ngx.add_header_line(project), ACCESS_LOG=watch.access_log_line(project),
     )
 
 

@@ -106,7 +106,8 @@ S_OLD = "the old container"
 S_EXTRAS = "container extras"
 S_AFTER = "after a deploy"
 S_UPSTREAM = "nginx's connections to the app (the managed upstream file)"
-SECTIONS = (S_IMAGE, S_PORTS, S_HEALTH, S_SWITCH, S_UPSTREAM, S_OLD, S_EXTRAS, S_AFTER)
+S_WATCH = "the watch window: real traffic judged after the switch, the old container kept running meanwhile"
+SECTIONS = (S_IMAGE, S_PORTS, S_HEALTH, S_SWITCH, S_UPSTREAM, S_WATCH, S_OLD, S_EXTRAS, S_AFTER)
 
 _PORT_KW = dict(kind="integer", low=1, high=65535, unit="a port number", section=S_PORTS)
 _HOST_KW = dict(
@@ -174,6 +175,17 @@ TABLE: tuple[Setting, ...] = (
             "seconds the probe through nginx may take to see the new container", S_SWITCH, zero=False),
     Setting("DRAIN_TIMEOUT", "drain_timeout", "seconds", 60.0,
             "seconds to wait for nginx workers from before the reload to finish their requests", S_SWITCH),
+    Setting("WATCH_SECONDS", "watch_seconds", "seconds", 0.0,
+            "after the switch, watch what nginx serves from the new container this long before the old one is "
+            "stopped; the share of 5xx above WATCH_MAX_ERROR_RATE, a failing health check or a crash switches back "
+            "at once", S_WATCH, high=3600.0, empty="",
+            hint="needs the server block's `access_log ... bluegreen_watch_PROJECT;` line (init writes it); 0: no watch"),
+    Setting("WATCH_MAX_ERROR_RATE", "watch_max_error_rate", "integer", 5,
+            "percent of the requests nginx sent to the new container that may answer 5xx during the watch",
+            S_WATCH, low=0, high=100, unit="a whole percentage"),
+    Setting("WATCH_MIN_REQUESTS", "watch_min_requests", "integer", 20,
+            "fewer requests than this in the watch: judged by health and crashes only (too few to judge a share)",
+            S_WATCH, low=0, high=10000, unit="a number of requests"),
     Setting("STOP_TIMEOUT", "stop_timeout", "integer", 30,
             "seconds `docker stop` gives the old container to shut down before killing it", S_OLD,
             low=0, high=DAY, unit="a whole number of seconds"),
@@ -369,6 +381,8 @@ _TEMPLATE_HEAD = """\
 _TEMPLATE_SECTION_NOTES = {
     S_SWITCH: "# NGINX_URL and SERVER_NAME must reach the server block @SERVER_CONF@.",
     S_AFTER: "# Hooks live in ROOT/hooks/@PROJECT@/.",
+    S_WATCH: ("# Catches a release that passes its health check but fails real requests. Try WATCH_SECONDS=60 once the\n"
+              "# server block has its access_log line (`bluegreen doctor` checks it)."),
 }
 _TEMPLATE_TAIL = """
 # --- application environment ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ IMAGE_SPECS = (
     ("slow", "ok", 3),
     ("unhealthy", "unhealthy", 0),
     ("crash", "crash", 1),
+    ("failing", "failing", 0),
 )
 
 

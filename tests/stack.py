@@ -53,7 +53,7 @@ __all__ = [
 
 BUSYBOX = "/bin/busybox"
 DOCKERD_LOG = "/tmp/bluegreen-test-dockerd.log"
-APP_BEHAVIOURS = ("ok", "unhealthy", "crash", "graceful")
+APP_BEHAVIOURS = ("ok", "unhealthy", "crash", "graceful", "failing")
 FATAL_LINE = "FATAL: cannot connect to database db:5432"
 
 
@@ -421,6 +421,9 @@ _START_BODY = {
     # (default 5), then httpd is stopped. Redefining on_term here replaces the
     # trap's handler once the app has booted.
     "graceful": _GRACEFUL_BODY,
+    # Healthy (its health check answers 200), but every FAIL_EVERY-th other request (default: every one)
+    # answers 500: the release that passes its health check and fails real traffic (front.sh).
+    "failing": 'mkdir -p /tmp\nexport FAIL_EVERY="${FAIL_EVERY:-1}"\nnc -ll -p 8080 -e /front.sh & child=$!',
 }
 
 # Used only by the "unhealthy" behaviour (copied into every image so the
@@ -439,11 +442,24 @@ $h"
     case "$h" in ""|"$cr") break ;; esac
 done
 set -- $line
-case "$2" in
-/api/health|/api/health\\?*|/api/health/)
-    printf 'HTTP/1.0 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\nConnection: close\\r\\n\\r\\nunhealthy {version}'
-    exit 0 ;;
-esac
+if [ -n "$FAIL_EVERY" ]; then
+    # "failing": the health check passes; every FAIL_EVERY-th other request answers 500.
+    case "$2" in
+    /api/health|/api/health\\?*|/api/health/) ;;
+    *)
+        n=$(cat /tmp/count 2>/dev/null); n=$(( ${{n:-0}} + 1 )); echo "$n" > /tmp/count
+        if [ $(( n % FAIL_EVERY )) -eq 0 ]; then
+            printf 'HTTP/1.0 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\nConnection: close\\r\\n\\r\\nfailing {version}'
+            exit 0
+        fi ;;
+    esac
+else
+    case "$2" in
+    /api/health|/api/health\\?*|/api/health/)
+        printf 'HTTP/1.0 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\nConnection: close\\r\\n\\r\\nunhealthy {version}'
+        exit 0 ;;
+    esac
+fi
 printf '%s\\n' "$head" | httpd -i -h /www
 """
 
@@ -496,6 +512,8 @@ def build_app_image(ref: str, version: str, behaviour: str = "ok",
                        ``GET /version`` -> 200 ``VERSION`` (static files);
     * ``unhealthy`` -- the same, except ``/api/health`` -> 500 forever;
     * ``crash``     -- prints FATAL_LINE to stderr and exits 3;
+    * ``failing``   -- ``/api/health`` -> 200, but every ``$FAIL_EVERY``-th
+                       other request (default 1: all) -> 500;
     * ``graceful``  -- like ``ok``, but on SIGTERM it keeps serving until no
                        request is in flight (at most ``$GRACE_SECONDS``,
                        default 5), then stops (``ok`` stops at once and cuts

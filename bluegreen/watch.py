@@ -1,0 +1,170 @@
+"""The watch window after a switch (pure, plus a bounded log reader): what nginx really served from the new
+container, read from a per-project access log, judged against WATCH_MAX_ERROR_RATE.
+
+The managed upstream file (included in `http {}`) defines the log format; the project's server block logs
+with it (`init` writes the line). A server block without the line deploys as before, without a watch."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass
+from typing import Iterable
+
+LOG_FORMAT = '$msec $status "$upstream_addr"'
+READ_MAX = 4 << 20  # bytes read from the log per poll: a flood cannot make one poll slow
+LINE_MAX = 4096
+
+
+def format_name(project: str) -> str:
+    """The log_format's name (formats are global in nginx: one per project)."""
+    return "bluegreen_watch_" + re.sub(r"[^A-Za-z0-9_]", "_", project)
+
+
+def log_format_line(project: str) -> str:
+    return f"log_format {format_name(project)} '{LOG_FORMAT}';"
+
+
+def default_log_path(project: str) -> str:
+    """Where `init` points the watch log: a directory Debian's and Amazon Linux's logrotate rotate."""
+    return f"/var/log/nginx/bluegreen-{project}.log"
+
+
+def access_log_line(project: str, path: str | None = None) -> str:
+    return f"access_log {path or default_log_path(project)} {format_name(project)};"
+
+
+def find_log_path(dump: str, project: str) -> str | None:
+    """The file the project's server block logs to with its watch format, as `nginx -T` shows the config."""
+    pattern = re.compile(r"^\s*access_log\s+(\"[^\"]+\"|'[^']+'|[^\s;]+)\s+" + re.escape(format_name(project)) + r"\b",
+                         re.MULTILINE | re.IGNORECASE)
+    match = pattern.search(dump)
+    if not match:
+        return None
+    path = match.group(1).strip("\"'")
+    return path if path.startswith("/") and "\x00" not in path else None
+
+
+_LINE = re.compile(r'([0-9]{1,12}\.[0-9]{3}) ([0-9]{3}) "([^"]{0,512})"')
+
+
+def parse_line(line: str) -> tuple[float, int, str] | None:
+    """(time, status, upstream address) of one log line in LOG_FORMAT; None for any other line."""
+    match = _LINE.fullmatch(line.strip())
+    if not match:
+        return None
+    return float(match.group(1)), int(match.group(2)), match.group(3)
+
+
+def routed_port(addr: str) -> int | None:
+    """The local port that finally answered (`$upstream_addr` lists every server tried: the last one)."""
+    last = re.split(r"\s*[,:]\s+", addr.strip())[-1] if addr.strip() else ""
+    match = re.fullmatch(r"127\.0\.0\.1:([0-9]{1,5})", last)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Tally:
+    requests: int = 0  # requests nginx sent to the new container
+    errors: int = 0  # of those, answered 5xx
+
+    def add(self, lines: Iterable[str], port: int) -> None:
+        for line in lines:
+            found = parse_line(line)
+            if found is None or routed_port(found[2]) != port:
+                continue
+            self.requests += 1
+            self.errors += 500 <= found[1] <= 599
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.errors / self.requests if self.requests else 0.0
+
+
+def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
+    """Whether the new container failed real traffic: enough requests, and a 5xx share above the limit."""
+    return tally.requests >= max(1, min_requests) and tally.errors * 100 > max_rate * tally.requests
+
+
+def describe(tally: Tally, seconds: float) -> str:
+    return (f"{tally.requests} request(s) in {seconds:.0f} s, {tally.errors} answered 5xx "
+            f"({tally.percent:.0f}%)")
+
+
+class LogTail:
+    """The lines appended to a log since a point, read in bounded pieces; follows a rotation (the file
+    replaced or truncated). Never follows a symlink, never blocks on a FIFO."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.inode: tuple[int, int] | None = None
+        self.offset = 0
+        self.partial = b""
+
+    def start(self) -> None:
+        """From the end of the log as it is now (nothing logged before the switch is counted)."""
+        self._open()
+        if self.fd is not None:
+            self.offset = os.fstat(self.fd).st_size
+
+    def _open(self) -> None:
+        self.close()
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EACCES, errno.ENXIO):
+                return  # not there yet (nginx creates it at the first request), or not a file to read
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return
+        self.fd, self.inode, self.offset, self.partial = fd, (st.st_dev, st.st_ino), 0, b""
+
+    def read(self) -> list[str]:
+        """Complete lines appended since the last read (at most READ_MAX bytes of them)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != self.inode:
+            self._open()  # rotated: the new file from its start (what the old one got since the last read is lost)
+        if self.fd is None:
+            return []
+        size = os.fstat(self.fd).st_size
+        if size < self.offset:  # truncated in place (copytruncate)
+            self.offset, self.partial = 0, b""
+        data = os.pread(self.fd, min(READ_MAX, max(0, size - self.offset)), self.offset)
+        self.offset += len(data)
+        data = self.partial + data
+        lines = data.split(b"\n")
+        self.partial = lines.pop()[-LINE_MAX:]
+        return [line[:LINE_MAX].decode("utf-8", "replace") for line in lines]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# -- promote / abort from another shell --------------------------------------------------------------------
+PROMOTE, ABORT = "promote", "abort"
+
+
+def request_path(watch_file) -> object:
+    return watch_file.with_name(watch_file.name + "-request")
+
+
+def read_request(watch_file, root) -> str:
+    """What `bluegreen promote|abort` asked of the running watch ("" : nothing)."""
+    from bluegreen import safefs
+
+    try:
+        text = safefs.read_text(request_path(watch_file), root=root, max_bytes=256)
+    except (OSError, safefs.UnsafePath):
+        return ""
+    word = (text or "").split()[:1]
+    return word[0] if word and word[0] in (PROMOTE, ABORT) else ""

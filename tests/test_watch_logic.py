@@ -1,0 +1,92 @@
+"""The watch window's deciding code (pure) and its bounded log reader."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings as hsettings, strategies as st
+
+from bluegreen import nginx as ngx
+from bluegreen import watch
+
+
+def test_the_upstream_file_defines_the_format_the_server_block_logs_with():
+    text = ngx.render_upstream(name="api", port=8081, project="user-api", colour="blue", tag="v1", token="0" * 32)
+    assert "log_format bluegreen_watch_user_api '$msec $status \"$upstream_addr\"';" in text
+    assert watch.access_log_line("user-api") == "access_log /var/log/nginx/bluegreen-user-api.log bluegreen_watch_user_api;"
+    # A managed file with the line is still bluegreen's own (nothing foreign in it for the next deploy).
+    assert ngx.parse_upstream(text).port == 8081
+
+
+def test_the_log_path_is_read_from_the_config_nginx_loaded():
+    dump = ("# configuration file /etc/nginx/sites-enabled/api:\nserver {\n  access_log /var/log/nginx/access.log;\n"
+            "  access_log \"/var/log/nginx/bg api.log\" bluegreen_watch_user_api;\n}\n")
+    assert watch.find_log_path(dump, "user-api") == "/var/log/nginx/bg api.log"
+    assert watch.find_log_path(dump, "other") is None
+    assert watch.find_log_path("  access_log relative.log bluegreen_watch_x;", "x") is None  # never relative
+
+
+def test_lines_are_counted_only_when_the_new_container_answered():
+    tally = watch.Tally()
+    tally.add(['1700000000.123 200 "127.0.0.1:8082"', '1700000000.200 502 "127.0.0.1:8081, 127.0.0.1:8082"',
+               '1700000000.300 500 "127.0.0.1:8081"', '1700000000.400 200 "-"', "garbage", ""], 8082)
+    assert (tally.requests, tally.errors) == (2, 1)
+    assert watch.routed_port("127.0.0.1:8081 : 127.0.0.1:8082") == 8082  # an internal redirect's list
+
+
+def test_the_verdict_needs_enough_requests_and_a_share_above_the_limit():
+    assert not watch.judge(watch.Tally(9, 9), max_rate=5, min_requests=10)  # too few to judge a share
+    assert watch.judge(watch.Tally(10, 1), max_rate=5, min_requests=10)  # 10% > 5%
+    assert not watch.judge(watch.Tally(100, 5), max_rate=5, min_requests=10)  # 5% is allowed
+    assert watch.judge(watch.Tally(100, 6), max_rate=5, min_requests=10)
+    assert watch.judge(watch.Tally(1, 1), max_rate=0, min_requests=0)  # 0: any 5xx, from the first request
+    assert watch.describe(watch.Tally(412, 37), 20) == "412 request(s) in 20 s, 37 answered 5xx (9%)"
+
+
+@hsettings(max_examples=500, deadline=None)
+@given(st.text(max_size=300))
+def test_any_log_line_is_a_request_or_nothing(line):
+    found = watch.parse_line(line)
+    assert found is None or (100 <= found[1] <= 999 and isinstance(found[2], str))
+    watch.Tally().add([line], 8080)
+
+
+def test_the_tail_reads_only_what_was_logged_after_the_switch_and_follows_a_rotation(tmp_path):
+    log = tmp_path / "watch.log"
+    log.write_text('1.000 500 "127.0.0.1:9"\n')  # before the switch: never counted
+    tail = watch.LogTail(str(log))
+    tail.start()
+    with open(log, "a") as f:
+        f.write('2.000 200 "127.0.0.1:9"\n3.000 500 "127.0.0.1:9"')  # the last line not complete yet
+    assert tail.read() == ['2.000 200 "127.0.0.1:9"']
+    with open(log, "a") as f:
+        f.write("\n")
+    assert tail.read() == ['3.000 500 "127.0.0.1:9"']
+    os.rename(log, tmp_path / "watch.log.1")  # logrotate
+    log.write_text('4.000 200 "127.0.0.1:9"\n')
+    assert tail.read() == ['4.000 200 "127.0.0.1:9"']
+    log.write_text("")  # copytruncate (seen at the next poll: a quarter second)
+    assert tail.read() == []
+    with open(log, "a") as f:
+        f.write('5.000 200 "127.0.0.1:9"\n')
+    assert tail.read() == ['5.000 200 "127.0.0.1:9"']
+    tail.close()
+
+
+def test_the_tail_never_follows_a_link_nor_blocks_on_a_fifo(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text('1.000 500 "127.0.0.1:9"\n')
+    link = tmp_path / "link.log"
+    link.symlink_to(secret)
+    tail = watch.LogTail(str(link))
+    tail.start()
+    assert tail.read() == [] and tail.fd is None
+    fifo = tmp_path / "fifo.log"
+    os.mkfifo(fifo)
+    tail = watch.LogTail(str(fifo))
+    tail.start()  # returns at once
+    assert tail.read() == [] and tail.fd is None
+    missing = watch.LogTail(str(tmp_path / "not-yet.log"))
+    missing.start()
+    (tmp_path / "not-yet.log").write_text('1.000 200 "127.0.0.1:9"\n')  # nginx creates it at the first request
+    assert missing.read() == ['1.000 200 "127.0.0.1:9"']
