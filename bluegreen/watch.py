@@ -89,7 +89,7 @@ def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
 
 
 def describe(tally: Tally, seconds: float) -> str:
-    return (f"{tally.requests} request(s) in {seconds:.0f} s, {tally.errors} answered 5xx "
+    return (f"{tally.requests} request(s) in {seconds:.1f} s, {tally.errors} answered 5xx "
             f"({tally.percent:.0f}%)")
 
 

@@ -40,7 +40,7 @@ def test_the_verdict_needs_enough_requests_and_a_share_above_the_limit():
     assert not watch.judge(watch.Tally(100, 5), max_rate=5, min_requests=10)  # 5% is allowed
     assert watch.judge(watch.Tally(100, 6), max_rate=5, min_requests=10)
     assert watch.judge(watch.Tally(1, 1), max_rate=0, min_requests=0)  # 0: any 5xx, from the first request
-    assert watch.describe(watch.Tally(412, 37), 20) == "412 request(s) in 20 s, 37 answered 5xx (9%)"
+    assert watch.describe(watch.Tally(412, 37), 20) == "412 request(s) in 20.0 s, 37 answered 5xx (9%)"
 
 
 @hsettings(max_examples=500, deadline=None)
