@@ -266,6 +266,8 @@ class ProjectConfig:
     watch_seconds: float = _DEFAULTS["watch_seconds"]  # type: ignore[assignment]
     watch_max_error_rate: int = _DEFAULTS["watch_max_error_rate"]  # type: ignore[assignment]
     watch_min_requests: int = _DEFAULTS["watch_min_requests"]  # type: ignore[assignment]
+    canary_steps: str = _DEFAULTS["canary_steps"]  # type: ignore[assignment]
+    canary_step_seconds: float = _DEFAULTS["canary_step_seconds"]  # type: ignore[assignment]
     log_dir: str = _DEFAULTS["log_dir"]  # type: ignore[assignment]
     docker_args: tuple[str, ...] = _DEFAULTS["docker_args"]  # type: ignore[assignment]
     drain_timeout: float = _DEFAULTS["drain_timeout"]  # type: ignore[assignment]

@@ -28,7 +28,7 @@ from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interru
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display, indent
-from bluegreen.settings import upstream_options
+from bluegreen.settings import canary_steps, upstream_options
 
 # Seconds the undo after a signal waits for nginx workers that may route to the new container.
 UNDO_DRAIN_ON_INTERRUPT = 3.0
@@ -71,10 +71,12 @@ class Plan:
     def run_argv(self, env_file: str | None) -> list[str]:
         return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file)
 
-    def upstream_text(self) -> str:
+    def upstream_text(self, canary: int | None = None) -> str:
+        """The managed upstream file for the new colour; a canary step sends it `canary` percent only."""
         return render_upstream(
             name=self.upstream_name, port=self.target_port, project=self.cfg.project, colour=self.target,
             tag=self.tag, token=self.token, options=ngx.UpstreamOptions(**upstream_options(self.cfg)),
+            canary=(self.routed_port or self.cfg.port(self.current), canary) if canary and self.current else None,
         )
 
     def health_url(self) -> str:
@@ -363,6 +365,8 @@ class Deployer:
         # Whether nginx was asked to route to the new container, and whether the undo routed it back: the
         # new container is removed by the undo only when nginx cannot be routing to it.
         self.reload_state = {"attempted": False, "done": False, "routed_back": False}
+        self.switch_undo_registered = False  # a canary step's write registered it; the full switch does not again
+        self.switch_before: dict[str, set[int]] = {"workers": set()}
         self.watch_log: str | None = None  # the file the server block logs the watch format to (preflight's dump)
         self.watch_log_known = False
 
@@ -473,9 +477,17 @@ class Deployer:
             with Transaction(self.progress) as tx:
                 self._start(plan, tx, serving, leftover)
                 self._health(plan, serving)
+                promoted = False
+                for percent in (canary_steps(plan.cfg.canary_steps) or ()) if tail is not None else ():
+                    self._switch(plan, tx, serving, canary=percent)
+                    promoted = self._judge(plan, tail, seconds=plan.cfg.canary_step_seconds, name="canary",
+                                           what=f"{percent}% of requests to {plan.target_name}")
+                    if promoted:
+                        break
                 self._switch(plan, tx, serving)
-                if tail is not None:
-                    self._watch(plan, serving, tail)
+                if tail is not None and plan.cfg.watch_seconds > 0 and not promoted:
+                    self._judge(plan, tail, seconds=plan.cfg.watch_seconds, name="watch",
+                                what=f"real traffic to {plan.target_name}")
                 tx.commit()
         except Interrupted as exc:
             raise DeployFailed(
@@ -662,11 +674,13 @@ class Deployer:
         """Before the switch: where the watch will read what nginx served (from the end of that log as it is
         now), or None when there is no watch (WATCH_SECONDS=0, no log line, nothing to switch back to)."""
         cfg = plan.cfg
-        if cfg.watch_seconds <= 0:
+        wanted = " and ".join(w for w in (f"WATCH_SECONDS={cfg.watch_seconds:g}" if cfg.watch_seconds > 0 else "",
+                                          f"CANARY_STEPS={cfg.canary_steps}" if cfg.canary_steps else "") if w)
+        if not wanted:
             return None
         if plan.current is None or self.old is None or not self.old.running:
-            self.progress.say(f"note: WATCH_SECONDS={cfg.watch_seconds:g}, but no running container served before "
-                              f"this deploy, so there is nothing to switch back to: deploying without a watch.")
+            self.progress.say(f"note: {wanted}, but no running container served before this deploy, so there is "
+                              f"nothing to switch back to: deploying without a watch (and switching at once).")
             return None
         if not self.watch_log_known:
             try:
@@ -676,27 +690,29 @@ class Deployer:
             self.watch_log_known = True
         if self.watch_log is None:
             self.progress.say(
-                f"note: WATCH_SECONDS={cfg.watch_seconds:g}, but the server block of {cfg.project} has no "
+                f"note: {wanted}, but the server block of {cfg.project} has no "
                 f"`{wt.access_log_line(cfg.project)}` line, so bluegreen cannot see what nginx serves: deploying "
-                f"without a watch. Add that line (any path) to the server block to enable it (`bluegreen doctor` checks it).")
+                f"without a watch (and switching at once). Add that line (any path) to the server block to enable it "
+                f"(`bluegreen doctor` checks it).")
             return None
         tail = wt.LogTail(self.watch_log)
         tail.start()
         return tail
 
-    def _watch(self, plan: Plan, serving: str, tail: wt.LogTail) -> None:
-        """Step 4, watch: the old container keeps running while real traffic is judged; a 5xx share above
-        WATCH_MAX_ERROR_RATE, a failing health check, a crash or `bluegreen abort` raises, and the transaction
-        switches back (nothing boots: the old container still runs)."""
+    def _judge(self, plan: Plan, tail: wt.LogTail, *, seconds: float, name: str, what: str) -> bool:
+        """Step 4, watch (after the switch) or canary (a share of the requests): the old container keeps
+        running while real traffic is judged; a 5xx share above WATCH_MAX_ERROR_RATE, a failing health check, a
+        crash or `bluegreen abort` raises, and the transaction switches back (nothing boots: the old container
+        still runs). True when `bluegreen promote` ended it (the new version stays, nothing more is judged)."""
         cfg = plan.cfg
         control = self.settings.watch_file(cfg.project)
         root = self.settings.root
-        detail = (f"{cfg.watch_seconds:g}s of real traffic to {plan.target_name}: at most {cfg.watch_max_error_rate}% "
-                  f"5xx (judged from {cfg.watch_min_requests} requests), health, crashes")
-        back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the watch)"
-        with self.progress.step(4, "watch", detail) as notes:
+        detail = (f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx (judged from "
+                  f"{cfg.watch_min_requests} requests), health, crashes")
+        back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the {name})"
+        with self.progress.step(4, name, detail) as notes:
             safefs.unlink(wt.request_path(control), root=root)
-            safefs.atomic_write(control, json.dumps({"pid": os.getpid(), "tag": plan.tag}) + "\n", root=root)
+            safefs.atomic_write(control, json.dumps({"pid": os.getpid(), "tag": plan.tag, "step": name}) + "\n", root=root)
             try:
                 tally = wt.Tally()
                 started = self.clock()
@@ -705,39 +721,41 @@ class Deployer:
                     tally.add(tail.read(), plan.target_port)
                     elapsed = self.clock() - started
                     if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
-                        self._watch_failed(plan, back,
+                        self._watch_failed(plan, name, back,
                                            f"{wt.describe(tally, elapsed)} > WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}%")
                     request = wt.read_request(control, root)
                     if request == wt.ABORT:
-                        self._watch_failed(plan, back, f"`abort` after {wt.describe(tally, elapsed)}")
+                        self._watch_failed(plan, name, back, f"`abort` after {wt.describe(tally, elapsed)}")
                     if request == wt.PROMOTE:
                         notes.append(f"promoted after {wt.describe(tally, elapsed)}")
-                        return
+                        return True
                     if self.clock() >= next_check:
                         next_check += 1.0
                         found = self.docker.inspect(plan.target_name)
                         if found is None or not found.running:
                             why = "it disappeared" if found is None else (found.crash_note() or f"it is {found.status}")
-                            self._watch_failed(plan, back, f"{plan.target_name} stopped during the watch: {why}")
+                            self._watch_failed(plan, name, back, f"{plan.target_name} stopped during the {name}: {why}")
                         probe = self.probe(plan.health_url(), timeout=cfg.health_request_timeout, host=cfg.health_host)
                         bad_health = 0 if probe.status == cfg.health_expect else bad_health + 1
                         if bad_health >= WATCH_HEALTH_FAILURES:
-                            self._watch_failed(plan, back, f"its health check failed {bad_health} times in a row "
-                                                                    f"(last: {probe.detail})")
-                    if elapsed >= cfg.watch_seconds:
+                            self._watch_failed(plan, name, back, f"its health check failed {bad_health} times in a row "
+                                                                 f"(last: {probe.detail})")
+                    if elapsed >= seconds:
                         break
-                    self.sleep(min(WATCH_POLL, max(0.0, cfg.watch_seconds - elapsed)))
+                    self.sleep(min(WATCH_POLL, max(0.0, seconds - elapsed)))
                 tally.add(tail.read(), plan.target_port)
                 few = "" if tally.requests >= cfg.watch_min_requests else f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health"
                 notes.append(f"{wt.describe(tally, self.clock() - started)}{few}")
+                return False
             finally:
                 safefs.unlink(control, root=root)
                 safefs.unlink(wt.request_path(control), root=root)
 
-    def _watch_failed(self, plan: Plan, back: str, why: str) -> None:
+    def _watch_failed(self, plan: Plan, name: str, back: str, why: str) -> None:
         logs = self.docker.logs(plan.target_name, tail=20)
+        when = "The watch after the switch" if name == "watch" else "A canary step"
         raise DeployFailed(
-            f"The watch after the switch saw {why} from {plan.target_name} ({plan.ref}): switched back to {back}, "
+            f"{when} saw {why} from {plan.target_name} ({plan.ref}): switched back to {back}, "
             f"and {plan.target_name} was removed. Fix the release (its last log lines are below), then deploy again.",
             details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
         )
@@ -788,53 +806,19 @@ class Deployer:
                 details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
             )
 
-    def _switch(self, plan: Plan, tx: Transaction, serving: str) -> None:
-        """Step 4: write the upstream, `nginx -T`, reload, drain the old workers, prove the new route."""
+    def _switch(self, plan: Plan, tx: Transaction, serving: str, canary: int | None = None) -> None:
+        """Step 4: write the upstream, `nginx -T`, reload, drain the old workers, prove the new route. A canary
+        step (`canary` percent to the new container) only writes and reloads; the first write registers the
+        one undo that puts the previous file back."""
         path = plan.upstream_path
-        with self.progress.step(4, "switch", f"nginx -> 127.0.0.1:{plan.target_port}"):
-            try:
-                previous = state.read_text(path, root=self.settings.root)
-            except OSError as exc:
-                raise DeployFailed(
-                    f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
-                    f"container was removed. {serving} Check that file and its directory, then deploy again."
-                ) from exc
+        label = f"nginx -> {canary}% to 127.0.0.1:{plan.target_port}" if canary else f"nginx -> 127.0.0.1:{plan.target_port}"
+        with self.progress.step(4, "switch", label):
             reload = self.reload_state
-            before: dict[str, set[int]] = {"workers": set()}  # the workers of the config that routes to the old one
-
-            def restore() -> None:
-                if previous is None:
-                    safefs.unlink(path, root=self.settings.root)
-                else:
-                    state.atomic_write(path, previous, root=self.settings.root)
-                if not reload["attempted"]:
-                    reload["routed_back"] = True
-                    return
-                # Route back to the old container, then let the workers that may route to the new one
-                # finish before it is removed. Workers from before the forward reload route to the old
-                # container, which stays: they are not waited for.
-                try:
-                    master, workers = self._master_and_workers(self.nginx.test_and_dump())
-                    self.nginx.reload()
-                except CommandError:
-                    if reload["done"]:
-                        raise
-                    # The forward reload failed or was cut short: nginx most likely never loaded
-                    # the new file, and cannot reload now either. Best effort, then go on.
-                    reload["routed_back"] = True
-                    return
-                reload["routed_back"] = True
-                bound = plan.cfg.drain_timeout
-                if isinstance(tx.failure, Interrupted):
-                    # A cancelled CI job sends SIGKILL a few seconds after its first signal: the undo
-                    # must be over by then, so requests to the new container get a short grace only.
-                    bound = min(bound, UNDO_DRAIN_ON_INTERRUPT)
-                self._wait_for_workers(master, workers - before["workers"], bound)
-
-            # Registered before the write: whatever happens from here on, the previous file comes back.
-            tx.on_failure(f"put back {path.name}", restore)
+            before = self.switch_before  # the workers of the config that routes to the old one only
+            if not self.switch_undo_registered:
+                self._register_restore(plan, tx, serving, path, reload, before)
             try:
-                safefs.atomic_write(path, plan.upstream_text(), root=self.settings.root, make_dirs=True)
+                safefs.atomic_write(path, plan.upstream_text(canary), root=self.settings.root, make_dirs=True)
             except OSError as exc:
                 raise DeployFailed(
                     f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
@@ -851,7 +835,8 @@ class Deployer:
                     f"`nginx -t`, then deploy again."
                 ) from exc
             master, old_workers = self._master_and_workers(dump)
-            before["workers"] = old_workers
+            if not reload["attempted"]:
+                before["workers"] = old_workers
             try:
                 # Marked before the call: a reload cut short (Ctrl-C, sudo surviving us) may
                 # still have reached the master, so the undo must reload too.
@@ -863,8 +848,54 @@ class Deployer:
                     f"`nginx -s reload` failed: {Nginx.error_text(exc)}\nThe upstream file was put back. {serving} "
                     f"Check that nginx is running (`systemctl status nginx`), then deploy again."
                 ) from exc
+        if canary:
+            return  # judged by the canary step; the full switch drains and verifies
         drained = self._drain(plan, master, old_workers)
         self._verify(plan, serving, drained)
+
+    def _register_restore(self, plan: Plan, tx: Transaction, serving: str, path: Path, reload: dict, before: dict) -> None:
+        """The switch's undo, registered once before the first write: the previous upstream file back, a
+        reload, and the workers that may route to the new container drained."""
+        try:
+            previous = state.read_text(path, root=self.settings.root)
+        except OSError as exc:
+            raise DeployFailed(
+                f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
+                f"container was removed. {serving} Check that file and its directory, then deploy again."
+            ) from exc
+
+        def restore() -> None:
+            if previous is None:
+                safefs.unlink(path, root=self.settings.root)
+            else:
+                state.atomic_write(path, previous, root=self.settings.root)
+            if not reload["attempted"]:
+                reload["routed_back"] = True
+                return
+            # Route back to the old container, then let the workers that may route to the new one
+            # finish before it is removed. Workers from before the forward reload route to the old
+            # container, which stays: they are not waited for.
+            try:
+                master, workers = self._master_and_workers(self.nginx.test_and_dump())
+                self.nginx.reload()
+            except CommandError:
+                if reload["done"]:
+                    raise
+                # The forward reload failed or was cut short: nginx most likely never loaded
+                # the new file, and cannot reload now either. Best effort, then go on.
+                reload["routed_back"] = True
+                return
+            reload["routed_back"] = True
+            bound = plan.cfg.drain_timeout
+            if isinstance(tx.failure, Interrupted):
+                # A cancelled CI job sends SIGKILL a few seconds after its first signal: the undo
+                # must be over by then, so requests to the new container get a short grace only.
+                bound = min(bound, UNDO_DRAIN_ON_INTERRUPT)
+            self._wait_for_workers(master, workers - before["workers"], bound)
+
+        # Registered before the write: whatever happens from here on, the previous file comes back.
+        tx.on_failure(f"put back {path.name}", restore)
+        self.switch_undo_registered = True
 
     def _master_and_workers(self, dump: str) -> tuple[int | None, set[int]]:
         """The nginx master pid (from its pid file) and its current worker pids."""

@@ -96,7 +96,7 @@ def _server_params(options: UpstreamOptions) -> str:
 
 
 def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str, token: str, down: bool = False,
-                    options: UpstreamOptions = UpstreamOptions()) -> str:
+                    options: UpstreamOptions = UpstreamOptions(), canary: tuple[int, int] | None = None) -> str:
     """The whole upstream file for one project, pointing at one local port.
 
     The map answers the route (the upstream address nginx used) only to requests carrying the
@@ -110,9 +110,13 @@ def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str
         # stops the old container only after every old worker has exited (the drain).
         keepalive = (f"    keepalive {options.keepalive};\n"
                      f"    keepalive_timeout {nginx_time(options.keepalive_timeout)};\n")
+    # A canary step: (the old port, the percentage of requests for `port`); both servers, weighted.
+    servers = f"    server 127.0.0.1:{port}{_server_params(options)}{' down' if down else ''};\n" if canary is None else (
+        f"    server 127.0.0.1:{port} weight={canary[1]}{_server_params(options)};\n"
+        f"    server 127.0.0.1:{canary[0]} weight={100 - canary[1]}{_server_params(options)};\n")
     body = (
         f"upstream {name} {{\n"
-        f"    server 127.0.0.1:{port}{_server_params(options)}{' down' if down else ''};\n"
+        f"{servers}"
         f"{keepalive}"
         "}\n"
         f"# For bluegreen's post-switch probe; the server block adds: {add_header_line(project)}\n"
@@ -144,7 +148,7 @@ _OURS_RE = re.compile(
     r"log_format\s+bluegreen_watch_[A-Za-z0-9_]+\s+'" + re.escape(watch.LOG_FORMAT) + "';"
 )
 _OWN_SHAPES_RE = re.compile(r"keepalive [0-9]+;|keepalive_timeout [0-9]+m?s;")
-_OWN_PARAMS_RE = re.compile(r"(?:max_fails=[0-9]+)?(?: ?fail_timeout=[0-9]+m?s)?")
+_OWN_PARAMS_RE = re.compile(r"(?:weight=[0-9]{1,2} ?)?(?:max_fails=[0-9]+)?(?: ?fail_timeout=[0-9]+m?s)?")
 _SERVER_LINE_RE = re.compile(r"server\s+127\.0\.0\.1:[0-9]{1,5}((?:\s+[^;\s]+)*)\s*;")
 
 

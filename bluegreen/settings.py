@@ -186,6 +186,14 @@ TABLE: tuple[Setting, ...] = (
     Setting("WATCH_MIN_REQUESTS", "watch_min_requests", "integer", 20,
             "fewer requests than this in the watch: judged by health and crashes only (too few to judge a share)",
             S_WATCH, low=0, high=10000, unit="a number of requests"),
+    Setting("CANARY_STEPS", "canary_steps", "text", "",
+            "before the full switch, send this percentage of requests to the new container, step by step (e.g. "
+            "10,50), each judged like the watch for CANARY_STEP_SECONDS; each step is one nginx reload",
+            S_WATCH, chars=r"0-9,", chars_doc="digits and commas", max_len=40, empty="no canary steps",
+            pattern=r"[0-9]{1,2}(?:,[0-9]{1,2}){0,4}", pattern_doc="up to 5 percentages from 1 to 99, rising, comma-separated",
+            hint="needs the watch's access_log line, like WATCH_SECONDS"),
+    Setting("CANARY_STEP_SECONDS", "canary_step_seconds", "seconds", 30.0,
+            "how long each canary step is judged", S_WATCH, high=3600.0, zero=False),
     Setting("STOP_TIMEOUT", "stop_timeout", "integer", 30,
             "seconds `docker stop` gives the old container to shut down before killing it", S_OLD,
             low=0, high=DAY, unit="a whole number of seconds"),
@@ -363,6 +371,20 @@ def cross_check(values: Mapping[str, object], source: str) -> None:
             f"{source}: HEALTH_INTERVAL ({values['HEALTH_INTERVAL']:g}s) is longer than HEALTH_TIMEOUT "
             f"({values['HEALTH_TIMEOUT']:g}s)."
         )
+    steps = canary_steps(str(values.get("CANARY_STEPS") or ""))
+    if steps is None:
+        raise ConfigError(f"{source}: CANARY_STEPS={values['CANARY_STEPS']} must be percentages from 1 to 99, each "
+                          f"higher than the one before (e.g. 10,50). Nothing was changed.")
+
+
+def canary_steps(text: str) -> tuple[int, ...] | None:
+    """CANARY_STEPS as percentages (() for none); None when they are not 1..99 and rising."""
+    if not text:
+        return ()
+    steps = tuple(int(p) for p in text.split(","))
+    if any(not 1 <= p <= 99 for p in steps) or any(a >= b for a, b in zip(steps, steps[1:])):
+        return None
+    return steps
 
 
 # -- generated files ---------------------------------------------------------------------------------------

@@ -174,3 +174,37 @@ def wait_for(ok, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def test_a_canary_step_that_fails_at_ten_percent_spares_most_clients(project, tmp_path):
+    watch_env(project)
+    deploy_ok(project, "v1")
+    with_watch_log(project, tmp_path)
+    watch_env(project, CANARY_STEPS="10,50", CANARY_STEP_SECONDS="30", WATCH_MIN_REQUESTS="5")
+    with Traffic(project) as traffic:
+        proc = project.run("deploy", project.name, "failing")
+        time.sleep(0.5)
+    assert proc.returncode == 1, proc.stderr
+    assert "[4/6] switch  nginx -> 10% to" in proc.stderr and "50% to" not in proc.stderr
+    assert "A canary step saw" in proc.stderr and "switched back to v1" in proc.stderr
+    assert journal(project)[-1]["failed_step"] == "canary"
+    assert serving(project) == "v1" and project.containers(all=True) == [f"{project.name}-blue"]
+    statuses = [status for _, status, _ in traffic.answers]
+    bad, good = statuses.count(500), statuses.count(200)
+    assert bad >= 5 and bad < 0.25 * (bad + good), (bad, good)  # about 10% while the step ran, then none
+
+
+def test_a_good_release_goes_through_the_canary_steps_then_the_full_switch(project, tmp_path):
+    watch_env(project)
+    deploy_ok(project, "v1")
+    with_watch_log(project, tmp_path)
+    watch_env(project, CANARY_STEPS="10,50", CANARY_STEP_SECONDS="1")
+    with Traffic(project) as traffic:
+        proc = deploy_ok(project, "v2")
+    steps = [line.split(":")[0] for line in proc.stderr.splitlines() if line.startswith("[4/6] ")]
+    assert [s.split()[1] for s in steps] == ["switch", "canary", "switch", "canary", "switch", "drain", "verify"], steps
+    upstream = Path(project.upstream_file).read_text()
+    assert "weight=" not in upstream and f"server 127.0.0.1:{project.green_port};" in upstream
+    assert serving(project) == "v2"
+    versions = {body for _, status, body in traffic.answers if status == 200}
+    assert versions <= {"v1", "v2"} and not [s for _, s, _ in traffic.answers if s != 200]

@@ -90,3 +90,29 @@ def test_the_tail_never_follows_a_link_nor_blocks_on_a_fifo(tmp_path):
     missing.start()
     (tmp_path / "not-yet.log").write_text('1.000 200 "127.0.0.1:9"\n')  # nginx creates it at the first request
     assert missing.read() == ['1.000 200 "127.0.0.1:9"']
+
+
+def test_a_canary_step_weights_both_servers_and_stays_bluegreens_own_file():
+    text = ngx.render_upstream(name="api", port=8082, project="api", colour="green", tag="v2", token="0" * 32,
+                               canary=(8081, 10))
+    assert "    server 127.0.0.1:8082 weight=10;\n    server 127.0.0.1:8081 weight=90;\n" in text
+    assert ngx.parse_upstream(text).port == 8082
+
+
+def test_canary_steps_are_rising_percentages():
+    from bluegreen.settings import canary_steps
+
+    assert canary_steps("") == () and canary_steps("10,50") == (10, 50)
+    assert canary_steps("50,10") is None and canary_steps("0,50") is None and canary_steps("10,10") is None
+
+
+def test_an_env_file_with_falling_canary_steps_is_refused_with_the_rule():
+    import pytest
+
+    from bluegreen.config import parse_env, project_from_entries
+    from bluegreen.errors import ConfigError
+
+    good = project_from_entries("api", "api.env", parse_env("IMAGE=acme/api\nCANARY_STEPS=10,50\nWATCH_SECONDS=60\n", "api.env"))
+    assert (good.canary_steps, good.watch_seconds, good.watch_max_error_rate, good.watch_min_requests) == ("10,50", 60.0, 5, 20)
+    with pytest.raises(ConfigError, match="CANARY_STEPS=50,10 must be percentages from 1 to 99, each higher"):
+        project_from_entries("api", "api.env", parse_env("IMAGE=acme/api\nCANARY_STEPS=50,10\n", "api.env"))
