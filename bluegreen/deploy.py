@@ -692,8 +692,8 @@ class Deployer:
             self.progress.say(
                 f"note: {wanted}, but the server block of {cfg.project} has no "
                 f"`{wt.access_log_line(cfg.project)}` line, so bluegreen cannot see what nginx serves: deploying "
-                f"without a watch (and switching at once). Add that line (any path) to the server block to enable it "
-                f"(`bluegreen doctor` checks it).")
+                f"without a watch (and switching at once). To enable it, add `{wt.log_format_line(cfg.project)}` above "
+                f"the server block and that line (any absolute path) inside it (`bluegreen doctor` checks them).")
             return None
         tail = wt.LogTail(self.watch_log)
         tail.start()

@@ -154,6 +154,7 @@ def render_server_block(*, project: str, upstream: str, upstream_file: str, list
     return template.render(
         "server.conf", PROJECT=project, UPSTREAM=upstream, UPSTREAM_FILE=upstream_file, LISTEN=listen,
         SERVER_NAME=server_name, ADD_HEADER=ngx.add_header_line(project), ACCESS_LOG=watch.access_log_line(project),
+        LOG_FORMAT=watch.log_format_line(project),
     )
 
 

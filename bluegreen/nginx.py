@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Sequence
 
-from bluegreen import settings, watch
+from bluegreen import settings
 from bluegreen.errors import CommandError
 from bluegreen.runner import Runner, proc_stat
 
@@ -124,8 +124,6 @@ def render_upstream(*, name: str, port: int, project: str, colour: str, tag: str
         f'    "{token}" $upstream_addr;\n'
         '    default "";\n'
         "}\n"
-        f"# For the watch window (WATCH_SECONDS); the server block adds: {watch.access_log_line(project)}\n"
-        f"{watch.log_format_line(project)}\n"
     )
     return (
         "# Managed by bluegreen: rewritten on every deploy; edits here are lost (UPSTREAM_* settings in the env file).\n"
@@ -144,8 +142,7 @@ _SUM_RE = re.compile(r"\A# Managed by bluegreen[^\n]*\n# project=[^\n]* sum=([0-
 # The lines of a managed file that change from deploy to deploy (address, colour, tag, token): never foreign.
 _OURS_RE = re.compile(
     r"#.*|\}|upstream\s+[^\s{]+\s*\{|map\s+\$http_x_bluegreen_probe\s+\$bluegreen_route_[A-Za-z0-9_]+\s*\{|"
-    r'"[0-9a-f]{32}"\s+\$upstream_addr;|default\s+"";|'
-    r"log_format\s+bluegreen_watch_[A-Za-z0-9_]+\s+'" + re.escape(watch.LOG_FORMAT) + "';"
+    r'"[0-9a-f]{32}"\s+\$upstream_addr;|default\s+"";'
 )
 _OWN_SHAPES_RE = re.compile(r"keepalive [0-9]+;|keepalive_timeout [0-9]+m?s;")
 _OWN_PARAMS_RE = re.compile(r"(?:weight=[0-9]{1,2} ?)?(?:max_fails=[0-9]+)?(?: ?fail_timeout=[0-9]+m?s)?")

@@ -179,7 +179,7 @@ TABLE: tuple[Setting, ...] = (
             "after the switch, watch what nginx serves from the new container this long before the old one is "
             "stopped; the share of 5xx above WATCH_MAX_ERROR_RATE, a failing health check or a crash switches back "
             "at once", S_WATCH, high=3600.0, empty="",
-            hint="needs the server block's `access_log ... bluegreen_watch_PROJECT;` line (init writes it); 0: no watch"),
+            hint="needs the server block's `log_format bluegreen_watch_PROJECT` and `access_log` lines (init writes them); 0: no watch"),
     Setting("WATCH_MAX_ERROR_RATE", "watch_max_error_rate", "integer", 5,
             "percent of the requests nginx sent to the new container that may answer 5xx during the watch",
             S_WATCH, low=0, high=100, unit="a whole percentage"),

@@ -1,8 +1,9 @@
 """The watch window after a switch (pure, plus a bounded log reader): what nginx really served from the new
 container, read from a per-project access log, judged against WATCH_MAX_ERROR_RATE.
 
-The managed upstream file (included in `http {}`) defines the log format; the project's server block logs
-with it (`init` writes the line). A server block without the line deploys as before, without a watch."""
+The project's server block file defines the log format (an http-level line before `server {`: nginx must read
+a format before an access_log uses it, and the upstream directory may be included after the server blocks)
+and logs with it; `init` writes both lines. A server block without them deploys as before, without a watch."""
 
 from __future__ import annotations
 

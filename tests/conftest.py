@@ -316,7 +316,7 @@ class Project:
         return self.env_file
 
     # -- nginx -------------------------------------------------------------
-    def serve(self, extra: str = "", probe: bool = True) -> None:
+    def serve(self, extra: str = "", probe: bool = True, head: str = "") -> None:
         """Add nginx server ``NAME`` on nginx_port -> upstream ``NAME``.
 
         With ``probe`` the block carries bluegreen's route header line (as
@@ -328,7 +328,7 @@ class Project:
             extra = "add_header X-Bluegreen-Upstream $bluegreen_route_%s always;\n%s" % (
                 re.sub(r"[^A-Za-z0-9_]", "_", self.name), extra)
         self.stack.nginx.add_server(self.name, self.nginx_port, self.name,
-                                    extra=extra)
+                                    extra=extra, head=head)
 
     def url(self, path: str = "/") -> str:
         return "http://127.0.0.1:%d/%s" % (self.nginx_port, path.lstrip("/"))

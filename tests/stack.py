@@ -762,15 +762,16 @@ class Nginx:
         return os.path.join(self.sites_dir, "%s.conf" % name)
 
     def add_server(self, name: str, listen_port: int, upstream: str,
-                   extra: str = "", reload: bool = True) -> str:
+                   extra: str = "", reload: bool = True, head: str = "") -> str:
         """Write ``sites/NAME.conf`` proxying 127.0.0.1:listen_port to
         ``http://UPSTREAM`` and reload. ``extra`` is pasted into the server
-        block. The upstream must already be defined (see class docstring);
+        block, ``head`` before it (http-level lines such as a log_format).
+        The upstream must already be defined (see class docstring);
         if the reload fails the file is removed again and the error raised.
         Returns the path of the file.
         """
         path = self.site_path(name)
-        text = ("server {\n"
+        text = (("%s\n" % head if head else "") + "server {\n"
                 "    listen 127.0.0.1:%d;\n"
                 "%s"
                 "    location / {\n"

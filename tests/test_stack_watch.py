@@ -45,7 +45,9 @@ class Traffic:
 def with_watch_log(project, tmp_path) -> Path:
     """The server block as `init` writes it for the watch: an access_log line in the watch format."""
     log = tmp_path / "watch.log"
-    project.serve(extra=f"access_log {log} bluegreen_watch_{project.name.replace('-', '_')};\n")
+    name = f"bluegreen_watch_{project.name.replace('-', '_')}"
+    project.serve(head=f"log_format {name} '$msec $status \"$upstream_addr\"';",
+                  extra=f"access_log {log} {name};\n")
     return log
 
 

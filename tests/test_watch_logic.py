@@ -10,12 +10,18 @@ from bluegreen import nginx as ngx
 from bluegreen import watch
 
 
-def test_the_upstream_file_defines_the_format_the_server_block_logs_with():
-    text = ngx.render_upstream(name="api", port=8081, project="user-api", colour="blue", tag="v1", token="0" * 32)
-    assert "log_format bluegreen_watch_user_api '$msec $status \"$upstream_addr\"';" in text
-    assert watch.access_log_line("user-api") == "access_log /var/log/nginx/bluegreen-user-api.log bluegreen_watch_user_api;"
-    # A managed file with the line is still bluegreen's own (nothing foreign in it for the next deploy).
-    assert ngx.parse_upstream(text).port == 8081
+def test_inits_server_block_defines_the_format_before_the_line_that_logs_with_it():
+    """nginx needs a log format defined before an access_log uses it, and bluegreen's upstream directory may
+    be included after the server blocks (Debian: after sites-enabled): so the server block file carries it."""
+    from bluegreen import init
+
+    text = init.render_server_block(project="user-api", upstream="user_api", upstream_file="/x", listen="80",
+                                    server_name="_")
+    fmt = "log_format bluegreen_watch_user_api '$msec $status \"$upstream_addr\"';"
+    log = "access_log /var/log/nginx/bluegreen-user-api.log bluegreen_watch_user_api;"
+    assert fmt in text and log in text and text.index(fmt) < text.index("server {") < text.index(log)
+    assert "log_format" not in ngx.render_upstream(name="api", port=8081, project="user-api", colour="blue", tag="v1",
+                                                   token="0" * 32)
 
 
 def test_the_log_path_is_read_from_the_config_nginx_loaded():
