@@ -153,7 +153,8 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
         # check_nginx_first: before the pre-deploy hook (which may migrate a database) and the pull, a deploy
         # that could not switch (nginx down, `nginx -t` failing, the include missing) fails at once with the cause.
         deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock,
-                            seen_before=seen[0] if seen else None, check_nginx_first=True)
+                            seen_before=seen[0] if seen else None, check_nginx_first=True,
+                            judge_release=action != "rollback")
         deployer.check(plan)
         _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
         verb = "Rolling back" if action == "rollback" else "Deploying"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -533,7 +534,15 @@ def cmd_watch_request(args: argparse.Namespace, ctx: Context) -> int:
 
     validate_project(args.project)
     control = ctx.settings.watch_file(args.project)
-    if safefs.lstat(control, root=ctx.settings.root) is None:
+    try:
+        found = json.loads(safefs.read_text(control, root=ctx.settings.root, max_bytes=4096) or "null")
+        pid = found.get("pid") if isinstance(found, dict) else None
+    except ValueError:
+        pid = None
+    if isinstance(pid, int) and pid > 0 and not _alive(pid):
+        safefs.unlink(control, root=ctx.settings.root)  # left by a deploy that was killed: nobody reads a request
+        pid = None
+    if not isinstance(pid, int):
         raise UsageError(f"No watch is running for {args.project}, so there is nothing to {args.command}: a deploy "
                          f"watches only with WATCH_SECONDS set, between its switch and its retire step. Nothing was changed.")
     safefs.atomic_write(watch.request_path(control), args.command + "\n", root=ctx.settings.root)
@@ -541,6 +550,16 @@ def cmd_watch_request(args: argparse.Namespace, ctx: Context) -> int:
         "switch back to the old container and remove the new one"
     print(f"Asked the deploy watching {args.project} to {what}; its output says when it has.", file=ctx.stdout)
     return EXIT_OK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:

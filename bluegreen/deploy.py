@@ -34,6 +34,7 @@ from bluegreen.settings import canary_steps, upstream_options
 UNDO_DRAIN_ON_INTERRUPT = 3.0
 WATCH_POLL = 0.25  # seconds between two reads of the watch log (the switch back follows within this)
 WATCH_HEALTH_FAILURES = 3  # health checks failed in a row (one a second) that end the watch
+WATCH_BLIND_AFTER = 2.0  # seconds after which a log that received no line at all is reported
 # Seconds the probe through nginx before a deploy may take to show where nginx routes.
 OBSERVE_TIMEOUT = 2.0
 
@@ -185,6 +186,16 @@ def plan_deploy(
     `upstream_text`: the upstream file as found (its hand-added lines are warned about); `ephemeral`: the kernel's
     ephemeral port range (ports inside it are warned about).
     """
+    if upstream is not None and upstream.token and len(set(upstream.ports)) > 1:
+        # A canary step's file, left by a deploy that was killed (SIGKILL, a crash): nginx may route to both
+        # containers, so neither may be replaced until a person says which one serves.
+        path = settings.upstream_file(cfg.project)
+        both = " and ".join(f"127.0.0.1:{p}" for p in sorted(set(upstream.ports)))
+        raise UsageError(
+            f"{path} routes to {both}: a canary step of a deploy that was killed before it ended. nginx may be "
+            f"sending requests to both containers, so nothing was changed. Keep the server line of the version that "
+            f"should serve (`{cfg.project}.active` names the colour of the last complete deploy), delete the other, "
+            f"run `nginx -t && nginx -s reload`, then deploy again.")
     current, warnings = current_colour(cfg, active=active, upstream=upstream, upstream_path=settings.upstream_file(cfg.project),
                                        observed=observed)
     seen = current is not None and observed is not None and cfg.colour_of_port(observed) == current
@@ -352,6 +363,9 @@ class Deployer:
     # seen; and whether check() also checks nginx (attempt does; the pure tests of the steps do not).
     seen_before: health.Probe | None = None
     check_nginx_first: bool = False
+    # A rollback is the way out of an incident: no canary steps keeping traffic on the release being left,
+    # and no watch that could switch back to it.
+    judge_release: bool = True
 
     def __post_init__(self) -> None:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
@@ -492,7 +506,7 @@ class Deployer:
         except Interrupted as exc:
             raise DeployFailed(
                 f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete"
-                + (" (during the watch)" if self.progress.failed_step == "watch" else "")
+                + (f" (during the {self.progress.failed_step})" if self.progress.failed_step in ("watch", "canary") else "")
                 + f"; whatever it had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
             ) from exc
         except safefs.UnsafePath as exc:  # a link or FIFO planted under the root while the deploy ran
@@ -674,6 +688,8 @@ class Deployer:
         """Before the switch: where the watch will read what nginx served (from the end of that log as it is
         now), or None when there is no watch (WATCH_SECONDS=0, no log line, nothing to switch back to)."""
         cfg = plan.cfg
+        if not self.judge_release:
+            return None
         wanted = " and ".join(w for w in (f"WATCH_SECONDS={cfg.watch_seconds:g}" if cfg.watch_seconds > 0 else "",
                                           f"CANARY_STEPS={cfg.canary_steps}" if cfg.canary_steps else "") if w)
         if not wanted:
@@ -697,6 +713,13 @@ class Deployer:
             return None
         tail = wt.LogTail(self.watch_log)
         tail.start()
+        problem = tail.problem()
+        if problem:
+            tail.close()
+            self.progress.say(f"warning: {wanted}, but the watch log {problem}, so bluegreen cannot see what nginx "
+                              f"serves: deploying without a watch (and switching at once). Point the access_log line "
+                              f"at a regular file.")
+            return None
         return tail
 
     def _judge(self, plan: Plan, tail: wt.LogTail, *, seconds: float, name: str, what: str) -> bool:
@@ -716,13 +739,19 @@ class Deployer:
             try:
                 tally = wt.Tally()
                 started = self.clock()
-                next_check, bad_health = started, 0
+                next_check, bad_health, blind_said = started, 0, False
                 while True:
                     tally.add(tail.read(), plan.target_port)
                     elapsed = self.clock() - started
-                    if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
+                    if wt.judge_early(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
                         self._watch_failed(plan, name, back,
                                            f"{wt.describe(tally, elapsed)} > WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}%")
+                    if not blind_said and elapsed >= WATCH_BLIND_AFTER and tail.lines_read == 0:
+                        # The verify probe went through nginx before the watch: its line should be there.
+                        blind_said = True
+                        self.progress.say(f"warning: nothing has been logged to {tail.path} since the switch (not even the "
+                                          f"verify probe): {tail.problem() or 'check that the access_log line of ' + cfg.project + ' names it'}. "
+                                          f"This {name} can judge health and crashes only.")
                     request = wt.read_request(control, root)
                     if request == wt.ABORT:
                         self._watch_failed(plan, name, back, f"`abort` after {wt.describe(tally, elapsed)}")
@@ -731,6 +760,14 @@ class Deployer:
                         return True
                     if self.clock() >= next_check:
                         next_check += 1.0
+                        old = self.docker.inspect(plan.current_name) if plan.current_name else None
+                        if old is None or not old.running:
+                            # Nothing to switch back to any more: the new version stays, unjudged from here.
+                            why = "it disappeared" if old is None else (old.crash_note() or f"it is {old.status}")
+                            notes.append(f"ended after {wt.describe(tally, elapsed)}: the old {plan.current_name} stopped ({why})")
+                            self.progress.say(f"warning: {plan.current_name} stopped during the {name} ({why}), so there is "
+                                              f"nothing left to switch back to: {plan.tag} keeps serving, no longer judged.")
+                            return True
                         found = self.docker.inspect(plan.target_name)
                         if found is None or not found.running:
                             why = "it disappeared" if found is None else (found.crash_note() or f"it is {found.status}")
@@ -744,6 +781,9 @@ class Deployer:
                         break
                     self.sleep(min(WATCH_POLL, max(0.0, seconds - elapsed)))
                 tally.add(tail.read(), plan.target_port)
+                if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
+                    self._watch_failed(plan, name, back, f"{wt.describe(tally, self.clock() - started)} > "
+                                                         f"WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}% by the end of the {name}")
                 few = "" if tally.requests >= cfg.watch_min_requests else f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health"
                 notes.append(f"{wt.describe(tally, self.clock() - started)}{few}")
                 return False
@@ -755,8 +795,9 @@ class Deployer:
         logs = self.docker.logs(plan.target_name, tail=20)
         when = "The watch after the switch" if name == "watch" else "A canary step"
         raise DeployFailed(
-            f"{when} saw {why} from {plan.target_name} ({plan.ref}): switched back to {back}, "
-            f"and {plan.target_name} was removed. Fix the release (its last log lines are below), then deploy again.",
+            f"{when} saw {why} from {plan.target_name} ({plan.ref}): switching back to {back} and removing "
+            f"{plan.target_name} (the lines above say each undo done). Fix the release (its last log lines are below), "
+            f"then deploy again.",
             details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
         )
 

@@ -617,15 +617,17 @@ def judge_watch(cfg: ProjectConfig, dump: str | None) -> Check:
 
     path = watch.find_log_path(dump, cfg.project) if dump is not None else None
     line = watch.access_log_line(cfg.project)
-    if cfg.watch_seconds <= 0:
+    if cfg.watch_seconds <= 0 and not cfg.canary_steps:
         return Check("watch", OK if path else INFO, "WATCH_SECONDS=0: no watch" + (f" (log line ready: {path})" if path else
                      f"; to use it, add `{watch.log_format_line(cfg.project)}` above the server block and `{line}` "
                      f"inside it, then set WATCH_SECONDS"))
     if dump is None:
         return Check("watch", WARN, "cannot tell whether the server block logs for the watch: `nginx -T` failed")
     if path is None:
-        return Check("watch", WARN, f"WATCH_SECONDS={cfg.watch_seconds:g}, but no server block logs with the watch "
-                                    f"format, so deploys go ahead without a watch",
+        return Check("watch", WARN, f"WATCH_SECONDS={cfg.watch_seconds:g}"
+                                    + (f", CANARY_STEPS={cfg.canary_steps}" if cfg.canary_steps else "")
+                                    + ", but no server block logs with the watch format, so deploys go ahead without "
+                                      "a watch and switch at once",
                      f"add `{watch.log_format_line(cfg.project)}` above the server block of {cfg.project} and `{line}` "
                      f"inside it, then `nginx -t && nginx -s reload`")
     return Check("watch", OK, f"WATCH_SECONDS={cfg.watch_seconds:g}: deploys judge the traffic nginx logs to {path}")

@@ -31,6 +31,7 @@ class Upstream:
     name: str
     port: int  # 0: a placeholder (`server ... down;`) that routes nowhere yet
     token: str = ""  # the probe token of a managed file; "" for hand-written ones
+    ports: tuple[int, ...] = ()  # every server's port: two in bluegreen's file means a canary step's file
 
 
 def route_variable(project: str) -> str:
@@ -242,7 +243,8 @@ def parse_upstream(text: str | None) -> Upstream | None:
         return None
     token = _TOKEN_RE.search(text)
     port = 0 if re.search(r"\bdown\b", server.group(2)) else int(server.group(1))
-    return Upstream(name.group(1), port, token.group(1) if token else "")
+    ports = tuple(int(m.group(1)) for m in _SERVER_RE.finditer(text))
+    return Upstream(name.group(1), port, token.group(1) if token else "", ports)
 
 
 def pid_file_from_dump(dump: str, nginx_cmd: Sequence[str]) -> str:

@@ -39,13 +39,16 @@ def access_log_line(project: str, path: str | None = None) -> str:
 
 def find_log_path(dump: str, project: str) -> str | None:
     """The file the project's server block logs to with its watch format, as `nginx -T` shows the config."""
-    pattern = re.compile(r"^\s*access_log\s+(\"[^\"]+\"|'[^']+'|[^\s;]+)\s+" + re.escape(format_name(project)) + r"\b",
+    pattern = re.compile(r"^\s*access_log\s+(\"[^\"]+\"|'[^']+'|[^\s;]+)\s+" + re.escape(format_name(project)) + r"\b([^;]*);",
                          re.MULTILINE | re.IGNORECASE)
     match = pattern.search(dump)
     if not match:
         return None
     path = match.group(1).strip("\"'")
-    return path if path.startswith("/") and "\x00" not in path else None
+    # A path with variables names many files; gzip, buffer= and flush= hold lines back: the watch would be blind.
+    if not path.startswith("/") or "\x00" in path or "$" in path or re.search(r"\b(gzip|buffer|flush)\b", match.group(2)):
+        return None
+    return path
 
 
 _LINE = re.compile(r'([0-9]{1,12}\.[0-9]{3}) ([0-9]{3}) "([^"]{0,512})"')
@@ -85,8 +88,26 @@ class Tally:
 
 
 def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
-    """Whether the new container failed real traffic: enough requests, and a 5xx share above the limit."""
+    """At the end of a window: whether the new container failed real traffic (enough requests, and a 5xx
+    share above the limit)."""
     return tally.requests >= max(1, min_requests) and tally.errors * 100 > max_rate * tally.requests
+
+
+EARLY_Z = 2.576  # 99%: judged on every poll, a release below the limit must not be switched back by chance
+
+
+def judge_early(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
+    """During a window, judged again on every poll: only on strong evidence, i.e. even the lower bound of the
+    5xx share's 99% confidence interval (Wilson) lies above the limit. A release failing every request is
+    stopped after a handful; one just under the limit is not stopped by a streak of bad luck."""
+    n = tally.requests
+    if n < max(1, min_requests):
+        return False
+    if max_rate <= 0:
+        return tally.errors > 0
+    p, z2 = tally.errors / n, EARLY_Z * EARLY_Z
+    low = (p + z2 / (2 * n) - EARLY_Z * ((p * (1 - p) + z2 / (4 * n)) / n) ** 0.5) / (1 + z2 / n)
+    return low * 100 > max_rate
 
 
 def describe(tally: Tally, seconds: float) -> str:
@@ -104,6 +125,7 @@ class LogTail:
         self.inode: tuple[int, int] | None = None
         self.offset = 0
         self.partial = b""
+        self.lines_read = 0  # any line at all: none after the verify probe means the watch is blind
 
     def start(self) -> None:
         """From the end of the log as it is now (nothing logged before the switch is counted)."""
@@ -143,7 +165,20 @@ class LogTail:
         data = self.partial + data
         lines = data.split(b"\n")
         self.partial = lines.pop()[-LINE_MAX:]
+        self.lines_read += len(lines)
         return [line[:LINE_MAX].decode("utf-8", "replace") for line in lines]
+
+    def problem(self) -> str:
+        """Why the log cannot be read as the watch needs it ("" : it can, or it does not exist yet)."""
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except OSError:
+            return ""
+        if stat.S_ISLNK(st.st_mode):
+            return f"{self.path} is a symbolic link (never followed)"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{self.path} is not a regular file"
+        return "" if self.fd is not None else f"{self.path} cannot be opened"
 
     def close(self) -> None:
         if self.fd is not None:

@@ -40,7 +40,7 @@ def test_a_failed_watch_on_the_first_host_stops_the_rollout_before_the_second(ap
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert table_of(proc) == [("h1", "failed", "v1", "v1"), ("h2", "not started", "v1", "v1"),
                               ("h3", "not started", "v1", "v1")]
-    assert "[h1] [4/6] watch" in proc.stderr and "switched back to v1" in proc.stderr
+    assert "[h1] [4/6] watch" in proc.stderr and "switching back to v1" in proc.stderr
     assert app.versions() == ["v1", "v1", "v1"]
     assert 500 in answers  # host 1's clients met the bad release before its watch switched back
     assert app.journal(h1)[-1]["failed_step"] == "watch"

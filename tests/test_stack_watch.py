@@ -72,7 +72,7 @@ def test_a_release_that_fails_real_traffic_is_switched_back_while_the_old_one_st
         time.sleep(1)
     assert proc.returncode == 1, proc.stderr
     assert "The watch after the switch saw" in proc.stderr and "> WATCH_MAX_ERROR_RATE 5%" in proc.stderr
-    assert f"switched back to v1 ({project.name}-blue, kept running during the watch)" in proc.stderr
+    assert f"switching back to v1 ({project.name}-blue, kept running during the watch)" in proc.stderr
     assert "[4/6] watch" in proc.stderr and "FAILED after" in proc.stderr
     assert took < 20, f"the watch should have switched back long before WATCH_SECONDS=30 ended ({took:.1f}s)"
     assert serving(project) == "v1"
@@ -111,7 +111,7 @@ def test_a_crash_during_the_watch_switches_back(project, tmp_path):
     stacklib.docker("kill", f"{project.name}-green")
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err
-    assert f"{project.name}-green stopped during the watch" in err and "switched back to v1" in err
+    assert f"{project.name}-green stopped during the watch" in err and "switching back to v1" in err
     assert serving(project) == "v1" and not control.exists()
 
 
@@ -188,7 +188,7 @@ def test_a_canary_step_that_fails_at_ten_percent_spares_most_clients(project, tm
         time.sleep(0.5)
     assert proc.returncode == 1, proc.stderr
     assert "[4/6] switch  nginx -> 10% to" in proc.stderr and "50% to" not in proc.stderr
-    assert "A canary step saw" in proc.stderr and "switched back to v1" in proc.stderr
+    assert "A canary step saw" in proc.stderr and "switching back to v1" in proc.stderr
     assert journal(project)[-1]["failed_step"] == "canary"
     assert serving(project) == "v1" and project.containers(all=True) == [f"{project.name}-blue"]
     statuses = [status for _, status, _ in traffic.answers]
@@ -210,3 +210,18 @@ def test_a_good_release_goes_through_the_canary_steps_then_the_full_switch(proje
     assert serving(project) == "v2"
     versions = {body for _, status, body in traffic.answers if status == 200}
     assert versions <= {"v1", "v2"} and not [s for _, s, _ in traffic.answers if s != 200]
+
+
+def test_a_rollback_neither_steps_nor_watches_and_a_stale_watch_file_is_no_watch(project, tmp_path):
+    watch_env(project)
+    deploy_ok(project, "v1")
+    with_watch_log(project, tmp_path)
+    deploy_ok(project, "v2")
+    watch_env(project, WATCH_SECONDS="60", CANARY_STEPS="10,50")
+    back = project.run("rollback", project.name, check=True)
+    assert "[4/6] watch" not in back.stderr and "[4/6] canary" not in back.stderr and serving(project) == "v1"
+    # A watch file left by a deploy that was killed (its pid is gone): nothing reads a request, so none is taken.
+    control = Path(project.stack.projects_dir, f"{project.name}.watch")
+    control.write_text('{"pid": 999999999, "tag": "v2", "step": "watch"}\n')
+    stale = project.run("abort", project.name)
+    assert stale.returncode == 2 and "No watch is running" in stale.stderr and not control.exists()

@@ -122,3 +122,48 @@ def test_an_env_file_with_falling_canary_steps_is_refused_with_the_rule():
     assert (good.canary_steps, good.watch_seconds, good.watch_max_error_rate, good.watch_min_requests) == ("10,50", 60.0, 5, 20)
     with pytest.raises(ConfigError, match="CANARY_STEPS=50,10 must be percentages from 1 to 99, each higher"):
         project_from_entries("api", "api.env", parse_env("IMAGE=acme/api\nCANARY_STEPS=50,10\n", "api.env"))
+
+
+def test_on_each_poll_only_strong_evidence_ends_the_window_and_the_end_judges_the_plain_share():
+    # Every request failing: stopped after a handful.
+    assert watch.judge_early(watch.Tally(5, 5), max_rate=5, min_requests=5)
+    # 7% after 100 requests against a 5% limit: not yet (it could be a streak), but at the end it fails.
+    assert not watch.judge_early(watch.Tally(100, 7), max_rate=5, min_requests=20)
+    assert watch.judge(watch.Tally(100, 7), max_rate=5, min_requests=20)
+    # A release just under the limit is never stopped early, however long the window.
+    assert not any(watch.judge_early(watch.Tally(n, n * 4 // 100), max_rate=5, min_requests=20) for n in range(20, 5000, 7))
+    assert watch.judge_early(watch.Tally(1, 1), max_rate=0, min_requests=0)
+
+
+def test_a_log_line_the_watch_could_not_follow_is_not_taken():
+    for line in ("access_log /var/log/nginx/$host.log bluegreen_watch_x;", "access_log /l.log bluegreen_watch_x gzip;",
+                 "access_log /l.log bluegreen_watch_x buffer=32k;", "access_log /l.log bluegreen_watch_x flush=5s;"):
+        assert watch.find_log_path(line, "x") is None, line
+    assert watch.find_log_path("access_log /l.log bluegreen_watch_x if=$loggable;", "x") == "/l.log"
+
+
+def test_a_tail_says_why_it_cannot_read(tmp_path):
+    (tmp_path / "real").write_text("")
+    (tmp_path / "link.log").symlink_to(tmp_path / "real")
+    os.mkfifo(tmp_path / "fifo.log")
+    for name, why in (("link.log", "is a symbolic link"), ("fifo.log", "is not a regular file"), ("real", "")):
+        tail = watch.LogTail(str(tmp_path / name))
+        tail.start()
+        assert why in tail.problem() if why else tail.problem() == "", name
+        tail.close()
+
+
+def test_a_canary_file_left_by_a_killed_deploy_stops_every_plan():
+    import pytest
+    from pathlib import Path
+
+    from bluegreen.config import ProjectConfig, Settings
+    from bluegreen.deploy import plan_deploy
+    from bluegreen.errors import UsageError
+
+    cfg = ProjectConfig(project="api", source="api.env", image="acme/api", blue_port=8081, green_port=8082)
+    text = ngx.render_upstream(name="api", port=8082, project="api", colour="green", tag="v2", token="a" * 32,
+                               canary=(8081, 50))
+    settings = Settings(root=Path("/opt/deploy"), docker_cmd=("docker",), nginx_cmd=("nginx",))
+    with pytest.raises(UsageError, match=r"routes to 127.0.0.1:8081 and 127.0.0.1:8082: a canary step of a deploy that was killed"):
+        plan_deploy(settings, cfg, "v3", active="blue", upstream=ngx.parse_upstream(text), upstream_text=text)
