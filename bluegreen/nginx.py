@@ -7,7 +7,7 @@ import os
 import re
 import secrets
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Sequence
 
@@ -31,7 +31,7 @@ class Upstream:
     name: str
     port: int  # 0: a placeholder (`server ... down;`) that routes nowhere yet
     token: str = ""  # the probe token of a managed file; "" for hand-written ones
-    ports: tuple[int, ...] = ()  # every server's port: two in bluegreen's file means a canary step's file
+    ports: tuple[int, ...] = field(default=(), compare=False)  # every server's port: two in bluegreen's file is a canary step's
 
 
 def route_variable(project: str) -> str:
