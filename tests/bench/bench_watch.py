@@ -512,9 +512,20 @@ def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[
             "threshold_5xx": crossed[2] if crossed else None,
         },
         "threshold_to_stop": round(nginx_last - crossed[0], 3) if crossed and nginx_last else None,
+        # The last request the bad release answered was sent (routed) this long after the threshold: an answer
+        # that took long (in flight across the switch back) ends later than the routing to the bad release did.
+        "threshold_to_last_routed": (round(max(r[0] for r in bad) - crossed[0], 3) if crossed and bad else None),
         "recovery_action": (round(events["action_end"] - events["action_start"], 3)
                             if events.get("action_start") and events.get("action_end") else None),
     }
+    if bad:
+        # Around the switch and around the recovery, every answer and every nginx line, times relative to t0:
+        # (sent, answered, status, body, retried) and (logged, status, port that answered).
+        def near(t: float) -> bool:
+            return first_bad - 1 <= t <= first_bad + 2 or last_bad - 2 <= t <= last_bad + 1
+
+        out["answers_near"] = [(rel(r[0]), rel(r[1]), r[2], r[3], r[4]) for r in records if near(r[1])]
+        out["nginx_near"] = [(rel(x[0]), x[1], x[2]) for x in lines if near(x[0])]
     for key in ("verdict_at", "action_start", "action_end", "removed_at", "detected_at"):
         if events.get(key) is not None:
             out[key] = rel(events[key])
