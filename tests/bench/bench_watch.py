@@ -636,10 +636,12 @@ def notes(runs: List[dict], summary: Dict[str, Dict[str, dict]]) -> List[str]:
             held = [r["threshold_to_stop"] for r in mine if r["threshold_to_stop"] is not None]
             verdict = [r["threshold_to_verdict"] for r in mine if r.get("threshold_to_verdict") is not None]
             saw = [r["watch_saw"]["requests"] for r in mine if r.get("watch_saw")]
+            routed = [r["threshold_to_last_routed"] for r in mine if r.get("threshold_to_last_routed") is not None]
             crossed = [r["nginx"]["threshold_requests"] for r in mine if r["nginx"]["threshold_requests"]]
             target = "met" if held and len(held) == len(mine) and max(held) <= 3 else "NOT met"
             out.append(f"{release}/watch: threshold → stop {', '.join(f'{x:.2f}' for x in held) or '-'} s: 3 s target "
-                       f"{target}; threshold → the watch's verdict line median {fmt(median(verdict))} s, verdict → "
+                       f"{target}; the last request it answered was sent {fmt(max(routed, default=None))} s after the "
+                       f"threshold at most; threshold → the watch's verdict line median {fmt(median(verdict))} s, verdict → "
                        f"switched back (recovery action) median {fmt(w['recovery_action_median'])} s; the rule held in "
                        f"nginx's log after {crossed} requests to the new container, the watch said it saw {saw}")
         for name in by_tool:
