@@ -344,11 +344,12 @@ class Bench:
     def deploy(self, tag: str, timeout: float) -> dict:
         env = dict(os.environ)
         env.update(BLUEGREEN_ROOT=str(self.root), BLUEGREEN_NGINX=shlex.join(self.nginx.cmd))
+        # Kept in self.running until it has exited: on Ctrl-C or SIGTERM, close() sends it SIGTERM (it undoes
+        # what it started, as for a cancelled CI job) and waits for it before removing anything.
         self.running = Stamped([sys.executable, str(self.pyz), "deploy", self.project, tag], env)
-        try:
-            return self.running.wait(timeout)
-        finally:
-            self.running = None
+        result = self.running.wait(timeout)
+        self.running = None
+        return result
 
     def serving(self) -> str:
         status, body = stack.http_get(self.url("/version"), timeout=5)
