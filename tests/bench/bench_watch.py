@@ -639,7 +639,13 @@ def notes(runs: List[dict], summary: Dict[str, Dict[str, dict]]) -> List[str]:
             saw = [r["watch_saw"]["requests"] for r in mine if r.get("watch_saw")]
             routed = [r["threshold_to_last_routed"] for r in mine if r.get("threshold_to_last_routed") is not None]
             crossed = [r["nginx"]["threshold_requests"] for r in mine if r["nginx"]["threshold_requests"]]
-            target = "met" if held and len(held) == len(mine) and max(held) <= 3 else "NOT met"
+            crossed_runs = [r for r in mine if r["nginx"]["threshold_at"] is not None]
+            if not crossed_runs:
+                target = "not applicable (the rule never held in nginx's log)"
+            elif len(held) == len(crossed_runs) and max(held) <= 3:
+                target = "met"
+            else:
+                target = "NOT met"
             out.append(f"{release}/watch: threshold → stop {', '.join(f'{x:.2f}' for x in held) or '-'} s: 3 s target "
                        f"{target}; the last request it answered was sent {fmt(max(routed, default=None))} s after the "
                        f"threshold at most; threshold → the watch's verdict line median {fmt(median(verdict))} s, verdict → "
