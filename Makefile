@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench bench-fleet bench-fleet-status clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch clean settings-docs
 
 all: build
 
@@ -31,6 +31,11 @@ bench-fleet: deps build
 # A benchmark, not in CI: `status PROJECT --hosts h1,h2,h3` against one host's `status` over ssh, paired runs.
 bench-fleet-status: deps build
 	$(PYTHON) tests/bench/bench_fleet_status.py
+
+# A benchmark, not in CI: a release that fails real requests under load, caught by the watch window against the
+# seed's flow (switch, then a manual redeploy of v1 after a 60 s detection delay); K runs each (3 here).
+bench-watch: deps build
+	$(PYTHON) tests/bench/bench_watch.py --runs $(if $(filter file,$(origin K)),3,$(K))
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:
