@@ -447,7 +447,8 @@ if [ -n "$FAIL_EVERY" ]; then
     case "$2" in
     /api/health|/api/health\\?*|/api/health/) ;;
     *)
-        n=$(cat /tmp/count 2>/dev/null); n=$(( ${{n:-0}} + 1 )); echo "$n" > /tmp/count
+        # Written to a temporary file and renamed: a concurrent request never reads a truncated count.
+        n=$(cat /tmp/count 2>/dev/null); n=$(( ${{n:-0}} + 1 )); echo "$n" > /tmp/count.$$ && mv /tmp/count.$$ /tmp/count
         if [ $(( n % FAIL_EVERY )) -eq 0 ]; then
             printf 'HTTP/1.0 500 Internal Server Error\\r\\nContent-Type: text/plain\\r\\nConnection: close\\r\\n\\r\\nfailing {version}'
             exit 0

@@ -74,8 +74,10 @@ HEALTH_TIMEOUT = 30
 WATCH = {"WATCH_SECONDS": 30, "WATCH_MAX_ERROR_RATE": 5, "WATCH_MIN_REQUESTS": 20}
 
 START_RE = re.compile(r"^\[2/6\] start\s+\S+ on 127\.0\.0\.1:(\d+)")
-WATCH_FAILED_RE = re.compile(r"^\[4/6\] watch\s.*: FAILED after ([0-9.]+)s$")
-WATCH_SAW_RE = re.compile(r"The watch after the switch saw (\d+) request\(s\) in \S+ s, (\d+) answered 5xx")
+WATCH_FAILED_RE = re.compile(r"^\[4/6\] (?:watch|canary)\s.*: FAILED after ([0-9.]+)s$")
+WATCH_SAW_RE = re.compile(r"(?:The watch after the switch|A canary step) saw (\d+) request\(s\) in \S+ s, (\d+) answered 5xx")
+CANARY = {"CANARY_STEPS": "10,50", "CANARY_STEP_SECONDS": 30}
+EARLY_Z = 2.576  # the documented early rule: the 99% Wilson lower bound of the 5xx share above the limit
 NGINX_LINE_RE = re.compile(r'^([0-9]+\.[0-9]{3}) ([0-9]{3}) "([^"]*)"$')
 
 
@@ -265,16 +267,22 @@ def nginx_lines(path: Path, offset: int) -> List[Tuple[float, int, Optional[int]
 
 def threshold_crossed(lines: List[Tuple[float, int, Optional[int]]], port: int, max_rate: int,
                       min_requests: int) -> Optional[Tuple[float, int, int]]:
-    """When the watch's rule (at least WATCH_MIN_REQUESTS requests to the new container and a 5xx share above
-    WATCH_MAX_ERROR_RATE) first holds over nginx's log, read in order: (time, requests, 5xx) of that line.
-    Computed here from the documented rule, not with bluegreen's code."""
+    """When the watch's early rule (docs/watch.md: at least WATCH_MIN_REQUESTS requests to the new container,
+    and even the lower bound of the 5xx share's 99% Wilson interval above WATCH_MAX_ERROR_RATE) first holds over
+    nginx's log, read in order: (time, requests, 5xx) of that line. Computed here from the documented rule, not
+    with bluegreen's code."""
     requests = errors = 0
+    z2 = EARLY_Z * EARLY_Z
     for t, status, answered in lines:
         if answered != port:
             continue
         requests += 1
         errors += 500 <= status <= 599
-        if requests >= max(1, min_requests) and errors * 100 > max_rate * requests:
+        if requests < max(1, min_requests):
+            continue
+        p = errors / requests
+        low = (p + z2 / (2 * requests) - EARLY_Z * ((p * (1 - p) + z2 / (4 * requests)) / requests) ** 0.5) / (1 + z2 / requests)
+        if (errors > 0 if max_rate <= 0 else low * 100 > max_rate):
             return t, requests, errors
     return None
 
@@ -324,14 +332,14 @@ class Bench:
         while green == blue:
             green = stack.free_low_port()
         self.ports, self.listen = (blue, green), stack.free_port()
-        # What `init` leaves: the env file, a placeholder upstream (it defines the watch's log format), and a
-        # server block with the route header and the watch's access_log line.
+        # What `init` leaves: the env file, a placeholder upstream, and a server block file with the watch's
+        # log format above the block, the route header and the watch's access_log line.
         self.write_env()
         (self.root / "nginx" / "conf.d" / f"{self.project}-upstream.conf").write_text(
             render_upstream(name=self.project, port=blue, project=self.project, colour="-", tag="-",
                             token=new_token(), down=True))
         fmt = "bluegreen_watch_" + re.sub(r"[^A-Za-z0-9_]", "_", self.project)
-        self.nginx.add_server(self.project, self.listen, self.project,
+        self.nginx.add_server(self.project, self.listen, self.project, head=f"log_format {fmt} '$msec $status \"$upstream_addr\"';",
                               extra=f"{add_header_line(self.project)}\n    access_log {self.watch_log} {fmt};")
 
     def write_env(self, **app: object) -> None:
@@ -409,11 +417,14 @@ class WatchTool(Tool):
         return ("`bluegreen deploy PROJECT bad` with "
                 + ", ".join(f"{k}={v}" for k, v in WATCH.items()) + ": it switches back to v1 by itself")
 
+    extra: Dict[str, object] = {}
+
     def expose_and_recover(self, bench: Bench, fail_every: int) -> dict:
-        bench.write_env(FAIL_EVERY=fail_every, **WATCH)
-        d = bench.deploy(BAD, WATCH["WATCH_SECONDS"] + HEALTH_TIMEOUT + 120)
+        bench.write_env(FAIL_EVERY=fail_every, **WATCH, **self.extra)
+        steps = len(str(self.extra.get("CANARY_STEPS", "")).split(",")) if self.extra else 0
+        d = bench.deploy(BAD, WATCH["WATCH_SECONDS"] + steps * CANARY["CANARY_STEP_SECONDS"] + HEALTH_TIMEOUT + 120)
         text = "\n".join(line for _t, _s, line in d["lines"])
-        caught = d["rc"] == 1 and "The watch after the switch saw" in text
+        caught = d["rc"] == 1 and WATCH_SAW_RE.search(text) is not None
         events: dict = {"deploys": [d], "caught": caught, "kept": False}
         failed_at = first_line(d, WATCH_FAILED_RE)
         put_back = first_line(d, re.compile(r"^undo: put back "))
@@ -430,6 +441,16 @@ class WatchTool(Tool):
             events["kept"] = d["rc"] == 0 and bench.serving() in (BAD, f"failing {BAD}")
             bench.ensure_v1()  # the next run starts from v1; this run's recovery is not the tool's
         return events
+
+
+class CanaryTool(WatchTool):
+    name = "canary"
+    extra = dict(CANARY)
+
+    @property
+    def what(self) -> str:
+        return ("`bluegreen deploy PROJECT bad` with " + ", ".join(f"{k}={v}" for k, v in {**CANARY, **WATCH}.items())
+                + ": each step and then the watch judged; a failed step switches everything back to v1")
 
 
 class SeedTool(Tool):
@@ -468,9 +489,9 @@ class SeedTool(Tool):
                 "action_start": r["started"], "action_end": r["ended"]}
 
 
-# Tools measured side by side in one run. Canary steps are not built yet; once they are, a CanaryTool goes here.
+# Tools measured side by side in one run.
 def make_tools(detect_delay: float) -> Dict[str, Tool]:
-    return {"watch": WatchTool(), "seed": SeedTool(detect_delay)}
+    return {"watch": WatchTool(), "canary": CanaryTool(), "seed": SeedTool(detect_delay)}
 
 
 # --------------------------------------------------------------------------
@@ -681,7 +702,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="seed flow: seconds from the bad release's first answer to the manual rollback (default 60)")
     parser.add_argument("--fail-every", default="1,10", metavar="LIST",
                         help="the bad releases, by FAIL_EVERY (1: every request fails, 10: every 10th; default 1,10)")
-    parser.add_argument("--tools", default="watch,seed", metavar="LIST", help="comma-separated subset of watch,seed")
+    parser.add_argument("--tools", default="watch,canary,seed", metavar="LIST", help="comma-separated subset of watch,canary,seed")
     parser.add_argument("--connections", type=int, default=CONNECTIONS, metavar="N",
                         help=f"keep-alive client connections (default {CONNECTIONS})")
     parser.add_argument("--qps", type=int, default=QPS, metavar="R", help=f"requests per second in all (default {QPS})")
