@@ -65,7 +65,8 @@ class Plan:
         return self.cfg.port(self.target)
 
     def run_argv(self, env_file: str | None) -> list[str]:
-        return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file)
+        return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file,
+                           config=dk.config_fingerprint(self.cfg, colour=self.target, tag=self.tag))
 
     def upstream_text(self) -> str:
         return render_upstream(
