@@ -6,13 +6,20 @@ The real-stack test (test_stack_instant_rollback.py) proves the same against rea
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import replace
 
 import pytest
 
 from bluegreen import docker as dk
-from bluegreen.config import load_settings, parse_env, project_from_entries
-from bluegreen.deploy import plan_deploy
+from bluegreen import instant, journal
+from bluegreen.config import load_project, load_settings, parse_env, project_from_entries
+from bluegreen.deploy import Deployer, Progress, plan_deploy, read_plan
+from bluegreen.errors import DeployFailed
+from bluegreen.health import Probe
+from bluegreen.nginx import parse_upstream
+from bluegreen.runner import RecordingRunner, Result
 
 REPO = "reg.local/acme/api"
 D1 = "sha256:" + "1" * 64  # registry digests of v1 and v2
@@ -93,3 +100,332 @@ def test_parse_inspect_reads_the_image_id_and_refuses_anything_else():
     for bad in ("abc", 12, None, "sha256:" + "a" * 63, I1 + "\n"):
         (c,) = dk.parse_inspect(json.dumps([{**item, "Image": bad}]))
         assert c.image_id == ""
+
+
+# -- the rule ---------------------------------------------------------------------------------------------------------
+
+def container(cfg, *, colour="blue", tag="v1", status_="exited", image_id=I1, label=True, **labels) -> dk.Container:
+    values = {dk.LABEL_PROJECT: cfg.project, dk.LABEL_COLOUR: colour, dk.LABEL_TAG: tag}
+    if label is True:
+        values[dk.LABEL_CONFIG] = dk.config_fingerprint(cfg, colour=colour, tag=tag)
+    elif isinstance(label, str):
+        values[dk.LABEL_CONFIG] = label
+    values.update(labels)
+    return dk.Container(name=f"{cfg.project}-{colour}", id="c1", status=status_, exit_code=0, image=f"{REPO}:{tag}",
+                        labels={k: v for k, v in values.items() if v is not None}, image_id=image_id)
+
+
+def rollback_plan(cfg, tag="v1", digest=D1, serving="green"):
+    plan, _ = plan_deploy(SETTINGS, cfg, tag, active=serving, upstream=None, digest=digest, token_factory=lambda: "t" * 32)
+    return plan
+
+
+LOCAL_V1 = dk.LocalImage(I1, (f"{REPO}@{D1}",))
+
+
+def test_the_retained_container_of_the_tag_is_instant():
+    cfg = make_cfg()
+    plan = rollback_plan(cfg)
+    decision = instant.decide(plan, container(cfg), LOCAL_V1)
+    assert decision == instant.Decision(True, "api-blue", "v1", state="exited", image_id=I1, digest=D1)
+    assert decision.argv(("docker",)) == ["docker", "start", "api-blue"]
+    assert decision.status_line() == "instant to v1 (api-blue retained, stopped)"
+    assert decision.say().startswith("instant rollback: api-blue still holds v1 (image sha256:aaaaaaaaaaaa)")
+    # A container created and never started (`docker run` failed to start it) is stopped too.
+    assert instant.decide(plan, container(cfg, status_="created"), LOCAL_V1).instant
+
+
+def test_without_a_recorded_digest_the_image_the_tag_names_here_is_compared():
+    cfg = make_cfg()  # PULL=missing: the host's image of the tag is what a deploy would use
+    plan = rollback_plan(cfg, digest="")
+    assert plan.ref == f"{REPO}:v1"
+    assert instant.decide(plan, container(cfg), dk.LocalImage(I1)).instant  # a loaded image: no RepoDigests at all
+    moved = instant.decide(plan, container(cfg), dk.LocalImage(I2))
+    assert moved.reason == f"api-blue was created from another image than {REPO}:v1, the image v1 deployed"
+
+
+def env_without_pull_missing():
+    return make_cfg(ENV_TEXT.replace("PULL=missing\n", ""))
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("gone", "its container is gone"),
+    ("foreign", "api-blue was not created by bluegreen as api's blue container (no such labels: deploy.sh's, or run by hand)"),
+    ("other project", "api-blue was not created by bluegreen as api's blue container (no such labels: deploy.sh's, or run by hand)"),
+    ("running", "api-blue is running, not a stopped, retained container"),
+    ("restarting", "api-blue is restarting, not a stopped, retained container"),
+    ("paused", "api-blue is paused, not a stopped, retained container"),
+    ("other tag", "api-blue holds v3, not v1"),
+    ("older bluegreen", "api-blue was created by an older bluegreen, without the bluegreen.config label that shows how it was created"),
+    ("forged label", "api-blue's bluegreen.config label is not one bluegreen writes"),
+    ("no image id", "docker does not say which image api-blue was created from"),
+    ("no digest, PULL=always", "no registry digest was recorded for v1, and with PULL=always the registry says what v1 is now"),
+    ("image gone", f"this host no longer has {REPO}@{D1}, the image v1 deployed"),
+    ("other image", f"api-blue was created from another image than {REPO}@{D1}, the image v1 deployed"),
+    ("digest not its", f"api-blue was created from another image than {REPO}@{D1}, the image v1 deployed"),
+    ("ports changed", "the docker run options (IMAGE, APP_PORT, BLUE_PORT, LOG_DIR, DOCKER_ARGS, or bluegreen's own) "
+                      "changed since v1's container was created"),
+    ("env changed", "the env file's app environment changed since v1's container was created"),
+])
+def test_every_reason_not_to_start_the_retained_container(case, reason):
+    cfg, then = make_cfg(), make_cfg()
+    plan, local, found = rollback_plan(cfg), LOCAL_V1, container(then)
+    if case == "gone":
+        found = None
+    elif case == "foreign":
+        found = replace(found, labels={})
+    elif case == "other project":
+        found = container(then, **{dk.LABEL_PROJECT: "web"})
+    elif case in ("running", "restarting", "paused"):
+        found = container(then, status_=case)
+    elif case == "other tag":
+        found = container(then, tag="v3")
+    elif case == "older bluegreen":
+        found = container(then, label=None)
+    elif case == "forged label":
+        found = container(then, label="1:deadbeef")
+    elif case == "no image id":
+        found = container(then, image_id="")
+    elif case == "no digest, PULL=always":
+        cfg = env_without_pull_missing()
+        plan, found = rollback_plan(cfg, digest=""), container(cfg)
+    elif case == "image gone":
+        local = None
+    elif case == "other image":
+        local = dk.LocalImage(I2, (f"{REPO}@{D1}",))
+    elif case == "digest not its":
+        local = dk.LocalImage(I1, (f"{REPO}@{D2}",))
+    elif case == "ports changed":
+        plan = rollback_plan(make_cfg(ENV_TEXT + "BLUE_PORT=9001\n"))
+    elif case == "env changed":
+        plan = rollback_plan(make_cfg(ENV_TEXT.replace("s3cret", "rotated")))
+    decision = instant.decide(plan, found, local)
+    assert not decision.instant and decision.reason == reason
+    assert decision.say() == f"not an instant rollback: {reason}: pulling and creating it again."
+    assert decision.status_line() == f"v1 needs a pull ({reason})"
+    assert "s3cret" not in decision.say() and "rotated" not in decision.say()
+
+
+def test_look_asks_docker_only_about_the_image_and_only_when_the_container_qualifies():
+    cfg = make_cfg()
+    plan = rollback_plan(cfg)
+    runner = RecordingRunner(responder=lambda argv: Result(argv, 0, f'"{I1}" ["{REPO}@{D1}"]\n', ""))
+    docker = dk.Docker(runner, ("docker",))
+    assert instant.look(docker, plan, container(cfg)).instant
+    assert runner.calls == [("docker", "image", "inspect", "--format", "{{json .Id}} {{json .RepoDigests}}", f"{REPO}@{D1}")]
+    runner.calls.clear()
+    assert instant.look(docker, plan, None).reason == "its container is gone" and runner.calls == []
+    failing = dk.Docker(RecordingRunner(responder=lambda argv: Result(argv, 1, "", "Cannot connect to the Docker daemon")),
+                        ("docker",))
+    decision = instant.look(failing, plan, container(cfg))
+    assert not decision.instant and decision.reason == (f"docker could not say whether this host has {REPO}@{D1} "
+                                                        f"(Cannot connect to the Docker daemon)")
+
+
+# -- the two paths, command by command -------------------------------------------------------------------------------
+
+class Host:
+    """A tiny docker + nginx: containers by name with their labels and image, images by reference."""
+
+    def __init__(self) -> None:
+        self.containers: dict[str, dict] = {}
+        self.images = {f"{REPO}:v1": (I1, [f"{REPO}@{D1}"]), f"{REPO}@{D1}": (I1, [f"{REPO}@{D1}"]),
+                       f"{REPO}:v2": (I2, [f"{REPO}@{D2}"]), f"{REPO}@{D2}": (I2, [f"{REPO}@{D2}"])}
+        self.fail: dict[str, str] = {}
+        self.crash_on_start = False
+
+    def __call__(self, argv):
+        verb = argv[1] if argv[0] == "docker" else " ".join(argv[1:])
+        if verb in self.fail:
+            return Result(tuple(argv), 1, "", self.fail[verb])
+        if argv[1:3] == ("container", "inspect"):
+            found = [self.containers[n] for n in argv[3:] if n in self.containers]
+            missing = [f"Error: No such container: {n}" for n in argv[3:] if n not in self.containers]
+            return Result(tuple(argv), 1 if missing else 0, json.dumps(found), "\n".join(missing))
+        if argv[1:3] == ("image", "inspect"):
+            if argv[-1] not in self.images:
+                return Result(tuple(argv), 1, "", f"Error: No such image: {argv[-1]}")
+            image_id, digests = self.images[argv[-1]]
+            return Result(tuple(argv), 0, f"{json.dumps(image_id)} {json.dumps(digests)}\n", "")
+        if verb == "pull":
+            return Result(tuple(argv), 0, f"Digest: {self.images[argv[-1]][1][0].rpartition('@')[2]}\n", "")
+        if verb == "run":
+            name = argv[argv.index("--name") + 1]
+            labels = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--label")
+            self.containers[name] = {"Id": name, "Name": "/" + name, "Image": self.images[argv[-1]][0],
+                                     "State": {"Status": "running", "ExitCode": 0},
+                                     "Config": {"Image": argv[-1], "Labels": labels}}
+        if verb == "start":
+            self.containers[argv[-1]]["State"]["Status"] = "exited" if self.crash_on_start else "running"
+        if verb == "rm":
+            self.containers.pop(argv[-1], None)
+        if verb == "stop":
+            self.containers[argv[-1]]["State"]["Status"] = "exited"
+        return None
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "projects").mkdir()
+    env_file = tmp_path / "projects" / "api.env"
+    env_file.write_text(ENV_TEXT)
+    settings = load_settings(str(tmp_path), {"BLUEGREEN_NGINX_PID_FILE": str(tmp_path / "none.pid")}, euid=0)
+    host = Host()
+    runner = RecordingRunner(responder=host)
+    err = io.StringIO()
+    now = [0.0]
+
+    class Env:
+        healthy = True
+
+    state = Env()
+
+    def probe(url, timeout, host="", headers=None):
+        if headers:  # through "nginx": routed to what the upstream file says
+            upstream = parse_upstream((tmp_path / "nginx" / "conf.d" / "api-upstream.conf").read_text())
+            return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": f"127.0.0.1:{upstream.port}"})
+        return Probe(200, "HTTP 200") if state.healthy else Probe(503, "HTTP 503")
+
+    def sleep(s):
+        now[0] += s
+
+    def run(tag, *, rollback=False, digest=""):
+        cfg = load_project(settings, "api")
+        plan, _ = read_plan(settings, cfg, tag, digest=digest)
+        deployer = Deployer(settings=settings, runner=runner, progress=Progress(err), probe=probe,
+                            port_busy=lambda p: False, clock=lambda: now[0], sleep=sleep, instant_ok=rollback)
+        state.deployer = deployer
+        return deployer.run(plan)
+
+    state.__dict__.update(settings=settings, host=host, runner=runner, err=err, run=run, env_file=env_file, root=tmp_path)
+    run("v1")
+    run("v2")
+    runner.calls.clear()
+    err.truncate(0)
+    err.seek(0)
+    return state
+
+
+def commands(runner):
+    """Every command but the read-only `docker container inspect` of both colours."""
+    return [" ".join(c) for c in runner.calls if c[1:3] != ("container", "inspect")]
+
+
+def test_an_instant_rollback_starts_the_retained_container_and_pulls_nothing(env):
+    summary = env.run("v1", rollback=True, digest=D1)
+    assert commands(env.runner) == [
+        f"docker image inspect --format {{{{json .Id}}}} {{{{json .RepoDigests}}}} {REPO}@{D1}",  # local, never a registry
+        "docker start api-blue",
+        "nginx -T", "nginx -s reload",
+        "docker stop --time 30 api-green",
+    ]
+    err = env.err.getvalue()
+    assert "instant rollback: api-blue still holds v1" in err
+    assert f"[1/6] pull    nothing to pull: api-blue keeps v1's image {I1[:19]} on this host (instant rollback)" in err
+    assert "(instant rollback: started the retained api-blue (v1)):" in err
+    assert summary.startswith("api v1 now serves from api-blue on 127.0.0.1:8081 (was v2 in api-green); instant rollback in")
+    assert env.deployer.instant and env.deployer.digest == D1
+    assert "pull" not in env.deployer.progress.durations  # no pull step at all: the journal's steps have none
+    assert env.host.containers["api-blue"]["State"]["Status"] == "running"
+    # Back again: v2's container was retained by this rollback's retire step, so that is instant too.
+    env.runner.calls.clear()
+    env.run("v2", rollback=True, digest=D2)
+    assert "docker start api-green" in commands(env.runner) and not any("pull" in c or " run " in c for c in commands(env.runner))
+
+
+def test_pull_always_does_not_force_a_pull_on_the_instant_path(env):
+    env.env_file.write_text(ENV_TEXT.replace("PULL=missing\n", ""))  # PULL=always (the default): same argv, same env
+    env.run("v1", rollback=True, digest=D1)
+    assert "docker start api-blue" in commands(env.runner)
+    assert not any(c.startswith("docker pull") or " run " in c for c in commands(env.runner))
+
+
+def test_a_deploy_of_an_old_tag_never_takes_the_instant_path(env):
+    env.run("v1", digest=D1)
+    got = commands(env.runner)
+    assert got[:4] == [f"docker image inspect --format {{{{json .Id}}}} {{{{json .RepoDigests}}}} {REPO}@{D1}",  # PULL=missing
+                       "docker rm --force api-blue", got[2], "nginx -T"]
+    assert got[2].startswith("docker run --detach --name api-blue")
+    assert "instant" not in env.err.getvalue()
+
+
+def test_a_changed_env_file_takes_the_pull_path_and_says_why(env):
+    env.env_file.write_text(ENV_TEXT.replace("s3cret", "rotated"))
+    summary = env.run("v1", rollback=True, digest=D1)
+    got = commands(env.runner)
+    assert got[0].startswith("docker image inspect") and got[1] == "docker image inspect --format {{json .Id}} " \
+        f"{{{{json .RepoDigests}}}} {REPO}@{D1}"  # the instant rule's look, then PULL=missing's
+    assert got[2:4] == ["docker rm --force api-blue", got[3]] and got[3].startswith("docker run --detach --name api-blue")
+    assert ("not an instant rollback: the env file's app environment changed since v1's container was created: pulling "
+            "and creating it again.") in env.err.getvalue()
+    assert "deployed in" in summary and not env.deployer.instant
+    assert "rotated" not in env.err.getvalue() + summary and not any("rotated" in a for c in env.runner.calls for a in c)
+    # The new container carries the fingerprint of the new environment: the next rollback to it is instant again.
+    labels = env.host.containers["api-blue"]["Config"]["Labels"]
+    assert labels[dk.LABEL_CONFIG] == dk.config_fingerprint(load_project(env.settings, "api"), colour="blue", tag="v1")
+
+
+def test_a_removed_retained_container_takes_the_pull_path(env):
+    del env.host.containers["api-blue"]
+    env.env_file.write_text(ENV_TEXT.replace("PULL=missing\n", ""))
+    env.run("v1", rollback=True, digest=D1)
+    assert commands(env.runner)[:2] == [f"docker pull {REPO}@{D1}", commands(env.runner)[1]]
+    assert "not an instant rollback: its container is gone: pulling and creating it again." in env.err.getvalue()
+
+
+def test_a_failed_health_check_stops_the_retained_container_again_and_keeps_it(env):
+    env.healthy = False
+    with pytest.raises(DeployFailed) as exc:
+        env.run("v1", rollback=True, digest=D1)
+    assert commands(env.runner) == [
+        f"docker image inspect --format {{{{json .Id}}}} {{{{json .RepoDigests}}}} {REPO}@{D1}",
+        "docker start api-blue", "docker logs --tail 20 api-blue", "docker stop --time 3 api-blue",
+    ]
+    assert env.host.containers["api-blue"]["State"]["Status"] == "exited"  # kept: still the retained copy of v1
+    assert "It was stopped again (kept, as the retained copy)." in exc.value.message
+    assert "undo: stop api-blue again (kept, as the retained copy)" in env.err.getvalue()
+    assert env.host.containers["api-green"]["State"]["Status"] == "running"
+
+
+def test_a_retained_container_that_crashes_says_how_to_start_afresh(env):
+    env.host.crash_on_start = True
+    env.healthy = False  # it never answers: it exited
+    with pytest.raises(DeployFailed) as exc:
+        env.run("v1", rollback=True, digest=D1)
+    assert "exited while starting" in exc.value.message
+    assert f"`docker rm api-blue` and roll back again: that pulls {REPO}@{D1} and creates it afresh" in exc.value.message
+
+
+def test_a_failed_docker_start_is_a_failed_rollback_with_the_way_out(env):
+    env.host.fail["start"] = "Error response from daemon: driver failed programming external connectivity"
+    with pytest.raises(DeployFailed) as exc:
+        env.run("v1", rollback=True, digest=D1)
+    assert "Could not start the retained api-blue (v1) for an instant rollback" in exc.value.message
+    assert "`docker rm api-blue` and roll back again" in exc.value.message
+    assert commands(env.runner)[-1] == "docker stop --time 3 api-blue"  # the undo, harmless on a stopped container
+
+
+def test_a_route_elsewhere_after_the_switch_routes_back_and_stops_it_again(env):
+    def wrong_route(url, timeout, host="", headers=None):  # nginx keeps routing to green whatever the upstream says
+        return Probe(200, "HTTP 200", {"X-Bluegreen-Upstream": "127.0.0.1:8082"} if headers else {})
+
+    cfg = load_project(env.settings, "api")
+    plan, _ = read_plan(env.settings, cfg, "v1", digest=D1)
+    now = [0.0]
+    deployer = Deployer(settings=env.settings, runner=env.runner, progress=Progress(env.err), probe=wrong_route,
+                        port_busy=lambda p: False, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s),
+                        instant_ok=True)
+    with pytest.raises(DeployFailed) as exc:
+        deployer.run(plan)
+    assert "the new container stopped again (kept, as the retained copy)" in exc.value.message
+    assert commands(env.runner)[-1] == "docker stop --time 3 api-blue" and "api-blue" in env.host.containers
+
+
+def test_the_journal_keeps_the_instant_flag_and_refuses_another_type():
+    entry = journal.Entry(time="t", host="h", user="u", project="api", action="rollback", tag="v1", instant=True)
+    assert journal.parse_line(entry.to_json()) == entry
+    assert json.loads(entry.to_json())["instant"] is True
+    assert journal.parse_line(entry.to_json().replace('"instant":true', '"instant":"yes"')) is None
+    older = json.loads(entry.to_json())
+    del older["instant"]
+    assert journal.parse_line(json.dumps(older)).instant is False  # a line an older bluegreen wrote
