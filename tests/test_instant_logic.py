@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from bluegreen import docker as dk
-from bluegreen import instant, journal
+from bluegreen import instant, journal, status
 from bluegreen.config import load_project, load_settings, parse_env, project_from_entries
 from bluegreen.deploy import Deployer, Progress, plan_deploy, read_plan
 from bluegreen.errors import DeployFailed
@@ -419,6 +419,30 @@ def test_a_route_elsewhere_after_the_switch_routes_back_and_stops_it_again(env):
         deployer.run(plan)
     assert "the new container stopped again (kept, as the retained copy)" in exc.value.message
     assert commands(env.runner)[-1] == "docker stop --time 3 api-blue" and "api-blue" in env.host.containers
+
+
+# -- status: the same rule ----------------------------------------------------------------------------------------------
+
+def test_status_says_whether_the_rollback_is_instant_by_the_same_rule(env):
+    entries = [journal.Entry(time="t", host="h", user="u", project="api", action="deploy", tag=tag, digest=digest,
+                             result=journal.RESULT_DEPLOYED, exit_code=0) for tag, digest in (("v1", D1), ("v2", D2))]
+    docker = dk.Docker(env.runner, ("docker",))
+    cfg = load_project(env.settings, "api")
+    containers = docker.inspect_many(["api-blue", "api-green"])
+
+    def path():
+        return status.rollback_path(env.settings, cfg, entries, "v2", active="green", upstream=None, observed=None,
+                                    containers=docker.inspect_many(["api-blue", "api-green"]), docker=docker)
+
+    decision = path()
+    assert decision.to_dict() == {"tag": "v1", "instant": True, "container": "api-blue", "state": "exited", "reason": None}
+    assert status.rollback_line(decision.to_dict()) == "instant to v1 (api-blue retained, stopped)"
+    del env.host.containers["api-blue"]
+    assert status.rollback_line(path().to_dict()) == "v1 needs a pull (its container is gone)"
+    assert status.rollback_line(None) == "nothing to roll back to (the journal has no other successful deploy)"
+    assert containers  # (inspected before the removal)
+    assert status.rollback_path(env.settings, cfg, entries[:1], "v1", active="blue", upstream=None, observed=None,
+                                containers={}, docker=docker) is None
 
 
 def test_the_journal_keeps_the_instant_flag_and_refuses_another_type():
