@@ -210,7 +210,8 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
                  clock: Callable[[], float] = time.monotonic, rollback: bool = False) -> int:
     """`bluegreen pull`: the deploy's first step alone (its PULL policy and messages), so that a rollout can
     fetch the image on every host before any host switches. Changes nothing that serves. With `rollback`, the
-    image `rollback --to TAG` would deploy: the digest the journal recorded for TAG, if any."""
+    image `rollback --to TAG` would deploy: the digest the journal recorded for TAG, if any; nothing at all when
+    that rollback would be instant (the retained container holds the image)."""
     validate_project(project)
     validate_tag(tag)
     cfg = load_project(settings, project)
@@ -224,10 +225,26 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
     with project_lock(settings.lock_file(project), holder, retry="then pull again"):
         plan, _ = read_plan(settings, cfg, tag, digest=digest)
         deployer = Deployer(settings=settings, runner=runner or SubprocessRunner(), progress=progress, clock=clock)
+        retained = _retained(deployer.docker, plan) if rollback else None
+        if retained is not None:
+            say(stderr, retained.say())
+            if retained.instant:  # a fleet rollback's pull phase: nothing to fetch, no registry call
+                say(stdout, f"{plan.ref} needs no pull: the rollback to {tag} is instant ({retained.name} is retained "
+                            f"with that image); nothing that serves was changed.")
+                return EXIT_OK
         deployer.pull_only(plan)
     found = f" (registry digest {deployer.digest})" if deployer.digest else ""
     say(stdout, f"{plan.ref} is on this host{found}; nothing that serves was changed.")
     return EXIT_OK
+
+
+def _retained(docker: dk.Docker, plan: Plan) -> instant.Decision | None:
+    """Whether `rollback` would start the retained container of plan's tag (instant.look); None when docker cannot
+    say (the pull that follows reports docker's trouble itself)."""
+    try:
+        return instant.look(docker, plan, docker.inspect(plan.target_name))
+    except CommandError:
+        return None
 
 
 def refuse_route_clash(settings: Settings, project: str) -> None:

@@ -453,3 +453,36 @@ def test_the_journal_keeps_the_instant_flag_and_refuses_another_type():
     older = json.loads(entry.to_json())
     del older["instant"]
     assert journal.parse_line(json.dumps(older)).instant is False  # a line an older bluegreen wrote
+
+
+# -- a fleet rollback's pull phase: `pull PROJECT TAG --rollback` ------------------------------------------------------
+
+def pull_for_rollback(env, tag="v1"):
+    from bluegreen import attempt
+
+    for entry_tag, digest in (("v1", D1), ("v2", D2)):
+        journal.append(env.settings.journal_file("api"), journal.Entry(
+            time="t", host="h", user="u", project="api", action="deploy", tag=entry_tag, digest=digest,
+            result=journal.RESULT_DEPLOYED, exit_code=0))
+    out, err = io.StringIO(), io.StringIO()
+    code = attempt.pull_project(settings=env.settings, project="api", tag=tag, stdout=out, stderr=err, environ={},
+                                runner=env.runner, rollback=True)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_pull_for_an_instant_rollback_fetches_nothing(env):
+    env.env_file.write_text(ENV_TEXT.replace("PULL=missing\n", ""))  # PULL=always
+    code, out, err = pull_for_rollback(env)
+    assert code == 0 and commands(env.runner) == [
+        f"docker image inspect --format {{{{json .Id}}}} {{{{json .RepoDigests}}}} {REPO}@{D1}"]
+    assert out == (f"{REPO}@{D1} needs no pull: the rollback to v1 is instant (api-blue is retained with that image); "
+                   f"nothing that serves was changed.\n")
+    assert "instant rollback: api-blue still holds v1" in err
+
+
+def test_pull_for_a_rollback_that_is_not_instant_pulls_and_says_why(env):
+    env.env_file.write_text(ENV_TEXT.replace("PULL=missing\n", "").replace("s3cret", "rotated"))
+    code, out, err = pull_for_rollback(env)
+    assert code == 0 and commands(env.runner)[-1] == f"docker pull {REPO}@{D1}"
+    assert "not an instant rollback: the env file's app environment changed since v1's container was created" in err
+    assert out.startswith(f"{REPO}@{D1} is on this host (registry digest {D1})")

@@ -83,6 +83,9 @@ def test_instant_rollback_starts_the_retained_container_with_the_registry_stoppe
     with registry_stopped(project.stack):
         # The outage is real for docker too: the pull path cannot work now.
         assert project.run("pull", project.name, "v3", check=1)
+        # A fleet rollback's pull phase (`pull --rollback` on every host) fetches nothing for an instant rollback.
+        pre = project.run("pull", project.name, "v1", "--rollback", check=True)
+        assert "needs no pull: the rollback to v1 is instant" in pre.stdout
         back = project.run("rollback", project.name, env=shim_env, check=True)
     assert serving(project) == "v1"
     assert f"instant rollback: {blue} still holds v1" in back.stderr
