@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench bench-fleet bench-fleet-status clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-instant clean settings-docs
 
 all: build
 
@@ -31,6 +31,12 @@ bench-fleet: deps build
 # A benchmark, not in CI: `status PROJECT --hosts h1,h2,h3` against one host's `status` over ssh, paired runs.
 bench-fleet-status: deps build
 	$(PYTHON) tests/bench/bench_fleet_status.py
+
+# A benchmark, not in CI: rollback wall time through the retained container (instant) against the pull path, paired.
+# RTT=MS puts the registry that many milliseconds away (a delaying proxy).
+RTT ?= 0
+bench-instant: deps build
+	$(PYTHON) tests/bench/bench_instant_rollback.py --rtt $(RTT)
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:
