@@ -68,8 +68,8 @@ class Decision:
 
 
 def precheck(plan: Plan, container: dk.Container | None) -> Decision | None:
-    """The reasons against an instant rollback that need nothing but the container's inspect (pure); None when
-    only the image is left to compare (decide)."""
+    """The reasons against an instant rollback that need nothing but the container's inspect and the env file
+    (pure); None when only the image is left to compare (decide)."""
     cfg, name, tag = plan.cfg, plan.target_name, plan.tag
 
     def no(reason: str) -> Decision:
@@ -90,8 +90,15 @@ def precheck(plan: Plan, container: dk.Container | None) -> Decision | None:
     if label is None:
         return no(f"{name} was created by an older bluegreen, without the {dk.LABEL_CONFIG} label that shows how it "
                   f"was created")
-    if dk.parse_config_fingerprint(label) is None:
+    then = dk.parse_config_fingerprint(label)
+    if then is None:
         return no(f"{name}'s {dk.LABEL_CONFIG} label is not one bluegreen writes")
+    now = dk.parse_config_fingerprint(dk.config_fingerprint(cfg, colour=plan.target, tag=tag)) or ("-", "-")
+    if not hmac.compare_digest(then[0], now[0]):
+        return no(f"the docker run options (IMAGE, APP_PORT, {plan.target.upper()}_PORT, LOG_DIR, DOCKER_ARGS, or "
+                  f"bluegreen's own) changed since {tag}'s container was created")
+    if not hmac.compare_digest(then[1], now[1]):
+        return no(f"the env file's app environment changed since {tag}'s container was created")
     if not container.image_id:
         return no(f"docker does not say which image {name} was created from")
     pinned = plan.ref.startswith(f"{cfg.image}@")
@@ -116,16 +123,9 @@ def decide(plan: Plan, container: dk.Container | None, local: dk.LocalImage | No
 
     digest = plan.ref.rpartition("@")[2] if plan.ref.startswith(f"{cfg.image}@") else ""
     if local is None:
-        return no(f"this host no longer has {plan.ref}, the image {tag} deployed")
+        return no(f"this host does not have {plan.ref}, the image {tag} deployed")
     if local.id != container.image_id or (digest and f"{cfg.image}@{digest}" not in local.repo_digests):
         return no(f"{name} was created from another image than {plan.ref}, the image {tag} deployed")
-    then = dk.parse_config_fingerprint(container.labels.get(dk.LABEL_CONFIG)) or ("", "")  # (checked by precheck)
-    now = dk.parse_config_fingerprint(dk.config_fingerprint(cfg, colour=plan.target, tag=tag)) or ("-", "-")
-    if not hmac.compare_digest(then[0], now[0]):
-        return no(f"the docker run options (IMAGE, APP_PORT, {plan.target.upper()}_PORT, LOG_DIR, DOCKER_ARGS, or "
-                  f"bluegreen's own) changed since {tag}'s container was created")
-    if not hmac.compare_digest(then[1], now[1]):
-        return no(f"the env file's app environment changed since {tag}'s container was created")
     return Decision(True, name, tag, state=container.status, image_id=container.image_id,
                     digest=digest or local.digest_for(cfg.image))
 

@@ -160,12 +160,14 @@ def env_without_pull_missing():
     ("forged label", "api-blue's bluegreen.config label is not one bluegreen writes"),
     ("no image id", "docker does not say which image api-blue was created from"),
     ("no digest, PULL=always", "no registry digest was recorded for v1, and with PULL=always the registry says what v1 is now"),
-    ("image gone", f"this host no longer has {REPO}@{D1}, the image v1 deployed"),
+    ("image gone", f"this host does not have {REPO}@{D1}, the image v1 deployed"),
     ("other image", f"api-blue was created from another image than {REPO}@{D1}, the image v1 deployed"),
     ("digest not its", f"api-blue was created from another image than {REPO}@{D1}, the image v1 deployed"),
     ("ports changed", "the docker run options (IMAGE, APP_PORT, BLUE_PORT, LOG_DIR, DOCKER_ARGS, or bluegreen's own) "
                       "changed since v1's container was created"),
     ("env changed", "the env file's app environment changed since v1's container was created"),
+    ("IMAGE changed", "the docker run options (IMAGE, APP_PORT, BLUE_PORT, LOG_DIR, DOCKER_ARGS, or bluegreen's own) "
+                      "changed since v1's container was created"),
 ])
 def test_every_reason_not_to_start_the_retained_container(case, reason):
     cfg, then = make_cfg(), make_cfg()
@@ -199,6 +201,8 @@ def test_every_reason_not_to_start_the_retained_container(case, reason):
         plan = rollback_plan(make_cfg(ENV_TEXT + "BLUE_PORT=9001\n"))
     elif case == "env changed":
         plan = rollback_plan(make_cfg(ENV_TEXT.replace("s3cret", "rotated")))
+    elif case == "IMAGE changed":  # decided before any image lookup: the new repository is not asked about
+        plan, local = rollback_plan(make_cfg(ENV_TEXT.replace(f"IMAGE={REPO}", f"IMAGE={REPO}2"))), None
     decision = instant.decide(plan, found, local)
     assert not decision.instant and decision.reason == reason
     assert decision.say() == f"not an instant rollback: {reason}: pulling and creating it again."
@@ -353,9 +357,10 @@ def test_a_changed_env_file_takes_the_pull_path_and_says_why(env):
     env.env_file.write_text(ENV_TEXT.replace("s3cret", "rotated"))
     summary = env.run("v1", rollback=True, digest=D1)
     got = commands(env.runner)
-    assert got[0].startswith("docker image inspect") and got[1] == "docker image inspect --format {{json .Id}} " \
-        f"{{{{json .RepoDigests}}}} {REPO}@{D1}"  # the instant rule's look, then PULL=missing's
-    assert got[2:4] == ["docker rm --force api-blue", got[3]] and got[3].startswith("docker run --detach --name api-blue")
+    # Decided from the container's label alone (no image lookup for it); then PULL=missing's lookup, rm, run.
+    assert got[:3] == [f"docker image inspect --format {{{{json .Id}}}} {{{{json .RepoDigests}}}} {REPO}@{D1}",
+                       "docker rm --force api-blue", got[2]]
+    assert got[2].startswith("docker run --detach --name api-blue")
     assert ("not an instant rollback: the env file's app environment changed since v1's container was created: pulling "
             "and creating it again.") in env.err.getvalue()
     assert "deployed in" in summary and not env.deployer.instant
