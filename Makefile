@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch bench-instant clean settings-docs
 
 all: build
 
@@ -36,6 +36,12 @@ bench-fleet-status: deps build
 # seed's flow (switch, then a manual redeploy of v1 after a 60 s detection delay); K runs each (3 here).
 bench-watch: deps build
 	$(PYTHON) tests/bench/bench_watch.py --runs $(if $(filter file,$(origin K)),3,$(K))
+
+# A benchmark, not in CI: rollback wall time through the retained container (instant) against the pull path, paired.
+# RTT=MS puts the registry that many milliseconds away (a delaying proxy).
+RTT ?= 0
+bench-instant: deps build
+	$(PYTHON) tests/bench/bench_instant_rollback.py --rtt $(RTT)
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import datetime
 import getpass
 import os
-import re
 import socket
 import time
 from dataclasses import replace
 from typing import Callable, Mapping, TextIO
 
 from bluegreen.host import invocation
-from bluegreen import health, hooks, journal, notify
+from bluegreen import health, hooks, instant, journal, notify
 from bluegreen import docker as dk
 from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
 from bluegreen.deploy import Deployer, Plan, Progress, os_problem, read_current, read_plan, say
@@ -21,6 +20,7 @@ from bluegreen.errors import (
     EXIT_FAILED,
     EXIT_OK,
     BluegreenError,
+    CommandError,
     ConfigError,
     DeployFailed,
     Interrupted,
@@ -28,6 +28,7 @@ from bluegreen.errors import (
     NeedsAttention,
     UsageError,
 )
+from bluegreen.journal import recorded_digest
 from bluegreen.lock import Holder, project_lock, read_freeze
 from bluegreen.nginx import route_clash, route_clash_message
 from bluegreen.runner import Runner, SubprocessRunner
@@ -92,7 +93,8 @@ def deploy_project(
     if dry_run:
         if rollback_note:
             say(stderr, rollback_note)
-        return _print_plan(settings, cfg, tag, stdout, stderr, digest)
+        retained = (runner or SubprocessRunner()) if action == "rollback" else None
+        return _print_plan(settings, cfg, tag, stdout, stderr, digest, retained_runner=retained)
 
     runner = runner or SubprocessRunner()
     progress = Progress(stderr, clock, pause_at=environ.get("BLUEGREEN_FAULT_PAUSE", ""))
@@ -152,9 +154,10 @@ def _attempt(*, settings: Settings, cfg: ProjectConfig, tag: str, digest: str, e
             say(stderr, rollback_note)
         # check_nginx_first: before the pre-deploy hook (which may migrate a database) and the pull, a deploy
         # that could not switch (nginx down, `nginx -t` failing, the include missing) fails at once with the cause.
+        # A rollback may start the retained container of its tag instead (instant.decide, in check()).
         deployer = Deployer(settings=settings, runner=runner, progress=progress, clock=clock,
                             seen_before=seen[0] if seen else None, check_nginx_first=True,
-                            judge_release=action != "rollback")
+                            judge_release=action != "rollback", instant_ok=action == "rollback")
         deployer.check(plan)
         _pre_deploy(settings, cfg, plan, runner, environ, stderr, action)
         verb = "Rolling back" if action == "rollback" else "Deploying"
@@ -207,7 +210,8 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
                  clock: Callable[[], float] = time.monotonic, rollback: bool = False) -> int:
     """`bluegreen pull`: the deploy's first step alone (its PULL policy and messages), so that a rollout can
     fetch the image on every host before any host switches. Changes nothing that serves. With `rollback`, the
-    image `rollback --to TAG` would deploy: the digest the journal recorded for TAG, if any."""
+    image `rollback --to TAG` would deploy: the digest the journal recorded for TAG, if any; nothing at all when
+    that rollback would be instant (the retained container holds the image)."""
     validate_project(project)
     validate_tag(tag)
     cfg = load_project(settings, project)
@@ -221,10 +225,26 @@ def pull_project(*, settings: Settings, project: str, tag: str, stdout: TextIO, 
     with project_lock(settings.lock_file(project), holder, retry="then pull again"):
         plan, _ = read_plan(settings, cfg, tag, digest=digest)
         deployer = Deployer(settings=settings, runner=runner or SubprocessRunner(), progress=progress, clock=clock)
+        retained = _retained(deployer.docker, plan) if rollback else None
+        if retained is not None:
+            say(stderr, retained.say())
+            if retained.instant:  # a fleet rollback's pull phase: nothing to fetch, no registry call
+                say(stdout, f"{plan.ref} needs no pull: the rollback to {tag} is instant ({retained.name} is retained "
+                            f"with that image); nothing that serves was changed.")
+                return EXIT_OK
         deployer.pull_only(plan)
     found = f" (registry digest {deployer.digest})" if deployer.digest else ""
     say(stdout, f"{plan.ref} is on this host{found}; nothing that serves was changed.")
     return EXIT_OK
+
+
+def _retained(docker: dk.Docker, plan: Plan) -> instant.Decision | None:
+    """Whether `rollback` would start the retained container of plan's tag (instant.look); None when docker cannot
+    say (the pull that follows reports docker's trouble itself)."""
+    try:
+        return instant.look(docker, plan, docker.inspect(plan.target_name))
+    except CommandError:
+        return None
 
 
 def refuse_route_clash(settings: Settings, project: str) -> None:
@@ -234,11 +254,23 @@ def refuse_route_clash(settings: Settings, project: str) -> None:
         raise UsageError(route_clash_message(project, other, str(settings.root / "projects")))
 
 
-def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO, digest: str = "") -> int:
+def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO, stderr: TextIO, digest: str = "",
+                retained_runner: Runner | None = None) -> int:
+    """--dry-run; `retained_runner` (a rollback): look, read-only, whether it would be an instant rollback."""
     refuse_route_clash(settings, cfg.project)
     plan, warnings = read_plan(settings, cfg, tag, probe=health.http_probe, digest=digest)
     for warning in warnings:
         say(stderr, f"warning: {warning}")
+    retained = None
+    if retained_runner is not None:
+        docker = dk.Docker(retained_runner, settings.docker_cmd)
+        try:
+            container = docker.inspect(plan.target_name)
+        except CommandError as exc:
+            raise DeployFailed(f"Cannot ask docker about {plan.target_name}: {exc.output_tail(3)}\nNothing was "
+                               f"changed (a dry run). Check that dockerd runs and this user may use it (`docker info`).") from exc
+        retained = instant.look(docker, plan, container)
+        say(stderr, retained.say())
     freeze = read_freeze(settings.freeze_file(cfg.project))
     if freeze is not None:
         print(f"note: {cfg.project} is {freeze.describe()}; a real deploy would be refused.", file=stdout)
@@ -249,7 +281,7 @@ def _print_plan(settings: Settings, cfg: ProjectConfig, tag: str, stdout: TextIO
             problem = hooks.check(path)
             print(f"hook    {path} would run" if problem is None else f"hook    {path} would be refused: {problem}",
                   file=stdout)
-    for line in plan.describe():
+    for line in plan.describe(retained):
         print(line, file=stdout)
     return EXIT_OK
 
@@ -265,6 +297,7 @@ def _finish(entry: journal.Entry, deployer: Deployer | None, progress: Progress,
         message=message,
         duration=round(duration, 3),
         steps={k: round(v, 3) for k, v in progress.durations.items()},
+        instant=deployer.instant if deployer else False,
     )
 
 
@@ -370,18 +403,6 @@ def rollback_project(
     return deploy_project(settings=settings, project=project, tag=target, wait=wait, dry_run=dry_run, stdout=stdout,
                           stderr=stderr, environ=environ, action="rollback", digest=digest, runner=runner,
                           rollback_note=note)
-
-
-def recorded_digest(entries: list[journal.Entry], tag: str) -> str:
-    """The registry digest the newest successful deploy of `tag` recorded ("" if none)."""
-    for entry in reversed(entries):
-        if entry.result == journal.RESULT_DEPLOYED and entry.tag == tag:
-            digest = entry.digest if isinstance(entry.digest, str) else ""
-            return digest if _DIGEST_RE.fullmatch(digest) else ""
-    return ""
-
-
-_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def serving_tag(settings: Settings, cfg: ProjectConfig, runner: Runner) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from bluegreen import docker as dk
-from bluegreen import health, ports, safefs, state
+from bluegreen import health, instant, ports, safefs, state
 from bluegreen import watch as wt
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
@@ -70,7 +70,8 @@ class Plan:
         return self.cfg.port(self.target)
 
     def run_argv(self, env_file: str | None) -> list[str]:
-        return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file)
+        return dk.run_argv(self.docker_cmd, self.cfg, colour=self.target, tag=self.tag, ref=self.ref, env_file=env_file,
+                           config=dk.config_fingerprint(self.cfg, colour=self.target, tag=self.tag))
 
     def upstream_text(self, canary: int | None = None) -> str:
         """The managed upstream file for the new colour; a canary step sends it `canary` percent only."""
@@ -86,18 +87,27 @@ class Plan:
     def verify_url(self) -> str:
         return f"{self.cfg.nginx_url}{self.cfg.health_path}"
 
-    def describe(self) -> list[str]:
-        """Human-readable steps with the exact commands, for --dry-run."""
+    def describe(self, retained: instant.Decision | None = None) -> list[str]:
+        """Human-readable steps with the exact commands, for --dry-run; `retained`: a rollback's decision."""
         cfg, d, n = self.cfg, self.docker_cmd, self.nginx_cmd
         retire = f"{display(dk.stop_argv(d, self.current_name, cfg.stop_timeout))}" if self.current_name else "(nothing was serving)"
         env_note = " (app environment piped to docker's stdin: never in argv or a file)" if cfg.container_env() else ""
+        if retained is not None and retained.instant:
+            fetch_and_start = [
+                f"[1/6] pull    nothing: instant rollback, {retained.name} still holds {retained.tag} and its image",
+                f"[2/6] start   {display(retained.argv(d))}  (the retained container, as it was created)",
+            ]
+        else:
+            fetch_and_start = [
+                f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}" if cfg.pull == "always" else
+                f"[1/6] pull    {display(dk.image_inspect_argv(d, self.ref))}  then "
+                + (f"{display(dk.pull_argv(d, self.ref))} only if this host lacks it (PULL=missing)" if cfg.pull == "missing"
+                   else "no pull at all: the image must be on this host (PULL=never)"),
+                f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
+                f"              {display(self.run_argv(dk.ENV_STDIN if cfg.container_env() else None))}{env_note}",
+            ]
         return [
-            f"[1/6] pull    {display(dk.pull_argv(d, self.ref))}" if cfg.pull == "always" else
-            f"[1/6] pull    {display(dk.image_inspect_argv(d, self.ref))}  then "
-            + (f"{display(dk.pull_argv(d, self.ref))} only if this host lacks it (PULL=missing)" if cfg.pull == "missing"
-               else "no pull at all: the image must be on this host (PULL=never)"),
-            f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
-            f"              {display(self.run_argv(dk.ENV_STDIN if cfg.container_env() else None))}{env_note}",
+            *fetch_and_start,
             f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",
             f"[4/6] switch  write {self.upstream_path}:",
             *("                " + line for line in self.upstream_text().splitlines()),
@@ -366,6 +376,9 @@ class Deployer:
     # A rollback is the way out of an incident: no canary steps keeping traffic on the release being left,
     # and no watch that could switch back to it.
     judge_release: bool = True
+    # A rollback: check() decides whether the retained container of the target colour is started again instead
+    # (instant.decide); a deploy always pulls and creates.
+    instant_ok: bool = False
 
     def __post_init__(self) -> None:
         self.docker = dk.Docker(self.runner, self.settings.docker_cmd)
@@ -376,6 +389,7 @@ class Deployer:
         self.serving = ""  # serving_note(): what serves now, as far as was seen
         self.checked: Plan | None = None  # the plan check() passed
         self.digest = ""  # what docker pull reported
+        self.retained: instant.Decision | None = None  # check()'s decision, for a rollback (instant_ok)
         # Whether nginx was asked to route to the new container, and whether the undo routed it back: the
         # new container is removed by the undo only when nginx cannot be routing to it.
         self.reload_state = {"attempted": False, "done": False, "routed_back": False}
@@ -471,6 +485,9 @@ class Deployer:
         self._refuse_unproven_leftover(plan, leftover, self.serving)
         if self.check_nginx_first:
             self.preflight(plan)
+        if self.instant_ok:
+            self.retained = instant.look(self.docker, plan, leftover)
+            self.progress.say(self.retained.say())
         note = exposed_warning(plan, old)
         if note:
             self.progress.say(f"warning: {note}")
@@ -483,13 +500,20 @@ class Deployer:
         if self.checked is not plan:
             self.check(plan)
         old, leftover, serving = self.old, self.leftover, self.serving
+        retained = self.instant
 
         tail: wt.LogTail | None = None
         try:
-            self._pull(plan, serving)
+            if retained:
+                self._skip_pull(plan)
+            else:
+                self._pull(plan, serving)
             tail = self._watch_start(plan)
             with Transaction(self.progress) as tx:
-                self._start(plan, tx, serving, leftover)
+                if retained:
+                    self._start_retained(plan, tx, serving)
+                else:
+                    self._start(plan, tx, serving, leftover)
                 self._health(plan, serving)
                 promoted = False
                 for percent in (canary_steps(plan.cfg.canary_steps) or ()) if tail is not None else ():
@@ -507,7 +531,7 @@ class Deployer:
             raise DeployFailed(
                 f"Deploy of {plan.ref} interrupted by {exc.signame} before the switch was complete"
                 + (f" (during the {self.progress.failed_step})" if self.progress.failed_step in ("watch", "canary") else "")
-                + f"; whatever it had started was removed and the nginx upstream put back. {serving} Deploy again when ready."
+                + f"; whatever it had started was {self.undone} and the nginx upstream put back. {serving} Deploy again when ready."
             ) from exc
         except safefs.UnsafePath as exc:  # a link or FIFO planted under the root while the deploy ran
             raise DeployFailed(
@@ -552,11 +576,32 @@ class Deployer:
                 f"stopped (`docker ps`) and that {plan.active_path} says {plan.target}."
             ) from exc
         was = f" (was {self.old_tag or '?'} in {old.name})" if old is not None and old.running else ""
+        if retained:
+            return f"{new_desc}{was}; instant rollback in {self.clock() - start:.1f}s (the retained container, nothing pulled)."
         return f"{new_desc}{was}; deployed in {self.clock() - start:.1f}s."
+
+    @property
+    def instant(self) -> bool:
+        """Whether this run takes the instant path: check() decided so for a rollback."""
+        return self.instant_ok and self.retained is not None and self.retained.instant
+
+    @property
+    def undone(self) -> str:
+        """What the undo does to the container this run started, for messages."""
+        return "stopped again (kept, as the retained copy)" if self.instant else "removed"
 
     def pull_only(self, plan: Plan) -> None:
         """The pull step on its own (`bluegreen pull`): nothing else is looked at or changed."""
         self._pull(plan, "Nothing else was changed: what serves keeps serving.")
+
+    def _skip_pull(self, plan: Plan) -> None:
+        """The instant path's step 1: no registry call, no `docker pull`; the journal gets the digest decided."""
+        retained = self.retained
+        if retained is None:
+            return
+        self.digest = retained.digest
+        self.progress.say(f"[1/6] pull    nothing to pull: {retained.name} keeps {retained.tag}'s image "
+                          f"{retained.image_id[:19]} on this host (instant rollback)")
 
     def _pull(self, plan: Plan, serving: str) -> None:
         cfg, policy = plan.cfg, plan.cfg.pull
@@ -650,19 +695,7 @@ class Deployer:
             if leftover is not None:
                 self.docker.remove(plan.target_name)
                 notes.append(f"removed leftover {leftover.status} container")
-            if self.port_busy(plan.target_port):
-                holder = self._port_holder(plan.target_port)
-                if holder == "another process":
-                    # No container publishes it: often the local end of nginx's own connections (ephemeral range).
-                    outgoing = ports.outgoing_states(plan.target_port)
-                    if outgoing:
-                        holder = ports.outgoing_note(plan.target_port, outgoing, ports.ephemeral_range())
-                raise DeployFailed(
-                    f"Port 127.0.0.1:{plan.target_port} ({plan.target.upper()}_PORT) is already taken by "
-                    f"{holder}, not by a bluegreen container of {cfg.project}. Nothing was started. {serving} "
-                    f"Free the port (see `ss -ltnp 'sport = :{plan.target_port}'`) or change "
-                    f"{plan.target.upper()}_PORT in {cfg.source}, then deploy again."
-                )
+            self._refuse_busy_port(plan, serving)
             tx.on_failure(f"remove {plan.target_name}", lambda: self._remove_new(plan))
             env = cfg.container_env()
             try:
@@ -675,6 +708,54 @@ class Deployer:
                     f"Could not start {plan.target_name} from {plan.ref}: {exc.output_tail(4)}\n{serving} "
                     f"Check DOCKER_ARGS in {cfg.source} and `docker info`, then deploy again."
                 ) from exc
+
+    def _refuse_busy_port(self, plan: Plan, serving: str) -> None:
+        """Step 2 starts nothing on a port that something else holds."""
+        if not self.port_busy(plan.target_port):
+            return
+        holder = self._port_holder(plan.target_port)
+        if holder == "another process":
+            # No container publishes it: often the local end of nginx's own connections (ephemeral range).
+            outgoing = ports.outgoing_states(plan.target_port)
+            if outgoing:
+                holder = ports.outgoing_note(plan.target_port, outgoing, ports.ephemeral_range())
+        raise DeployFailed(
+            f"Port 127.0.0.1:{plan.target_port} ({plan.target.upper()}_PORT) is already taken by "
+            f"{holder}, not by a bluegreen container of {plan.cfg.project}. Nothing was started. {serving} "
+            f"Free the port (see `ss -ltnp 'sport = :{plan.target_port}'`) or change "
+            f"{plan.target.upper()}_PORT in {plan.cfg.source}, then deploy again."
+        )
+
+    def _start_retained(self, plan: Plan, tx: Transaction, serving: str) -> None:
+        """The instant path's step 2: `docker start` the retained container instead of `docker run`."""
+        name, tag = plan.target_name, plan.tag
+        with self.progress.step(2, "start", f"{name} on 127.0.0.1:{plan.target_port}") as notes:
+            self._refuse_busy_port(plan, serving)
+            # Registered before the start: a start cut short (Ctrl-C) may still have started it.
+            tx.on_failure(f"stop {name} again (kept, as the retained copy)", lambda: self._stop_retained(plan))
+            try:
+                self.docker.start(name)
+            except CommandError as exc:
+                raise DeployFailed(
+                    f"Could not start the retained {name} ({tag}) for an instant rollback: {exc.output_tail(4)}\n"
+                    f"{serving} `docker rm {name}` and roll back again: that pulls {plan.ref} and creates it afresh."
+                ) from exc
+            notes.append(f"instant rollback: started the retained {name} ({tag})")
+
+    def _stop_retained(self, plan: Plan) -> None:
+        """The instant path's undo of step 2: stop the retained container again, never remove it (it is still the
+        retained copy of its tag), unless nginx may still route to it."""
+        if self.reload_state["attempted"] and not self.reload_state["routed_back"]:
+            raise NeedsAttention(
+                f"kept {plan.target_name} running: the upstream could not be routed back, so nginx may route to it"
+            )
+        # Nothing routes to it: a short grace, so that the undo after a signal ends well before a SIGKILL.
+        grace = min(plan.cfg.stop_timeout, int(UNDO_DRAIN_ON_INTERRUPT))
+        try:
+            self.docker.stop(plan.target_name, grace)
+        except CommandError as exc:
+            if "no such container" not in (exc.stderr + exc.stdout).lower():
+                raise
 
     def _remove_new(self, plan: Plan) -> None:
         """The undo of step 2: remove the new container, unless nginx may still route to it."""
@@ -833,6 +914,9 @@ class Deployer:
             if result.died:
                 what = f"{plan.target_name} ({plan.ref}) exited while starting: {result.died}."
                 advice = "Fix the crash shown in its log, then deploy again."
+                if self.instant:  # the retained container starts with the files its previous run left in it
+                    advice = (f"If what its previous run left in it is the cause, `docker rm {plan.target_name}` and "
+                              f"roll back again: that pulls {plan.ref} and creates it afresh.")
             else:
                 what = (
                     f"{plan.target_name} ({plan.ref}) did not answer HTTP {cfg.health_expect} on {url} within "
@@ -843,7 +927,7 @@ class Deployer:
                     f"HEALTH_PATH and the app's dependencies (database, config), then deploy again."
                 )
             raise DeployFailed(
-                f"{what} It was removed. {serving} {advice}",
+                f"{what} It was {self.undone}. {serving} {advice}",
                 details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
             )
 
@@ -863,7 +947,7 @@ class Deployer:
             except OSError as exc:
                 raise DeployFailed(
                     f"Could not write {path} ({exc.strerror or exc}); traffic was not switched and the new "
-                    f"container was removed. {serving} Free space or make the deploy root writable for this user, "
+                    f"container was {self.undone}. {serving} Free space or make the deploy root writable for this user, "
                     f"then deploy again."
                 ) from exc
             try:
@@ -872,7 +956,7 @@ class Deployer:
                 raise DeployFailed(
                     f"nginx rejected the configuration (`nginx -t`), so traffic was not switched:\n"
                     f"{indent(Nginx.error_text(exc))}\nThe upstream file was put back and the new container "
-                    f"removed. {serving} Fix the nginx error above (it may be in another file), check with "
+                    f"{self.undone}. {serving} Fix the nginx error above (it may be in another file), check with "
                     f"`nginx -t`, then deploy again."
                 ) from exc
             master, old_workers = self._master_and_workers(dump)
@@ -902,7 +986,7 @@ class Deployer:
         except OSError as exc:
             raise DeployFailed(
                 f"Could not read {path} ({exc.strerror or exc}); traffic was not switched and the new "
-                f"container was removed. {serving} Check that file and its directory, then deploy again."
+                f"container was {self.undone}. {serving} Check that file and its directory, then deploy again."
             ) from exc
 
         def restore() -> None:
@@ -1039,7 +1123,8 @@ class Deployer:
                 notes.append("not proven")
                 self.progress.say(f"warning: {problem} Nothing served before, so the deploy stands. {advice}")
                 return
-            raise DeployFailed(f"{problem} The previous upstream was put back and the new container removed. {serving} {advice}")
+            raise DeployFailed(f"{problem} The previous upstream was put back and the new container {self.undone}. "
+                               f"{serving} {advice}")
 
     def _retire(self, plan: Plan, old: dk.Container | None, new_desc: str) -> None:
         if old is None or not old.running:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -15,6 +16,10 @@ from bluegreen.runner import Runner
 LABEL_PROJECT = "bluegreen.project"
 LABEL_COLOUR = "bluegreen.color"
 LABEL_TAG = "bluegreen.tag"
+# A fingerprint of how the container was created (config_fingerprint): what an instant rollback compares with
+# how it would be created now. Never the app environment in clear: a label is readable by anything that reads
+# docker's metadata (`docker inspect`, monitoring agents that collect labels).
+LABEL_CONFIG = "bluegreen.config"
 # `docker run --env-file` reads the app environment from its stdin, which bluegreen feeds through a pipe.
 ENV_STDIN = "/dev/stdin"
 
@@ -101,8 +106,10 @@ def run_argv(
     tag: str,
     ref: str,
     env_file: str | None,
+    config: str | None = None,
 ) -> list[str]:
-    """`docker run` for one colour; app environment only ever travels in `env_file`."""
+    """`docker run` for one colour; app environment only ever travels in `env_file`. `config`: the
+    config_fingerprint label (every deploy sets it; without it, the argv the fingerprint is taken over)."""
     argv = [
         *docker, "run", "--detach",
         "--name", container_name(cfg.project, colour),
@@ -113,6 +120,8 @@ def run_argv(
         "--label", f"{LABEL_COLOUR}={colour}",
         "--label", f"{LABEL_TAG}={tag}",
     ]
+    if config is not None:
+        argv += ["--label", f"{LABEL_CONFIG}={config}"]
     if cfg.log_dir:
         argv += ["--volume", f"{cfg.log_dir}:{cfg.log_dir}"]
     if env_file:
@@ -120,6 +129,39 @@ def run_argv(
     argv += list(cfg.docker_args)
     argv.append(ref)
     return argv
+
+
+CONFIG_VERSION = "1"
+# PBKDF2 rounds over the app environment: about 50 ms once per deploy, and as many times slower a guess at a
+# short secret from a label that leaked (an agent shipping container labels to a monitoring service).
+CONFIG_ROUNDS = 100_000
+_CONFIG_RE = re.compile(r"1:[0-9a-f]{64}:[0-9a-f]{64}")
+
+
+def config_fingerprint(cfg: ProjectConfig, *, colour: str, tag: str) -> str:
+    """The `bluegreen.config` label: how `docker run` creates this colour from `cfg` (pure).
+
+    `1:ARGV:ENV`: ARGV is the sha256 of the run argv without the docker command and with the repository in
+    place of the image reference (which image runs is compared by image ID, not by how it was named: a rollback
+    names it by digest, the deploy by tag), so IMAGE, the ports, LOG_DIR, DOCKER_ARGS, the tag label and
+    bluegreen's own options are in it; ENV is PBKDF2-HMAC-SHA256 of the app environment as docker reads it
+    (salted with the project's name), so that equal environments give equal labels and none gives a secret
+    back. Two parts, so that the reason for a difference can be named.
+    """
+    env = cfg.container_env()
+    argv = run_argv((), cfg, colour=colour, tag=tag, ref=cfg.image, env_file=ENV_STDIN if env else None)
+    argv_hash = hashlib.sha256(json.dumps(argv, separators=(",", ":")).encode("utf-8")).hexdigest()
+    env_hash = hashlib.pbkdf2_hmac("sha256", env_file_text(env).encode("utf-8"),
+                                   f"{LABEL_CONFIG}/{CONFIG_VERSION}/{cfg.project}".encode("utf-8"), CONFIG_ROUNDS).hex()
+    return f"{CONFIG_VERSION}:{argv_hash}:{env_hash}"
+
+
+def parse_config_fingerprint(value: object) -> tuple[str, str] | None:
+    """(ARGV, ENV) of a `bluegreen.config` label bluegreen wrote, or None for any other value (untrusted)."""
+    if not isinstance(value, str) or not _CONFIG_RE.fullmatch(value):
+        return None
+    _, argv_hash, env_hash = value.split(":")
+    return argv_hash, env_hash
 
 
 def parse_pull_digest(output: str) -> str:
@@ -135,6 +177,11 @@ def env_file_text(env: Sequence[tuple[str, str]]) -> str:
 
 def rm_argv(docker: Sequence[str], name: str) -> list[str]:
     return [*docker, "rm", "--force", name]
+
+
+def start_argv(docker: Sequence[str], name: str) -> list[str]:
+    """Start a stopped container as it was created (an instant rollback's retained container)."""
+    return [*docker, "start", name]
 
 
 def stop_argv(docker: Sequence[str], name: str, timeout: int) -> list[str]:
@@ -244,6 +291,7 @@ class Container:
     # Its published ports: what docker forwards now (NetworkSettings.Ports) while it runs, else what it
     # publishes when started (HostConfig.PortBindings).
     bindings: tuple = ()  # Binding
+    image_id: str = ""  # the ID (sha256:...) of the image it was created from ("" if docker said none)
 
     @property
     def running(self) -> bool:
@@ -332,6 +380,7 @@ def parse_inspect(text: str) -> list[Container]:
         status = _text(state.get("Status"), 64)
         live = parse_bindings(_dict(item.get("NetworkSettings")).get("Ports"))
         configured = parse_bindings(_dict(item.get("HostConfig")).get("PortBindings"))
+        image_id = _text(item.get("Image"), 128)
         out.append(
             Container(
                 name=_text(item.get("Name"), 256).lstrip("/"),
@@ -343,6 +392,7 @@ def parse_inspect(text: str) -> list[Container]:
                 started_at=_text(state.get("StartedAt"), 64),
                 restart_count=_count(item.get("RestartCount")),
                 bindings=live if live and status in ("running", "restarting") else configured,
+                image_id=image_id if _DIGEST_RE.fullmatch(image_id) else "",
             )
         )
     return out
@@ -441,6 +491,10 @@ class Docker:
 
     def stop(self, name: str, timeout: int) -> None:
         self.runner.run(stop_argv(self.cmd, name, timeout), timeout=timeout + 60)
+
+    def start(self, name: str) -> None:
+        """`docker start NAME`: the container as it was created (its image, options and environment)."""
+        self.runner.run(start_argv(self.cmd, name), timeout=120)
 
     def publishers(self, port: int) -> list[str]:
         """Names of the containers that publish `port` (empty if none, or if docker cannot say)."""

@@ -38,6 +38,7 @@ class Entry:
     message: str = ""
     duration: float = 0.0
     steps: dict = field(default_factory=dict)  # step name -> seconds
+    instant: bool = False  # an instant rollback: the retained container was started, nothing pulled or created
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
@@ -127,6 +128,10 @@ def _exit_code(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -1024 < value < 1024
 
 
+def _bool(value: object) -> bool:
+    return isinstance(value, bool)
+
+
 def _steps(value: object) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _number(v) for k, v in value.items())
 
@@ -135,7 +140,7 @@ _CHECKS = {
     "time": _str, "host": _str, "user": _str, "project": _str, "action": _str, "tag": _tag,
     "image": _str, "digest": _str, "from_colour": _opt_str, "to_colour": _opt_str, "from_tag": _opt_tag,
     "result": _str, "exit_code": _exit_code, "failed_step": _opt_str, "message": _str,
-    "duration": _duration, "steps": _steps,
+    "duration": _duration, "steps": _steps, "instant": _bool,
 }
 _REQUIRED = ("time", "host", "user", "project", "action", "tag")
 
@@ -197,6 +202,18 @@ def rollback_target(entries: list[Entry], serving_tag: str | None) -> str | None
         if tag != serving_tag:
             return tag
     return None
+
+
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def recorded_digest(entries: list[Entry], tag: str) -> str:
+    """The registry digest the newest successful deploy of `tag` recorded ("" if none)."""
+    for entry in reversed(entries):
+        if entry.result == RESULT_DEPLOYED and entry.tag == tag:
+            digest = entry.digest if isinstance(entry.digest, str) else ""
+            return digest if _DIGEST_RE.fullmatch(digest) else ""
+    return ""
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

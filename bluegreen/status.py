@@ -8,10 +8,10 @@ from typing import Callable, Sequence
 
 from bluegreen.host import invocation
 from bluegreen import docker as dk
-from bluegreen import journal, state
+from bluegreen import instant, journal, state
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project
 from bluegreen import nginx as ngx
-from bluegreen.deploy import OBSERVE_TIMEOUT, current_colour, observe_route
+from bluegreen.deploy import OBSERVE_TIMEOUT, current_colour, observe_route, plan_deploy
 from bluegreen.errors import BluegreenError
 from bluegreen.health import Probe, http_probe
 from bluegreen.lock import current_holder, read_freeze
@@ -63,6 +63,9 @@ class ProjectStatus:
     verdict: str | None = None  # OK, DEGRADED or DOWN (None: the env file could not be loaded)
     checks: list = field(default_factory=list)  # Check: the path a client takes, step by step
     nginx_answer: str | None = None  # what NGINX_URL + HEALTH_PATH answered ("HTTP 200", "connection refused")
+    # What `rollback` would do now (instant.Decision.to_dict: tag, instant, container, state, reason); None: there
+    # is nothing to roll back to.
+    rollback: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -264,14 +267,15 @@ def collect(settings: Settings, projects: Sequence[str], runner: Runner,
         except Exception as exc:  # report a broken env file, keep going with the others
             configs[name] = getattr(exc, "message", str(exc))
     names = [dk.container_name(n, c) for n, cfg in configs.items() if not isinstance(cfg, str) for c in COLOURS]
-    containers = dk.Docker(runner, settings.docker_cmd).inspect_many(names)
+    docker = dk.Docker(runner, settings.docker_cmd)
+    containers = docker.inspect_many(names)
     # nginx once for all projects, and only when status looks live (the master process, `nginx -t`).
     nginx = nginx_state(settings, runner) if live_health and any(not isinstance(c, str) for c in configs.values()) else None
     out = []
     for name, cfg in configs.items():
         if not isinstance(cfg, str):
             try:
-                out.append(_one(settings, name, cfg, containers, probe, live_health, nginx))
+                out.append(_one(settings, name, cfg, containers, probe, live_health, nginx, docker))
                 continue
             except BluegreenError as exc:  # a planted link or FIFO among this project's files: report it, go on
                 cfg = exc.message
@@ -296,8 +300,21 @@ def through_nginx(cfg: ProjectConfig, upstream, probe: Callable[..., Probe]) -> 
     return route, answers[0]
 
 
+def rollback_path(settings: Settings, cfg: ProjectConfig, entries: Sequence[journal.Entry], serving_tag: str | None, *,
+                  active: str | None, upstream, observed: int | None, containers: dict,
+                  docker: dk.Docker) -> instant.Decision | None:
+    """What `rollback` would do now: its tag (as rollback_project picks it) and whether it is instant, by the
+    rollback's own rule (instant.look on the plan it would make). None: nothing to roll back to."""
+    tag = journal.rollback_target(list(entries), serving_tag)
+    if tag is None:
+        return None
+    plan, _ = plan_deploy(settings, cfg, tag, active=active, upstream=upstream, observed=observed,
+                          digest=journal.recorded_digest(list(entries), tag), token_factory=lambda: "")
+    return instant.look(docker, plan, containers.get(plan.target_name))
+
+
 def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, probe: Callable[..., Probe],
-         live_health: bool, nginx: NginxState | None = None) -> ProjectStatus:
+         live_health: bool, nginx: NginxState | None = None, docker: dk.Docker | None = None) -> ProjectStatus:
     path = settings.upstream_file(name)
     upstream = parse_upstream(state.read_text(path, root=settings.root))
     active = state.read_active(settings.active_file(name))
@@ -320,10 +337,16 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
             health, healthy = answer.detail, answer.status == cfg.health_expect
         colours.append(ColourState(colour, cname, port, found.status, found.tag_in(cfg.image),
                                    found.started_at or None, health, healthy, found.managed, dk.exposed_note(found)))
-    entries = journal.read_tail(settings.journal_file(name), root=settings.root)
+    # As much of the journal as rollback reads, so that the rollback target is the one it would pick.
+    entries = journal.read_tail(settings.journal_file(name), root=settings.root, max_bytes=journal.READ_BYTES)
     last = entries[-1] if entries else None
     live = next((c for c in colours if c.colour == serving), None)
     tag = live.tag if live is not None and live.tag else None
+    running_tag = tag if live is not None and live.state in ("running", "restarting") else None
+    rollback = None
+    if docker is not None:
+        rollback = rollback_path(settings, cfg, entries, running_tag, active=active, upstream=upstream,
+                                 observed=nginx_route, containers=containers, docker=docker)
     digest = next((e.digest for e in reversed(entries) if e.result == journal.RESULT_DEPLOYED and e.tag == tag and e.digest), None)
     holder = current_holder(settings.lock_file(name))
     freeze = read_freeze(settings.freeze_file(name))
@@ -348,6 +371,7 @@ def _one(settings: Settings, name: str, cfg: ProjectConfig, containers: dict, pr
         verdict=verdict,
         checks=checks,
         nginx_answer=via_nginx.detail if via_nginx is not None else None,
+        rollback=rollback.to_dict() if rollback is not None else None,
     )
 
 
@@ -393,6 +417,7 @@ def render(ps: ProjectStatus, settings: Settings) -> str:
         lines.append(f"  {c.colour:<6}      {c.container} 127.0.0.1:{c.port} {c.state}{health}{extra}{foreign}")
         if c.exposed:
             lines.append(f"              warning: {c.exposed}")
+    lines.append(f"  rollback    {rollback_line(ps.rollback)}")
     if ps.lock:
         lines.append(f"  lock        deploy of {ps.lock['tag']} running: pid {ps.lock['pid']}, {ps.lock['user']}, since {ps.lock['since']}")
     if ps.freeze:
@@ -407,6 +432,15 @@ def render(ps: ProjectStatus, settings: Settings) -> str:
     else:
         lines.append("  no drift: the active file, the upstream and the containers agree")
     return "\n".join(lines)
+
+
+def rollback_line(rollback: dict | None) -> str:
+    """`instant to v1 (api-blue retained, stopped)`, `v1 needs a pull (its container is gone)`."""
+    if not rollback:
+        return "nothing to roll back to (the journal has no other successful deploy)"
+    decision = instant.Decision(bool(rollback.get("instant")), str(rollback.get("container") or ""),
+                                str(rollback.get("tag") or ""), str(rollback.get("reason") or ""))
+    return decision.status_line()
 
 
 def to_json(statuses: Sequence[ProjectStatus]) -> str:

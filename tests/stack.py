@@ -298,6 +298,10 @@ class Registry:
                     self._write_config("registry-open", self.open_port, None))
         self._spawn("registry-auth",
                     self._write_config("registry-auth", self.auth_port, htpasswd))
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
         try:
             for name, port, want in (("registry-open", self.open_port, 200),
                                      ("registry-auth", self.auth_port, 401)):
@@ -316,6 +320,20 @@ class Registry:
         except Exception:
             self.stop()
             raise
+
+    @property
+    def running(self) -> bool:
+        return bool(self._procs) and all(p.poll() is None for p in self._procs)
+
+    def restart(self, timeout: float = 15) -> "Registry":
+        """Start both registries again after stop(), on the same ports, storage and credentials, so that the
+        session's image references keep working (a test's registry outage ends here)."""
+        if self.running:
+            return self
+        self.stop()  # whatever is left of them
+        self._spawn("registry-open", os.path.join(self.workdir, "registry-open.yml"))
+        self._spawn("registry-auth", os.path.join(self.workdir, "registry-auth.yml"))
+        self._wait_ready(timeout)
         return self
 
     def docker_config_with(self, password: str, user: Optional[str] = None) -> str:

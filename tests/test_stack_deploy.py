@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -88,7 +89,9 @@ def test_first_deploy_then_blue_green_blue(project):
     blue = inspect(f"{project.name}-blue")
     assert blue["HostConfig"]["RestartPolicy"]["Name"] == "unless-stopped"
     assert blue["HostConfig"]["PortBindings"] == {"8080/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(project.blue_port)}]}
-    assert blue["Config"]["Labels"] == {"bluegreen.project": project.name, "bluegreen.color": "blue", "bluegreen.tag": "v1"}
+    labels = dict(blue["Config"]["Labels"])
+    assert re.fullmatch(r"1:[0-9a-f]{64}:[0-9a-f]{64}", labels.pop("bluegreen.config", ""))  # how it was created (hashes)
+    assert labels == {"bluegreen.project": project.name, "bluegreen.color": "blue", "bluegreen.tag": "v1"}
     # The app got its environment; the secret is nowhere in what bluegreen printed or in the container's argv.
     assert project.get("/cgi-bin/env?DB_PASSWORD") == (200, "s3cret-pw")
     assert project.get("/cgi-bin/env?SPRING_PROFILES_ACTIVE") == (200, "prod")

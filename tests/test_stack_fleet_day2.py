@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,15 @@ def test_fleet_rollback_after_a_split_rollout_brings_every_host_to_one_tag(app):
     assert table_of(back) == [("h1", "deployed", "v2", "v1"), ("h2", "unchanged", "v1", "v1"), ("h3", "unchanged", "v1", "v1")]
     assert json.loads(back.stdout)["tag"] == "v1" and json.loads(back.stdout)["action"] == "rollback"
     assert "rolling" in back.stderr and "back to v1" in back.stderr
-    # The pull phase fetched what h1's rollback deploys (the digest its journal recorded for v1); h2 and h3,
-    # already on v1, pulled nothing.
+    # h1 still has v1's container, retained (stopped) by the split rollout: its rollback is instant, so the pull
+    # phase fetched nothing there (`pull --rollback` says why) and the rollback started that container again. h2
+    # and h3, already on v1, pulled nothing.
     pulls = [line for line in back.stderr.splitlines() if "[1/6] pull" in line]
-    assert pulls[0].startswith("[h1] [1/6] pull") and "/bg/app@sha256:" in pulls[0], pulls
-    assert not any(line.startswith(("[h2]", "[h3]")) for line in pulls)
+    assert len(pulls) == 1 and re.fullmatch(rf"\[h1\] \[1/6\] pull    nothing to pull: {app.name}-blue keeps v1's image "
+                                            r"sha256:[0-9a-f]{12} on this host \(instant rollback\)", pulls[0]), pulls
+    assert any(line.startswith("[h1] ") and "/bg/app@sha256:" in line and "needs no pull: the rollback to v1 is instant"
+               in line for line in back.stderr.splitlines()), back.stderr
+    assert f"instant rollback: started the retained {app.name}-blue (v1)" in back.stderr
     assert app.versions() == ["v1", "v1", "v1"]
     assert [e["action"] for e in app.journal(app.fleet.hosts[0])][-1] == "rollback"
     assert [e["tag"] for e in app.journal(app.fleet.hosts[2])] == ["v1"]  # h3 was left alone
