@@ -841,16 +841,20 @@ class Deployer:
                         return True
                     if self.clock() >= next_check:
                         next_check += 1.0
-                        old = self.docker.inspect(plan.current_name) if plan.current_name else None
-                        if old is None or not old.running:
+                        try:  # both containers in one docker call
+                            seen = self.docker.inspect_many([n for n in (plan.current_name, plan.target_name) if n])
+                        except CommandError:
+                            seen = None  # docker did not answer this second: no evidence either way
+                        old = seen.get(plan.current_name) if seen is not None and plan.current_name else None
+                        if seen is not None and (old is None or not old.running):
                             # Nothing to switch back to any more: the new version stays, unjudged from here.
                             why = "it disappeared" if old is None else (old.crash_note() or f"it is {old.status}")
                             notes.append(f"ended after {wt.describe(tally, elapsed)}: the old {plan.current_name} stopped ({why})")
                             self.progress.say(f"warning: {plan.current_name} stopped during the {name} ({why}), so there is "
                                               f"nothing left to switch back to: {plan.tag} keeps serving, no longer judged.")
                             return True
-                        found = self.docker.inspect(plan.target_name)
-                        if found is None or not found.running:
+                        found = seen.get(plan.target_name) if seen is not None else None
+                        if seen is not None and (found is None or not found.running):
                             why = "it disappeared" if found is None else (found.crash_note() or f"it is {found.status}")
                             self._watch_failed(plan, name, back, f"{plan.target_name} stopped during the {name}: {why}")
                         probe = self.probe(plan.health_url(), timeout=cfg.health_request_timeout, host=cfg.health_host)
