@@ -96,7 +96,10 @@ def test_an_error_rate_below_the_threshold_is_kept(project, tmp_path):
     assert proc.returncode == 0, proc.stderr
     watched = next(line for line in proc.stderr.splitlines() if "[4/6] watch" in line)
     assert "answered 5xx" in watched and "under WATCH_MIN_REQUESTS" not in watched, watched
-    assert serving(project) == "failing"
+    # Every 50th request of this release answers 500 (by design), so one GET may be
+    # that one; the traffic has stopped, so the next one after it is a 200.
+    answers = [project.get("/version") for _ in range(2)]
+    assert (200, "failing") in [(status, body.strip()) for status, body in answers], answers
     assert sum(status == 500 for _, status, _ in traffic.answers) >= 1
 
 
