@@ -87,6 +87,33 @@ class Plan:
     def verify_url(self) -> str:
         return f"{self.cfg.nginx_url}{self.cfg.health_path}"
 
+    def judged_lines(self) -> tuple[list[str], list[str]]:
+        """--dry-run: the canary steps before the full switch and the watch after it (a deploy, not a rollback)."""
+        cfg = self.cfg
+        steps, old = canary_steps(cfg.canary_steps) or (), self.routed_port or cfg.port(self.current)
+        if not (steps or cfg.watch_seconds > 0):
+            return [], []
+        if self.current is None:
+            return [], [f"[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but nothing serves now, so there "
+                        f"is nothing to switch back to (the switch is at once)"]
+        back = f"a failure switches back to 127.0.0.1:{old} ({self.current_name}, kept running)"
+        log = (f"              judged from the server block's `access_log ... {wt.format_name(cfg.project)}` "
+               f"file as `nginx -T` shows it (without that line: no {'canary' if steps else 'watch'}, a note, "
+               f"and the switch at once)")
+        canary: list[str] = []
+        for percent in steps:
+            early = wt.early_min_requests(cfg.watch_min_requests, percent)
+            canary += [
+                f"[4/6] switch  write {self.upstream_path}: {percent}% of requests (weight) to "
+                f"127.0.0.1:{self.target_port}, the rest to 127.0.0.1:{old}; then `nginx -T` and reload",
+                f"[4/6] canary  {cfg.canary_step_seconds:g}s: at most {cfg.watch_max_error_rate}% 5xx (strong evidence "
+                f"from {early} requests, else {cfg.watch_min_requests}), health, crashes; {back}",
+            ]
+        watch = [f"[4/6] watch   {cfg.watch_seconds:g}s of real traffic to 127.0.0.1:{self.target_port}: at most "
+                 f"{cfg.watch_max_error_rate}% 5xx (judged from {cfg.watch_min_requests} requests), health, crashes; "
+                 f"{back}; `bluegreen promote|abort {cfg.project}` ends it"] if cfg.watch_seconds > 0 else []
+        return (canary + [log] if canary else []), (watch + ([] if canary else [log]) if watch else [])
+
     def describe(self, retained: instant.Decision | None = None) -> list[str]:
         """Human-readable steps with the exact commands, for --dry-run; `retained`: a rollback's decision."""
         cfg, d, n = self.cfg, self.docker_cmd, self.nginx_cmd
@@ -106,14 +133,17 @@ class Plan:
                 f"[2/6] start   {display(dk.rm_argv(d, self.target_name))}  (only if a leftover exists)",
                 f"              {display(self.run_argv(dk.ENV_STDIN if cfg.container_env() else None))}{env_note}",
             ]
+        canary, watch = self.judged_lines() if retained is None else ([], [])  # a rollback neither steps nor watches
         return [
             *fetch_and_start,
             f"[3/6] health  GET {self.health_url()} until HTTP {cfg.health_expect}, at most {cfg.health_timeout:g}s",
+            *canary,
             f"[4/6] switch  write {self.upstream_path}:",
             *("                " + line for line in self.upstream_text().splitlines()),
             f"              {display([*n, '-T'])}  then  {display([*n, '-s', 'reload'])}",
             f"              wait for the nginx workers that predate the reload to exit (at most {cfg.drain_timeout:g}s)",
             f"              GET {self.verify_url()} must be routed to 127.0.0.1:{self.target_port}",
+            *watch,
             f"[5/6] retire  {retire}",
             f"[6/6] record  write {self.active_path}: {self.target}",
         ]
@@ -519,7 +549,7 @@ class Deployer:
                 for percent in (canary_steps(plan.cfg.canary_steps) or ()) if tail is not None else ():
                     self._switch(plan, tx, serving, canary=percent)
                     promoted = self._judge(plan, tail, seconds=plan.cfg.canary_step_seconds, name="canary",
-                                           what=f"{percent}% of requests to {plan.target_name}")
+                                           what=f"{percent}% of requests to {plan.target_name}", percent=percent)
                     if promoted:
                         break
                 self._switch(plan, tx, serving)
@@ -803,7 +833,7 @@ class Deployer:
             return None
         return tail
 
-    def _judge(self, plan: Plan, tail: wt.LogTail, *, seconds: float, name: str, what: str) -> bool:
+    def _judge(self, plan: Plan, tail: wt.LogTail, *, seconds: float, name: str, what: str, percent: int = 100) -> bool:
         """Step 4, watch (after the switch) or canary (a share of the requests): the old container keeps
         running while real traffic is judged; a 5xx share above WATCH_MAX_ERROR_RATE, a failing health check, a
         crash or `bluegreen abort` raises, and the transaction switches back (nothing boots: the old container
@@ -811,8 +841,10 @@ class Deployer:
         cfg = plan.cfg
         control = self.settings.watch_file(cfg.project)
         root = self.settings.root
-        detail = (f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx (judged from "
-                  f"{cfg.watch_min_requests} requests), health, crashes")
+        early_min = wt.early_min_requests(cfg.watch_min_requests, percent)
+        judged_from = (f"{cfg.watch_min_requests} requests" if early_min == cfg.watch_min_requests
+                       else f"{early_min} requests on strong evidence, else {cfg.watch_min_requests}")
+        detail = f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx (judged from {judged_from}), health, crashes"
         back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the {name})"
         with self.progress.step(4, name, detail) as notes:
             safefs.unlink(wt.request_path(control), root=root)
@@ -824,7 +856,7 @@ class Deployer:
                 while True:
                     tally.add(tail.read(), plan.target_port)
                     elapsed = self.clock() - started
-                    if wt.judge_early(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
+                    if wt.judge_early(tally, max_rate=cfg.watch_max_error_rate, min_requests=early_min):
                         self._watch_failed(plan, name, back,
                                            f"{wt.describe(tally, elapsed)} > WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}%")
                     if not blind_said and elapsed >= WATCH_BLIND_AFTER and tail.lines_read == 0:

@@ -8,13 +8,15 @@ and logs with it; `init` writes both lines. A server block without them deploys 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 import stat
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, NamedTuple, Optional
 
-LOG_FORMAT = '$msec $status "$upstream_addr"'
+# $request_time last, optional when read: server blocks written before it was added log without it.
+LOG_FORMAT = '$msec $status "$upstream_addr" $request_time'
 READ_MAX = 4 << 20  # bytes read from the log per poll: a flood cannot make one poll slow
 LINE_MAX = 4096
 
@@ -51,15 +53,24 @@ def find_log_path(dump: str, project: str) -> str | None:
     return path
 
 
-_LINE = re.compile(r'([0-9]{1,12}\.[0-9]{3}) ([0-9]{3}) "([^"]{0,512})"')
+_LINE = re.compile(r'([0-9]{1,12}\.[0-9]{3}) ([0-9]{3}) "([^"]{0,512})"(?: ([0-9]{1,7}\.[0-9]{3}|-))?')
 
 
-def parse_line(line: str) -> tuple[float, int, str] | None:
-    """(time, status, upstream address) of one log line in LOG_FORMAT; None for any other line."""
+class LogLine(NamedTuple):
+    time: float  # $msec: when the request ended
+    status: int
+    upstream: str  # $upstream_addr: every server tried
+    seconds: Optional[float]  # $request_time; None in the older format
+
+
+def parse_line(line: str) -> LogLine | None:
+    """One log line in LOG_FORMAT (or the older one without $request_time); None for any other line."""
     match = _LINE.fullmatch(line.strip())
     if not match:
         return None
-    return float(match.group(1)), int(match.group(2)), match.group(3)
+    took = match.group(4)
+    return LogLine(float(match.group(1)), int(match.group(2)), match.group(3),
+                   float(took) if took and took != "-" else None)
 
 
 def routed_port(addr: str) -> int | None:
@@ -73,18 +84,35 @@ def routed_port(addr: str) -> int | None:
 class Tally:
     requests: int = 0  # requests nginx sent to the new container
     errors: int = 0  # of those, answered 5xx
+    # $request_time of those, counted per value rounded to two significant digits: bounded however long the window.
+    times: Dict[float, int] = field(default_factory=dict, compare=False, repr=False)
 
     def add(self, lines: Iterable[str], port: int) -> None:
         for line in lines:
             found = parse_line(line)
-            if found is None or routed_port(found[2]) != port:
+            if found is None or routed_port(found.upstream) != port:
                 continue
             self.requests += 1
-            self.errors += 500 <= found[1] <= 599
+            self.errors += 500 <= found.status <= 599
+            if found.seconds is not None:
+                key = float(f"{found.seconds:.2g}")
+                self.times[key] = self.times.get(key, 0) + 1
 
     @property
     def percent(self) -> float:
         return 100.0 * self.errors / self.requests if self.requests else 0.0
+
+    def quantile(self, q: float) -> float | None:
+        """The request time (s, two significant digits) that a share q of the timed requests did not exceed."""
+        total = sum(self.times.values())
+        if not total:
+            return None
+        rank, seen = max(1, math.ceil(q * total)), 0
+        for value in sorted(self.times):
+            seen += self.times[value]
+            if seen >= rank:
+                return value
+        return max(self.times)
 
 
 def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
@@ -94,6 +122,19 @@ def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
 
 
 EARLY_Z = 2.576  # 99%: judged on every poll, a release below the limit must not be switched back by chance
+STEP_MIN_FLOOR = 5  # a canary step's early rule never judges fewer requests than this
+
+
+def early_min_requests(min_requests: int, percent: int = 100) -> int:
+    """Requests the early rule needs in a window that gets `percent` of the traffic: WATCH_MIN_REQUESTS scaled
+    to the share (at least STEP_MIN_FLOOR, at most WATCH_MIN_REQUESTS). A canary step exists to limit exposure:
+    at 10% its requests arrive ten times slower while one client in ten meets the release, so waiting for the
+    full count would expose as many clients as the watch does. The 99% Wilson bound keeps a release under the
+    limit from being switched back on so few requests (a 2% release at 10% of 160 req/s for 30 s: about 1 in 100
+    steps, simulated); the plain share at a window's end still needs the full WATCH_MIN_REQUESTS."""
+    if percent >= 100 or min_requests <= STEP_MIN_FLOOR:
+        return min_requests
+    return max(STEP_MIN_FLOOR, -(-min_requests * percent // 100))
 
 
 def judge_early(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
@@ -110,9 +151,16 @@ def judge_early(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
     return low * 100 > max_rate
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.0f} s"
+
+
 def describe(tally: Tally, seconds: float) -> str:
-    return (f"{tally.requests} request(s) in {seconds:.1f} s, {tally.errors} answered 5xx "
-            f"({tally.percent:.0f}%)")
+    text = f"{tally.requests} request(s) in {seconds:.1f} s, {tally.errors} answered 5xx ({tally.percent:.0f}%)"
+    median, p99 = tally.quantile(0.5), tally.quantile(0.99)
+    if median is not None and p99 is not None:
+        text += f", request time median {_ms(median)}, p99 {_ms(p99)}"
+    return text
 
 
 class LogTail:

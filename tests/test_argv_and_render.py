@@ -294,3 +294,24 @@ def test_dry_run_plan_shows_what_the_pull_policy_will_run():
         assert says in first, first
         if policy != "always":
             assert "docker image inspect" in first
+
+
+def test_dry_run_plan_shows_the_canary_steps_before_the_switch_and_the_watch_after_it():
+    plan, _ = plan_deploy(SETTINGS, make_cfg("CANARY_STEPS=10,50\nCANARY_STEP_SECONDS=20\nWATCH_SECONDS=60\n"),
+                          "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    lines = plan.describe()
+    heads = [line.split()[1] for line in lines if line.startswith("[4/6]")]
+    assert heads == ["switch", "canary", "switch", "canary", "switch", "watch"], lines
+    text = "\n".join(lines)
+    assert "10% of requests (weight) to 127.0.0.1:8082, the rest to 127.0.0.1:8081" in text
+    assert "20s: at most 5% 5xx (strong evidence from 5 requests, else 20)" in text  # 10% of 20, at least 5
+    assert "(strong evidence from 10 requests, else 20)" in text  # the 50% step
+    assert "60s of real traffic to 127.0.0.1:8082" in text and "a failure switches back to 127.0.0.1:8081" in text
+    assert text.count("access_log ... bluegreen_watch_user_api") == 1
+    # No watch configured: the plan is as before; nothing serving: nothing to switch back to, said once.
+    plain, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
+    assert not [line for line in plain.describe() if "canary" in line or "watch" in line]
+    first, _ = plan_deploy(SETTINGS, make_cfg("WATCH_SECONDS=60\n"), "v1", active=None, upstream=None)
+    assert [line for line in first.describe() if "[4/6] watch" in line] == [
+        "[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but nothing serves now, so there is nothing to "
+        "switch back to (the switch is at once)"]

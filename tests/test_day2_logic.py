@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -51,7 +52,9 @@ def test_history_render_is_newest_first_with_the_failure_reason():
     text = journal.render([entry("v1"), entry("v2", "failed", failed_step="health", message="did not answer\nlogs...")])
     first, second, third = text.splitlines()
     assert " v2 " in first and "failed" in first and second.strip() == "step health: did not answer"
-    assert " v1 " in third and "deployed" in third
+    assert " v1 " in third and "deployed" in third and "instant" not in text
+    back = journal.render([replace(entry("v1"), action="rollback", instant=True)])
+    assert " rollback " in back and back.endswith("  instant (the retained container started, nothing pulled)")
 
 
 def container(name, status="running", tag="v1"):

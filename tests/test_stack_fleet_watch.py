@@ -19,6 +19,7 @@ def test_a_failed_watch_on_the_first_host_stops_the_rollout_before_the_second(ap
         log = tmp_path / f"{h.name}-watch.log"
         site = h.default_site(app.name, extra=f"add_header X-Bluegreen-Upstream $bluegreen_route_{app.name} always;\n"
                                               f"    access_log {log} {fmt};")
+        # The format init wrote before $request_time was added: such server blocks are still judged.
         h.write_site("default", f"log_format {fmt} '$msec $status \"$upstream_addr\"';\n" + site)
         env = Path(h.deploy_root, "projects", f"{app.name}.env")
         env.write_text(env.read_text() + "WATCH_SECONDS=30\nWATCH_MIN_REQUESTS=10\n")

@@ -104,6 +104,8 @@ def test_instant_rollback_starts_the_retained_container_with_the_registry_stoppe
     assert (last["action"], last["tag"], last["result"], last["instant"]) == ("rollback", "v1", "deployed", True)
     assert "pull" not in last["steps"] and {"start", "health", "switch", "drain", "verify", "retire", "record"} <= set(last["steps"])
     assert last["digest"] == v1_digest and last["image"] == f"{project.stack.image_repo}@{v1_digest}"
+    newest = project.run("history", project.name, check=True).stdout.splitlines()[0]
+    assert " rollback " in newest and newest.endswith("instant (the retained container started, nothing pulled)")
     # v2's container was retained by this rollback: going back to v2 is instant too.
     assert rollback_line(project) == f"instant to v2 ({green} retained, stopped)"
 
@@ -119,6 +121,7 @@ def test_a_rollback_whose_container_is_gone_takes_the_pull_path(project):
     assert serving(project) == "v1"
     last = history(project)[0]
     assert last["action"] == "rollback" and last["instant"] is False and "pull" in last["steps"]
+    assert "instant" not in project.run("history", project.name, check=True).stdout.splitlines()[0]
     assert inspect(blue)["Config"]["Labels"]["bluegreen.config"].startswith("1:")  # created again, with the label
 
 

@@ -5,6 +5,7 @@ end the watch by switching back; `promote` ends it by keeping the new version.""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import bluegreen.watch
 import stack as stacklib
 from test_stack_deploy import deploy_ok, serving
 
@@ -45,9 +47,8 @@ class Traffic:
 def with_watch_log(project, tmp_path) -> Path:
     """The server block as `init` writes it for the watch: an access_log line in the watch format."""
     log = tmp_path / "watch.log"
-    name = f"bluegreen_watch_{project.name.replace('-', '_')}"
-    project.serve(head=f"log_format {name} '$msec $status \"$upstream_addr\"';",
-                  extra=f"access_log {log} {name};\n")
+    project.serve(head=bluegreen.watch.log_format_line(project.name),
+                  extra=f"access_log {log} {bluegreen.watch.format_name(project.name)};\n")
     return log
 
 
@@ -74,6 +75,7 @@ def test_a_release_that_fails_real_traffic_is_switched_back_while_the_old_one_st
     assert "The watch after the switch saw" in proc.stderr and "> WATCH_MAX_ERROR_RATE 5%" in proc.stderr
     assert f"switching back to v1 ({project.name}-blue, kept running during the watch)" in proc.stderr
     assert "[4/6] watch" in proc.stderr and "FAILED after" in proc.stderr
+    assert re.search(r"request time median [0-9]+ ms, p99 [0-9]+ ms", proc.stderr), proc.stderr  # $request_time read
     assert took < 20, f"the watch should have switched back long before WATCH_SECONDS=30 ended ({took:.1f}s)"
     assert serving(project) == "v1"
     assert project.containers(all=True) == [f"{project.name}-blue"]  # the failing one is gone
@@ -185,13 +187,18 @@ def test_a_canary_step_that_fails_at_ten_percent_spares_most_clients(project, tm
     watch_env(project)
     deploy_ok(project, "v1")
     with_watch_log(project, tmp_path)
-    watch_env(project, CANARY_STEPS="10,50", CANARY_STEP_SECONDS="30", WATCH_MIN_REQUESTS="5")
+    # WATCH_MIN_REQUESTS=20 as by default: a 10% step judges strong evidence from 5 requests (its share of 20,
+    # at least 5), so the step ends long before 20 requests could reach the release at a tenth of the traffic.
+    watch_env(project, CANARY_STEPS="10,50", CANARY_STEP_SECONDS="30", WATCH_MIN_REQUESTS="20")
     with Traffic(project) as traffic:
         proc = project.run("deploy", project.name, "failing")
         time.sleep(0.5)
     assert proc.returncode == 1, proc.stderr
     assert "[4/6] switch  nginx -> 10% to" in proc.stderr and "50% to" not in proc.stderr
-    assert "A canary step saw" in proc.stderr and "switching back to v1" in proc.stderr
+    assert "(judged from 5 requests on strong evidence, else 20)" in proc.stderr, proc.stderr
+    saw = re.search(r"A canary step saw (\d+) request\(s\)", proc.stderr)
+    assert saw and 5 <= int(saw.group(1)) < 20, proc.stderr
+    assert "switching back to v1" in proc.stderr
     assert journal(project)[-1]["failed_step"] == "canary"
     assert serving(project) == "v1" and project.containers(all=True) == [f"{project.name}-blue"]
     statuses = [status for _, status, _ in traffic.answers]

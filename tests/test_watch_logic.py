@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 
 from hypothesis import given, settings as hsettings, strategies as st
 
@@ -17,7 +18,7 @@ def test_inits_server_block_defines_the_format_before_the_line_that_logs_with_it
 
     text = init.render_server_block(project="user-api", upstream="user_api", upstream_file="/x", listen="80",
                                     server_name="_")
-    fmt = "log_format bluegreen_watch_user_api '$msec $status \"$upstream_addr\"';"
+    fmt = "log_format bluegreen_watch_user_api '$msec $status \"$upstream_addr\" $request_time';"
     log = "access_log /var/log/nginx/bluegreen-user-api.log bluegreen_watch_user_api;"
     assert fmt in text and log in text and text.index(fmt) < text.index("server {") < text.index(log)
     assert "log_format" not in ngx.render_upstream(name="api", port=8081, project="user-api", colour="blue", tag="v1",
@@ -49,11 +50,29 @@ def test_the_verdict_needs_enough_requests_and_a_share_above_the_limit():
     assert watch.describe(watch.Tally(412, 37), 20) == "412 request(s) in 20.0 s, 37 answered 5xx (9%)"
 
 
+def test_request_times_are_read_when_logged_and_summed_up_in_bounded_memory():
+    # The current format ends with $request_time; lines of the older one (no time) still count.
+    assert watch.parse_line('1700000000.123 502 "127.0.0.1:9" 0.250') == (1700000000.123, 502, "127.0.0.1:9", 0.25)
+    assert watch.parse_line('1700000000.123 200 "127.0.0.1:9"').seconds is None
+    assert watch.parse_line('1700000000.123 200 "127.0.0.1:9" -').seconds is None
+    tally = watch.Tally()
+    tally.add([f'1.000 200 "127.0.0.1:9" {i / 1000:.3f}' for i in range(1, 100001)]
+              + ['1.000 500 "127.0.0.1:9"', '1.000 200 "127.0.0.1:8" 9.000'], 9)
+    assert (tally.requests, tally.errors) == (100001, 1)
+    assert len(tally.times) <= 90 * 5  # 100,000 distinct times over 5 powers of ten: at most 90 keys each
+    assert tally.quantile(0.5) == 50 and tally.quantile(0.99) == 99  # seconds, two significant digits
+    assert watch.describe(tally, 3).endswith("request time median 50 s, p99 99 s")
+    fast = watch.Tally()
+    fast.add(['1.000 200 "127.0.0.1:9" 0.004'] * 98 + ['1.000 500 "127.0.0.1:9" 0.230'] * 2, 9)
+    assert watch.describe(fast, 1) == "100 request(s) in 1.0 s, 2 answered 5xx (2%), request time median 4 ms, p99 230 ms"
+
+
 @hsettings(max_examples=500, deadline=None)
 @given(st.text(max_size=300))
 def test_any_log_line_is_a_request_or_nothing(line):
     found = watch.parse_line(line)
-    assert found is None or (100 <= found[1] <= 999 and isinstance(found[2], str))
+    assert found is None or (100 <= found.status <= 999 and isinstance(found.upstream, str)
+                             and (found.seconds is None or found.seconds >= 0))
     watch.Tally().add([line], 8080)
 
 
@@ -133,6 +152,36 @@ def test_on_each_poll_only_strong_evidence_ends_the_window_and_the_end_judges_th
     # A release just under the limit is never stopped early, however long the window.
     assert not any(watch.judge_early(watch.Tally(n, n * 4 // 100), max_rate=5, min_requests=20) for n in range(20, 5000, 7))
     assert watch.judge_early(watch.Tally(1, 1), max_rate=0, min_requests=0)
+
+
+def test_a_canary_step_judges_strong_evidence_from_its_share_of_the_minimum():
+    # WATCH_MIN_REQUESTS scaled to the step's share, never under 5, never over the setting itself.
+    assert [watch.early_min_requests(20, pct) for pct in (1, 10, 25, 50, 99, 100)] == [5, 5, 5, 10, 20, 20]
+    assert [watch.early_min_requests(m, 10) for m in (0, 3, 5, 6, 100, 1000)] == [0, 3, 5, 5, 10, 100]
+
+
+def _early_stops(rate: float, minimum: int, requests: int, every: int, trials: int, seed: int) -> list:
+    """Simulated windows: the 5xx count at which the early rule stopped each one (None: it never did)."""
+    rnd, stops = random.Random(seed), []
+    for _ in range(trials):
+        errors, stopped = 0, None
+        for n in range(1, requests + 1):
+            errors += rnd.random() < rate
+            if n % every == 0 and watch.judge_early(watch.Tally(n, errors), max_rate=5, min_requests=minimum):
+                stopped = errors
+                break
+        stops.append(stopped)
+    return stops
+
+
+def test_a_ten_percent_step_stops_a_bad_release_early_and_keeps_one_under_the_limit():
+    # A 10% step of 160 req/s for 30 s: 480 requests, judged every 4 (each 0.25 s poll).
+    minimum = watch.early_min_requests(20, 10)
+    assert _early_stops(1.0, minimum, 480, 1, 1, seed=1) == [5]  # every request failing: after 5, not 20
+    bad = _early_stops(0.10, minimum, 480, 4, 300, seed=2)
+    assert sum(s is not None for s in bad) >= 290  # a 10% release is stopped in (nearly) every step
+    fine = _early_stops(0.02, minimum, 480, 4, 1000, seed=3)
+    assert sum(s is not None for s in fine) <= 25  # a 2% release (under the 5% limit): about 1 step in 100
 
 
 def test_a_log_line_the_watch_could_not_follow_is_not_taken():

@@ -78,7 +78,9 @@ WATCH_FAILED_RE = re.compile(r"^\[4/6\] (?:watch|canary)\s.*: FAILED after ([0-9
 WATCH_SAW_RE = re.compile(r"(?:The watch after the switch|A canary step) saw (\d+) request\(s\) in \S+ s, (\d+) answered 5xx")
 CANARY = {"CANARY_STEPS": "10,50", "CANARY_STEP_SECONDS": 30}
 EARLY_Z = 2.576  # the documented early rule: the 99% Wilson lower bound of the 5xx share above the limit
-NGINX_LINE_RE = re.compile(r'^([0-9]+\.[0-9]{3}) ([0-9]{3}) "([^"]*)"$')
+NGINX_LINE_RE = re.compile(r'^([0-9]+\.[0-9]{3}) ([0-9]{3}) "([^"]*)"(?: ([0-9]+\.[0-9]{3}|-))?$')  # then $request_time
+# A canary step's early rule needs WATCH_MIN_REQUESTS scaled to its share, at least 5 (docs/watch.md).
+STEP_MIN_FLOOR = 5
 
 
 def log(text: str) -> None:
@@ -339,7 +341,8 @@ class Bench:
             render_upstream(name=self.project, port=blue, project=self.project, colour="-", tag="-",
                             token=new_token(), down=True))
         fmt = "bluegreen_watch_" + re.sub(r"[^A-Za-z0-9_]", "_", self.project)
-        self.nginx.add_server(self.project, self.listen, self.project, head=f"log_format {fmt} '$msec $status \"$upstream_addr\"';",
+        self.nginx.add_server(self.project, self.listen, self.project,
+                              head=f"log_format {fmt} '$msec $status \"$upstream_addr\" $request_time';",
                               extra=f"{add_header_line(self.project)}\n    access_log {self.watch_log} {fmt};")
 
     def write_env(self, **app: object) -> None:
@@ -401,6 +404,7 @@ class Bench:
 
 class Tool:
     name = ""
+    min_requests = WATCH["WATCH_MIN_REQUESTS"]  # what the early rule needs in the window the bad release first meets
     what = ""  # one line for the table's notes
     action = ""  # what its recovery action is
 
@@ -446,6 +450,8 @@ class WatchTool(Tool):
 class CanaryTool(WatchTool):
     name = "canary"
     extra = dict(CANARY)
+    first_step = int(str(CANARY["CANARY_STEPS"]).split(",")[0])
+    min_requests = min(WATCH["WATCH_MIN_REQUESTS"], max(STEP_MIN_FLOOR, -(-WATCH["WATCH_MIN_REQUESTS"] * first_step // 100)))
 
     @property
     def what(self) -> str:
@@ -498,7 +504,8 @@ def make_tools(detect_delay: float) -> Dict[str, Tool]:
 # one run and its numbers
 # --------------------------------------------------------------------------
 
-def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[int], t0: float) -> dict:
+def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[int], t0: float,
+            min_requests: int) -> dict:
     def rel(t: Optional[float]) -> Optional[float]:
         return None if t is None else round(t - t0, 3)
 
@@ -508,7 +515,7 @@ def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[
     good_after = [r[1] for r in records if last_bad is not None and r[1] > last_bad and release_of(r) == "good"]
     kinds = collections.Counter(failure_kind(r) for r in records if failed(r))
     to_bad = [x for x in lines if bad_port is not None and x[2] == bad_port]
-    crossed = threshold_crossed(lines, bad_port, WATCH["WATCH_MAX_ERROR_RATE"], WATCH["WATCH_MIN_REQUESTS"]) \
+    crossed = threshold_crossed(lines, bad_port, WATCH["WATCH_MAX_ERROR_RATE"], min_requests) \
         if bad_port is not None else None
     nginx_last = max((x[0] for x in to_bad), default=None)
     out = {
@@ -571,7 +578,8 @@ def run_one(bench: Bench, tool: Tool, fail_every: int, index: int) -> dict:
         raise BenchError("a load thread died")
     start = first_line(events["deploys"][0], START_RE)
     bad_port = int(start[1].group(1)) if start else None
-    result = analyse(bench.load.between(t0, t1), nginx_lines(bench.watch_log, offset), events, bad_port, t0)
+    result = analyse(bench.load.between(t0, t1), nginx_lines(bench.watch_log, offset), events, bad_port, t0,
+                     tool.min_requests)
     result["window"] = round(t1 - t0, 3)
     result.update(tool=tool.name, fail_every=fail_every, index=index, loadavg=round(load_avg, 2),
                   caught=events["caught"], kept=events["kept"], watch_saw=events.get("watch_saw"),
