@@ -184,7 +184,8 @@ TABLE: tuple[Setting, ...] = (
             "percent of the requests nginx sent to the new container that may answer 5xx during the watch",
             S_WATCH, low=0, high=100, unit="a whole percentage"),
     Setting("WATCH_MIN_REQUESTS", "watch_min_requests", "integer", 20,
-            "fewer requests than this in the watch: judged by health and crashes only (too few to judge a share)",
+            "fewer requests than this in the watch: judged by health and crashes only (too few to judge a share); "
+            "a canary step stops early on strong evidence from its share of this number (at least 5)",
             S_WATCH, low=0, high=10000, unit="a number of requests"),
     Setting("CANARY_STEPS", "canary_steps", "text", "",
             "before the full switch, send this percentage of requests to the new container, step by step (e.g. "
