@@ -90,28 +90,29 @@ class Plan:
     def judged_lines(self) -> tuple[list[str], list[str]]:
         """--dry-run: the canary steps before the full switch and the watch after it (a deploy, not a rollback)."""
         cfg = self.cfg
-        steps, old = canary_steps(cfg.canary_steps) or (), self.routed_port or cfg.port(self.current)
+        steps = canary_steps(cfg.canary_steps) or ()
         if not (steps or cfg.watch_seconds > 0):
             return [], []
         if self.current is None:
-            return [], [f"[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but nothing serves now, so there "
-                        f"is nothing to switch back to (the switch is at once)"]
+            return [], ["[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but no container of this project "
+                        "serves now, so there is nothing to switch back to (the switch is at once)"]
+        old = self.routed_port or cfg.port(self.current)
         back = f"a failure switches back to 127.0.0.1:{old} ({self.current_name}, kept running)"
-        log = (f"              judged from the server block's `access_log ... {wt.format_name(cfg.project)}` "
-               f"file as `nginx -T` shows it (without that line: no {'canary' if steps else 'watch'}, a note, "
-               f"and the switch at once)")
+        log = (f"              only if {self.current_name} still runs and the server block has an `access_log ... "
+               f"{wt.format_name(cfg.project)}` line (`nginx -T`); else no canary and no watch: a note, and the "
+               f"switch at once")
         canary: list[str] = []
         for percent in steps:
-            early = wt.early_min_requests(cfg.watch_min_requests, percent)
+            rule = wt.rule_text(cfg.watch_min_requests, wt.early_min_requests(cfg.watch_min_requests, percent))
             canary += [
                 f"[4/6] switch  write {self.upstream_path}: {percent}% of requests (weight) to "
                 f"127.0.0.1:{self.target_port}, the rest to 127.0.0.1:{old}; then `nginx -T` and reload",
-                f"[4/6] canary  {cfg.canary_step_seconds:g}s: at most {cfg.watch_max_error_rate}% 5xx (strong evidence "
-                f"from {early} requests, else {cfg.watch_min_requests}), health, crashes; {back}",
+                f"[4/6] canary  {cfg.canary_step_seconds:g}s: at most {cfg.watch_max_error_rate}% 5xx ({rule}), "
+                f"health, crashes; {back}",
             ]
         watch = [f"[4/6] watch   {cfg.watch_seconds:g}s of real traffic to 127.0.0.1:{self.target_port}: at most "
-                 f"{cfg.watch_max_error_rate}% 5xx (judged from {cfg.watch_min_requests} requests), health, crashes; "
-                 f"{back}; `bluegreen promote|abort {cfg.project}` ends it"] if cfg.watch_seconds > 0 else []
+                 f"{cfg.watch_max_error_rate}% 5xx ({wt.rule_text(cfg.watch_min_requests, cfg.watch_min_requests)}), "
+                 f"health, crashes; {back}; `bluegreen promote|abort {cfg.project}` ends it"] if cfg.watch_seconds > 0 else []
         return (canary + [log] if canary else []), (watch + ([] if canary else [log]) if watch else [])
 
     def describe(self, retained: instant.Decision | None = None) -> list[str]:
@@ -842,9 +843,8 @@ class Deployer:
         control = self.settings.watch_file(cfg.project)
         root = self.settings.root
         early_min = wt.early_min_requests(cfg.watch_min_requests, percent)
-        judged_from = (f"{cfg.watch_min_requests} requests" if early_min == cfg.watch_min_requests
-                       else f"{early_min} requests on strong evidence, else {cfg.watch_min_requests}")
-        detail = f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx (judged from {judged_from}), health, crashes"
+        detail = (f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx "
+                  f"({wt.rule_text(cfg.watch_min_requests, early_min)}), health, crashes")
         back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the {name})"
         with self.progress.step(4, name, detail) as notes:
             safefs.unlink(wt.request_path(control), root=root)
@@ -901,7 +901,10 @@ class Deployer:
                 if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
                     self._watch_failed(plan, name, back, f"{wt.describe(tally, self.clock() - started)} > "
                                                          f"WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}% by the end of the {name}")
-                few = "" if tally.requests >= cfg.watch_min_requests else f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health"
+                few = ("" if tally.requests >= cfg.watch_min_requests else
+                       f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged on strong evidence, health and crashes"
+                       if tally.requests >= early_min else
+                       f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health")
                 notes.append(f"{wt.describe(tally, self.clock() - started)}{few}")
                 return False
             finally:

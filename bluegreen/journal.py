@@ -231,7 +231,7 @@ def render(entries: list[Entry]) -> str:
         move = f"{_clean(e.from_colour, 20) or '-'}->{_clean(e.to_colour, 20) or '-'}"
         head = (f"{_clean(e.time, 40)}  {_clean(e.action, 20):<8} {_clean(e.tag, 140):<16} {_clean(e.result, 20):<9} "
                 f"{move:<11} {e.duration:6.1f}s  {_clean(e.user, 64)}@{_clean(e.host, 128)}")
-        if e.instant:
+        if e.instant and e.result == RESULT_DEPLOYED:  # a failed one may have stopped before its start step
             head += "  instant (the retained container started, nothing pulled)"
         if e.result != RESULT_DEPLOYED:
             first = e.message.splitlines()[0] if e.message.splitlines() else ""

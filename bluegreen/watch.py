@@ -122,30 +122,39 @@ def judge(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
 
 
 EARLY_Z = 2.576  # 99%: judged on every poll, a release below the limit must not be switched back by chance
-STEP_MIN_FLOOR = 5  # a canary step's early rule never judges fewer requests than this
+STEP_MIN_FLOOR = 3  # a canary step's early rule never judges fewer requests than this (or WATCH_MIN_REQUESTS)
 
 
 def early_min_requests(min_requests: int, percent: int = 100) -> int:
     """Requests the early rule needs in a window that gets `percent` of the traffic: WATCH_MIN_REQUESTS scaled
-    to the share (at least STEP_MIN_FLOOR, at most WATCH_MIN_REQUESTS). A canary step exists to limit exposure:
-    at 10% its requests arrive ten times slower while one client in ten meets the release, so waiting for the
-    full count would expose as many clients as the watch does. The 99% Wilson bound keeps a release under the
-    limit from being switched back on so few requests (a 2% release at 10% of 160 req/s for 30 s: about 1 in 100
-    steps, simulated); the plain share at a window's end still needs the full WATCH_MIN_REQUESTS."""
+    to the share, at least STEP_MIN_FLOOR (or WATCH_MIN_REQUESTS if smaller). A canary step exists to limit
+    exposure: at 10% its requests arrive ten times slower while one client in ten meets the release, so waiting
+    for the full count would expose about as many clients as the watch does. The price, simulated in
+    tests/test_watch_logic.py: a release at 40% of the limit is switched back in about 1 step in 100 instead of
+    1 in 500."""
     if percent >= 100 or min_requests <= STEP_MIN_FLOOR:
         return min_requests
     return max(STEP_MIN_FLOOR, -(-min_requests * percent // 100))
 
 
+def rule_text(min_requests: int, early_min: int) -> str:
+    """How a window judges, the same words in a deploy's step line and in --dry-run."""
+    if early_min >= min_requests:
+        return f"judged from {min_requests} requests"
+    return f"judged from {min_requests} requests, or {early_min} on strong evidence"
+
+
 def judge_early(tally: Tally, *, max_rate: int, min_requests: int) -> bool:
     """During a window, judged again on every poll: only on strong evidence, i.e. even the lower bound of the
     5xx share's 99% confidence interval (Wilson) lies above the limit. A release failing every request is
-    stopped after a handful; one just under the limit is not stopped by a streak of bad luck."""
+    stopped after a handful; one just under the limit is not stopped by a streak of bad luck, nor by one 5xx."""
     n = tally.requests
     if n < max(1, min_requests):
         return False
     if max_rate <= 0:
         return tally.errors > 0
+    if tally.errors < 2:  # one 5xx among a canary step's first few requests would clear a 1% limit's bound
+        return False
     p, z2 = tally.errors / n, EARLY_Z * EARLY_Z
     low = (p + z2 / (2 * n) - EARLY_Z * ((p * (1 - p) + z2 / (4 * n)) / n) ** 0.5) / (1 + z2 / n)
     return low * 100 > max_rate

@@ -304,14 +304,15 @@ def test_dry_run_plan_shows_the_canary_steps_before_the_switch_and_the_watch_aft
     assert heads == ["switch", "canary", "switch", "canary", "switch", "watch"], lines
     text = "\n".join(lines)
     assert "10% of requests (weight) to 127.0.0.1:8082, the rest to 127.0.0.1:8081" in text
-    assert "20s: at most 5% 5xx (strong evidence from 5 requests, else 20)" in text  # 10% of 20, at least 5
-    assert "(strong evidence from 10 requests, else 20)" in text  # the 50% step
-    assert "60s of real traffic to 127.0.0.1:8082" in text and "a failure switches back to 127.0.0.1:8081" in text
-    assert text.count("access_log ... bluegreen_watch_user_api") == 1
+    assert "20s: at most 5% 5xx (judged from 20 requests, or 3 on strong evidence)" in text  # 10% of 20, at least 3
+    assert "(judged from 20 requests, or 10 on strong evidence)" in text  # the 50% step
+    assert "60s of real traffic to 127.0.0.1:8082: at most 5% 5xx (judged from 20 requests)" in text
+    assert "a failure switches back to 127.0.0.1:8081 (user-api-blue, kept running)" in text
+    assert text.count("access_log ... bluegreen_watch_user_api") == 1 and "else no canary and no watch" in text
     # No watch configured: the plan is as before; nothing serving: nothing to switch back to, said once.
     plain, _ = plan_deploy(SETTINGS, make_cfg(), "v2", active="blue", upstream=Upstream("user-api", 8081, TOKEN))
     assert not [line for line in plain.describe() if "canary" in line or "watch" in line]
     first, _ = plan_deploy(SETTINGS, make_cfg("WATCH_SECONDS=60\n"), "v1", active=None, upstream=None)
     assert [line for line in first.describe() if "[4/6] watch" in line] == [
-        "[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but nothing serves now, so there is nothing to "
-        "switch back to (the switch is at once)"]
+        "[4/6] watch   none: WATCH_SECONDS/CANARY_STEPS are set, but no container of this project serves now, so "
+        "there is nothing to switch back to (the switch is at once)"]

@@ -55,6 +55,9 @@ def test_history_render_is_newest_first_with_the_failure_reason():
     assert " v1 " in third and "deployed" in third and "instant" not in text
     back = journal.render([replace(entry("v1"), action="rollback", instant=True)])
     assert " rollback " in back and back.endswith("  instant (the retained container started, nothing pulled)")
+    failed = journal.render([replace(entry("v1", "failed", failed_step="pre-deploy hook", message="x"),
+                                     action="rollback", instant=True)])
+    assert "instant" not in failed  # it may have stopped before starting anything
 
 
 def container(name, status="running", tag="v1"):

@@ -187,17 +187,17 @@ def test_a_canary_step_that_fails_at_ten_percent_spares_most_clients(project, tm
     watch_env(project)
     deploy_ok(project, "v1")
     with_watch_log(project, tmp_path)
-    # WATCH_MIN_REQUESTS=20 as by default: a 10% step judges strong evidence from 5 requests (its share of 20,
-    # at least 5), so the step ends long before 20 requests could reach the release at a tenth of the traffic.
+    # WATCH_MIN_REQUESTS=20 as by default: a 10% step judges strong evidence from 3 requests (its share of 20,
+    # at least 3), so the step ends long before 20 requests could reach the release at a tenth of the traffic.
     watch_env(project, CANARY_STEPS="10,50", CANARY_STEP_SECONDS="30", WATCH_MIN_REQUESTS="20")
     with Traffic(project) as traffic:
         proc = project.run("deploy", project.name, "failing")
         time.sleep(0.5)
     assert proc.returncode == 1, proc.stderr
     assert "[4/6] switch  nginx -> 10% to" in proc.stderr and "50% to" not in proc.stderr
-    assert "(judged from 5 requests on strong evidence, else 20)" in proc.stderr, proc.stderr
+    assert "(judged from 20 requests, or 3 on strong evidence)" in proc.stderr, proc.stderr
     saw = re.search(r"A canary step saw (\d+) request\(s\)", proc.stderr)
-    assert saw and 5 <= int(saw.group(1)) < 20, proc.stderr
+    assert saw and 3 <= int(saw.group(1)) < 20, proc.stderr
     assert "switching back to v1" in proc.stderr
     assert journal(project)[-1]["failed_step"] == "canary"
     assert serving(project) == "v1" and project.containers(all=True) == [f"{project.name}-blue"]

@@ -79,8 +79,9 @@ WATCH_SAW_RE = re.compile(r"(?:The watch after the switch|A canary step) saw (\d
 CANARY = {"CANARY_STEPS": "10,50", "CANARY_STEP_SECONDS": 30}
 EARLY_Z = 2.576  # the documented early rule: the 99% Wilson lower bound of the 5xx share above the limit
 NGINX_LINE_RE = re.compile(r'^([0-9]+\.[0-9]{3}) ([0-9]{3}) "([^"]*)"(?: ([0-9]+\.[0-9]{3}|-))?$')  # then $request_time
-# A canary step's early rule needs WATCH_MIN_REQUESTS scaled to its share, at least 5 (docs/watch.md).
-STEP_MIN_FLOOR = 5
+# A canary step's early rule needs WATCH_MIN_REQUESTS scaled to its share, at least 3 (docs/watch.md).
+STEP_MIN_FLOOR = 3
+STEP_SWITCH_RE = re.compile(r"^\[4/6\] switch  nginx -> ")  # a deploy's line as each canary step or the full switch begins
 
 
 def log(text: str) -> None:
@@ -269,10 +270,10 @@ def nginx_lines(path: Path, offset: int) -> List[Tuple[float, int, Optional[int]
 
 def threshold_crossed(lines: List[Tuple[float, int, Optional[int]]], port: int, max_rate: int,
                       min_requests: int) -> Optional[Tuple[float, int, int]]:
-    """When the watch's early rule (docs/watch.md: at least WATCH_MIN_REQUESTS requests to the new container,
-    and even the lower bound of the 5xx share's 99% Wilson interval above WATCH_MAX_ERROR_RATE) first holds over
-    nginx's log, read in order: (time, requests, 5xx) of that line. Computed here from the documented rule, not
-    with bluegreen's code."""
+    """When the watch's early rule (docs/watch.md: at least `min_requests` requests to the new container --
+    WATCH_MIN_REQUESTS, or a canary step's share of it --, at least two 5xx, and even the lower bound of the 5xx
+    share's 99% Wilson interval above WATCH_MAX_ERROR_RATE) first holds over nginx's log, read in order: (time,
+    requests, 5xx) of that line. Computed here from the documented rule, not with bluegreen's code."""
     requests = errors = 0
     z2 = EARLY_Z * EARLY_Z
     for t, status, answered in lines:
@@ -284,7 +285,7 @@ def threshold_crossed(lines: List[Tuple[float, int, Optional[int]]], port: int, 
             continue
         p = errors / requests
         low = (p + z2 / (2 * requests) - EARLY_Z * ((p * (1 - p) + z2 / (4 * requests)) / requests) ** 0.5) / (1 + z2 / requests)
-        if (errors > 0 if max_rate <= 0 else low * 100 > max_rate):
+        if (errors > 0 if max_rate <= 0 else errors >= 2 and low * 100 > max_rate):
             return t, requests, errors
     return None
 
@@ -505,7 +506,7 @@ def make_tools(detect_delay: float) -> Dict[str, Tool]:
 # --------------------------------------------------------------------------
 
 def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[int], t0: float,
-            min_requests: int) -> dict:
+            min_requests: int, window_end: Optional[float] = None) -> dict:
     def rel(t: Optional[float]) -> Optional[float]:
         return None if t is None else round(t - t0, 3)
 
@@ -515,7 +516,8 @@ def analyse(records: List[tuple], lines: list, events: dict, bad_port: Optional[
     good_after = [r[1] for r in records if last_bad is not None and r[1] > last_bad and release_of(r) == "good"]
     kinds = collections.Counter(failure_kind(r) for r in records if failed(r))
     to_bad = [x for x in lines if bad_port is not None and x[2] == bad_port]
-    crossed = threshold_crossed(lines, bad_port, WATCH["WATCH_MAX_ERROR_RATE"], min_requests) \
+    crossed = threshold_crossed([x for x in lines if window_end is None or x[0] < window_end], bad_port,
+                                WATCH["WATCH_MAX_ERROR_RATE"], min_requests) \
         if bad_port is not None else None
     nginx_last = max((x[0] for x in to_bad), default=None)
     out = {
@@ -578,8 +580,12 @@ def run_one(bench: Bench, tool: Tool, fail_every: int, index: int) -> dict:
         raise BenchError("a load thread died")
     start = first_line(events["deploys"][0], START_RE)
     bad_port = int(start[1].group(1)) if start else None
-    result = analyse(bench.load.between(t0, t1), nginx_lines(bench.watch_log, offset), events, bad_port, t0,
-                     tool.min_requests)
+    lines = nginx_lines(bench.watch_log, offset)
+    # The canary's rule is its first step's: the deploy counts each window afresh, so lines after the second
+    # switch line (the next step, or the full switch) are not that window's. Every bad release here fails step 1.
+    switches = [t for t, _s, text in events["deploys"][0]["lines"] if STEP_SWITCH_RE.match(text.strip())]
+    window_end = switches[1] if tool.name == "canary" and len(switches) > 1 else None
+    result = analyse(bench.load.between(t0, t1), lines, events, bad_port, t0, tool.min_requests, window_end)
     result["window"] = round(t1 - t0, 3)
     result.update(tool=tool.name, fail_every=fail_every, index=index, loadavg=round(load_avg, 2),
                   caught=events["caught"], kept=events["kept"], watch_saw=events.get("watch_saw"),
