@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -25,6 +24,7 @@ from bluegreen import health, instant, ports, safefs, state
 from bluegreen import watch as wt
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
+from bluegreen.judge import Judge
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
 from bluegreen.runner import Runner, display, indent
@@ -32,9 +32,6 @@ from bluegreen.settings import canary_steps, upstream_options
 
 # Seconds the undo after a signal waits for nginx workers that may route to the new container.
 UNDO_DRAIN_ON_INTERRUPT = 3.0
-WATCH_POLL = 0.25  # seconds between two reads of the watch log (the switch back follows within this)
-WATCH_HEALTH_FAILURES = 3  # health checks failed in a row (one a second) that end the watch
-WATCH_BLIND_AFTER = 2.0  # seconds after which a log that received no line at all is reported
 # Seconds the probe through nginx before a deploy may take to show where nginx routes.
 OBSERVE_TIMEOUT = 2.0
 
@@ -549,14 +546,14 @@ class Deployer:
                 promoted = False
                 for percent in (canary_steps(plan.cfg.canary_steps) or ()) if tail is not None else ():
                     self._switch(plan, tx, serving, canary=percent)
-                    promoted = self._judge(plan, tail, seconds=plan.cfg.canary_step_seconds, name="canary",
-                                           what=f"{percent}% of requests to {plan.target_name}", percent=percent)
+                    promoted = Judge(self, plan, tail, seconds=plan.cfg.canary_step_seconds, name="canary",
+                                     what=f"{percent}% of requests to {plan.target_name}", percent=percent).run()
                     if promoted:
                         break
                 self._switch(plan, tx, serving)
                 if tail is not None and plan.cfg.watch_seconds > 0 and not promoted:
-                    self._judge(plan, tail, seconds=plan.cfg.watch_seconds, name="watch",
-                                what=f"real traffic to {plan.target_name}")
+                    Judge(self, plan, tail, seconds=plan.cfg.watch_seconds, name="watch",
+                          what=f"real traffic to {plan.target_name}").run()
                 tx.commit()
         except Interrupted as exc:
             raise DeployFailed(
@@ -833,93 +830,6 @@ class Deployer:
                               f"at a regular file.")
             return None
         return tail
-
-    def _judge(self, plan: Plan, tail: wt.LogTail, *, seconds: float, name: str, what: str, percent: int = 100) -> bool:
-        """Step 4, watch (after the switch) or canary (a share of the requests): the old container keeps
-        running while real traffic is judged; a 5xx share above WATCH_MAX_ERROR_RATE, a failing health check, a
-        crash or `bluegreen abort` raises, and the transaction switches back (nothing boots: the old container
-        still runs). True when `bluegreen promote` ended it (the new version stays, nothing more is judged)."""
-        cfg = plan.cfg
-        control = self.settings.watch_file(cfg.project)
-        root = self.settings.root
-        early_min = wt.early_min_requests(cfg.watch_min_requests, percent)
-        detail = (f"{seconds:g}s of {what}: at most {cfg.watch_max_error_rate}% 5xx "
-                  f"({wt.rule_text(cfg.watch_min_requests, early_min)}), health, crashes")
-        back = f"{self.old_tag or 'the previous version'} ({plan.current_name}, kept running during the {name})"
-        with self.progress.step(4, name, detail) as notes:
-            safefs.unlink(wt.request_path(control), root=root)
-            safefs.atomic_write(control, json.dumps({"pid": os.getpid(), "tag": plan.tag, "step": name}) + "\n", root=root)
-            try:
-                tally = wt.Tally()
-                started = self.clock()
-                next_check, bad_health, blind_said = started, 0, False
-                while True:
-                    tally.add(tail.read(), plan.target_port)
-                    elapsed = self.clock() - started
-                    if wt.judge_early(tally, max_rate=cfg.watch_max_error_rate, min_requests=early_min):
-                        self._watch_failed(plan, name, back,
-                                           f"{wt.describe(tally, elapsed)} > WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}%")
-                    if not blind_said and elapsed >= WATCH_BLIND_AFTER and tail.lines_read == 0:
-                        # The verify probe went through nginx before the watch: its line should be there.
-                        blind_said = True
-                        self.progress.say(f"warning: nothing has been logged to {tail.path} since the switch (not even the "
-                                          f"verify probe): {tail.problem() or 'check that the access_log line of ' + cfg.project + ' names it'}. "
-                                          f"This {name} can judge health and crashes only.")
-                    request = wt.read_request(control, root)
-                    if request == wt.ABORT:
-                        self._watch_failed(plan, name, back, f"`abort` after {wt.describe(tally, elapsed)}")
-                    if request == wt.PROMOTE:
-                        notes.append(f"promoted after {wt.describe(tally, elapsed)}")
-                        return True
-                    if self.clock() >= next_check:
-                        next_check += 1.0
-                        try:  # both containers in one docker call
-                            seen = self.docker.inspect_many([n for n in (plan.current_name, plan.target_name) if n])
-                        except CommandError:
-                            seen = None  # docker did not answer this second: no evidence either way
-                        old = seen.get(plan.current_name) if seen is not None and plan.current_name else None
-                        if seen is not None and (old is None or not old.running):
-                            # Nothing to switch back to any more: the new version stays, unjudged from here.
-                            why = "it disappeared" if old is None else (old.crash_note() or f"it is {old.status}")
-                            notes.append(f"ended after {wt.describe(tally, elapsed)}: the old {plan.current_name} stopped ({why})")
-                            self.progress.say(f"warning: {plan.current_name} stopped during the {name} ({why}), so there is "
-                                              f"nothing left to switch back to: {plan.tag} keeps serving, no longer judged.")
-                            return True
-                        found = seen.get(plan.target_name) if seen is not None else None
-                        if seen is not None and (found is None or not found.running):
-                            why = "it disappeared" if found is None else (found.crash_note() or f"it is {found.status}")
-                            self._watch_failed(plan, name, back, f"{plan.target_name} stopped during the {name}: {why}")
-                        probe = self.probe(plan.health_url(), timeout=cfg.health_request_timeout, host=cfg.health_host)
-                        bad_health = 0 if probe.status == cfg.health_expect else bad_health + 1
-                        if bad_health >= WATCH_HEALTH_FAILURES:
-                            self._watch_failed(plan, name, back, f"its health check failed {bad_health} times in a row "
-                                                                 f"(last: {probe.detail})")
-                    if elapsed >= seconds:
-                        break
-                    self.sleep(min(WATCH_POLL, max(0.0, seconds - elapsed)))
-                tally.add(tail.read(), plan.target_port)
-                if wt.judge(tally, max_rate=cfg.watch_max_error_rate, min_requests=cfg.watch_min_requests):
-                    self._watch_failed(plan, name, back, f"{wt.describe(tally, self.clock() - started)} > "
-                                                         f"WATCH_MAX_ERROR_RATE {cfg.watch_max_error_rate}% by the end of the {name}")
-                few = ("" if tally.requests >= cfg.watch_min_requests else
-                       f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged on strong evidence, health and crashes"
-                       if tally.requests >= early_min else
-                       f"; under WATCH_MIN_REQUESTS={cfg.watch_min_requests}: judged by health")
-                notes.append(f"{wt.describe(tally, self.clock() - started)}{few}")
-                return False
-            finally:
-                safefs.unlink(control, root=root)
-                safefs.unlink(wt.request_path(control), root=root)
-
-    def _watch_failed(self, plan: Plan, name: str, back: str, why: str) -> None:
-        logs = self.docker.logs(plan.target_name, tail=20)
-        when = "The watch after the switch" if name == "watch" else "A canary step"
-        raise DeployFailed(
-            f"{when} saw {why} from {plan.target_name} ({plan.ref}): switching back to {back} and removing "
-            f"{plan.target_name} (the lines above say each undo done). Fix the release (its last log lines are below), "
-            f"then deploy again.",
-            details=f"Last log lines of {plan.target_name}:\n{indent(logs)}",
-        )
 
     def _port_holder(self, port: int) -> str:
         names = self.docker.publishers(port)
