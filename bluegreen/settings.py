@@ -185,7 +185,7 @@ TABLE: tuple[Setting, ...] = (
             S_WATCH, low=0, high=100, unit="a whole percentage"),
     Setting("WATCH_MIN_REQUESTS", "watch_min_requests", "integer", 20,
             "fewer requests than this in the watch: judged by health and crashes only (too few to judge a share); "
-            "a canary step stops early on strong evidence from its share of this number (at least 5)",
+            "a canary step stops early on strong evidence from its share of this number (at least 3, or this number if smaller)",
             S_WATCH, low=0, high=10000, unit="a number of requests"),
     Setting("CANARY_STEPS", "canary_steps", "text", "",
             "before the full switch, send this percentage of requests to the new container, step by step (e.g. "
