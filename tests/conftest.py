@@ -426,6 +426,8 @@ class Project:
             pass
         doomed = glob.glob(os.path.join(self.stack.projects_dir, self.name + ".*"))
         doomed += glob.glob(self.upstream_file + "*")
+        # The watch log of a server block `init` wrote for this project (nginx created it where init points it).
+        doomed += glob.glob("/var/log/nginx/bluegreen-%s.log*" % self.name)
         for path in doomed:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)

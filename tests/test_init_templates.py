@@ -577,7 +577,9 @@ def test_server_block_speaks_http11_to_the_upstream_and_passes_a_real_nginx_t(tm
         name="other", port=8082, project="other", colour="green", tag="v2", token=TOKEN,
         options=nginx.UpstreamOptions(keepalive=8, keepalive_timeout=30, max_fails=3, fail_timeout=20))
     (prefix / "deployed.conf").write_text(deployed)
-    (prefix / "server.conf").write_text(block.replace("listen 80;", "listen 127.0.0.1:1;"))
+    # `nginx -t` opens (creates) every log file: the ones init names under /var/log/nginx go to the prefix instead.
+    (prefix / "server.conf").write_text(block.replace("listen 80;", "listen 127.0.0.1:1;")
+                                        .replace("/var/log/nginx/", f"{prefix}/logs/"))
     (prefix / "nginx.conf").write_text(
         f"pid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\nevents {{}}\nhttp {{\n"
         f"    access_log off;\n    include {prefix}/upstream.conf;\n    include {prefix}/deployed.conf;\n"
