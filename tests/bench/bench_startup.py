@@ -16,7 +16,9 @@ alternating, and prints the medians (seconds) and the median of the paired ratio
 pairing keeps a load change inside one pair. Everything is removed at the end, also on Ctrl-C. Exits non-zero only
 when the bench itself broke (a command failed, the stack did not come up), never on the numbers.
 
-    python3 tests/bench/bench_startup.py [--runs N] [--pythons OLDEST,NEWEST] [--json PATH]
+`--compare PYZ` measures another archive too (an earlier commit's build), on every Python as it is.
+
+    python3 tests/bench/bench_startup.py [--runs N] [--pythons OLDEST,NEWEST] [--compare PYZ] [--json PATH]
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ def find_pythons() -> List[str]:
 
 
 class Bench:
-    def __init__(self, pythons: List[str]) -> None:
+    def __init__(self, pythons: List[str], compare: Optional[Path] = None) -> None:
         self.pythons = pythons
+        self.compare = compare
         self.versions = {py: version_of(py) for py in pythons}
         self.work = Path(tempfile.mkdtemp(prefix="bluegreen-bench-startup-"))
         self.work.chmod(0o755)  # nginx workers run as nobody
@@ -120,6 +123,16 @@ class Bench:
             if others:
                 self.pyz[(py, "other bytecode")] = others[0]
             self.pyz[(py, "no bytecode")] = bare
+            if self.compare:
+                self.pyz[(py, self.label())] = self.work / "compare.pyz"
+        if self.compare:
+            shutil.copyfile(self.compare, self.work / "compare.pyz")  # a snapshot, like the builds
+
+    def label(self) -> str:
+        return f"given: {self.compare.name}" if self.compare else ""
+
+    def builds(self) -> List[str]:
+        return list(BUILDS) + ([self.label()] if self.compare else [])
 
     def setup(self) -> None:
         stack.ensure_dockerd()
@@ -207,8 +220,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=25, metavar="N", help="paired runs per command and build (default 25; at least 20)")
     parser.add_argument("--pythons", metavar="PY,PY", default="",
                         help="the interpreters, oldest first (default: 3.9 and the newest found)")
+    parser.add_argument("--compare", type=Path, metavar="PYZ", help="also measure this archive (e.g. the base commit's build)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH")
     args = parser.parse_args(argv)
+    if args.compare and not args.compare.is_file():
+        parser.error(f"--compare: {args.compare} is not a file")
     if args.runs < 20:
         parser.error("--runs must be at least 20 (a median of fewer says little on a shared machine)")
     pythons = [p for p in args.pythons.split(",") if p] or find_pythons()
@@ -216,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.monotonic()
     load_before = os.getloadavg()
-    bench = Bench(pythons)
+    bench = Bench(pythons, args.compare)
     results: Dict[str, Dict[str, Dict[str, dict]]] = {}
     try:
         bench.build()
@@ -224,14 +240,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         bench.setup()
         for py in pythons:
             results[bench.name(py)] = {}
-            for build in BUILDS:
+            for build in bench.builds():
                 if (py, build) not in bench.pyz:
                     continue
                 results[bench.name(py)][build] = {}
                 for command in COMMANDS:
                     res = bench.pairs(py, build, command, args.runs)
                     results[bench.name(py)][build][command] = res
-                    log(f"  {bench.name(py):>5} {build:<15} {command:<17} {res['command_median']:.3f}s against "
+                    log(f"  {bench.name(py):>5} {build:<18} {command:<17} {res['command_median']:.3f}s against "
                         f"{res['bare_median']:.3f}s: {res['ratio']:.2f}x")
     except BenchError as exc:
         log(f"bench-startup: {exc}")
