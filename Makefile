@@ -1,13 +1,19 @@
 PYTHON ?= python3
+# The pyz carries bytecode for the Python that builds it, and only that Python uses it: zipimport reads NAME.pyc
+# beside NAME.py, one version per archive, and any other Python compiles the sources at every start (still runs).
+# So the build uses the hosts' Python, 3.9 (Amazon Linux 2023's) where this machine has it, unless PYTHON or
+# BUILD_PYTHON is given; docs/bench.md (bench-startup) has the numbers. The benches that run the built pyz run on
+# that Python too, as a host would.
+BUILD_PYTHON ?= $(if $(filter file,$(origin PYTHON)),$(shell command -v python3.9 2>/dev/null || echo $(PYTHON)),$(PYTHON))
 
-.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch bench-instant clean settings-docs
+.PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch bench-instant bench-startup clean settings-docs
 
 all: build
 
 build: dist/bluegreen.pyz
 
 dist/bluegreen.pyz: build.py $(shell find bluegreen -name '*.py')
-	$(PYTHON) build.py
+	$(BUILD_PYTHON) build.py
 
 deps:
 	bash .ci/install-deps
@@ -21,27 +27,32 @@ demo: deps build
 # A benchmark, not a test: K consecutive deploys under load, bluegreen against the seed-style baseline.
 K ?= 20
 bench: deps build
-	$(PYTHON) tests/bench/bench.py --deploys $(K)
+	$(BUILD_PYTHON) tests/bench/bench.py --deploys $(K)
 
 # Also a benchmark, not in CI: K full rollouts over 3 hosts behind haproxy for each of bluegreen with the
 # load-balancer hooks, bluegreen without them and the guide's ssh + deploy.sh (K defaults to 3 here).
 bench-fleet: deps build
-	$(PYTHON) tests/bench/bench_fleet.py --rollouts $(if $(filter file,$(origin K)),3,$(K))
+	$(BUILD_PYTHON) tests/bench/bench_fleet.py --rollouts $(if $(filter file,$(origin K)),3,$(K))
 
 # A benchmark, not in CI: `status PROJECT --hosts h1,h2,h3` against one host's `status` over ssh, paired runs.
 bench-fleet-status: deps build
-	$(PYTHON) tests/bench/bench_fleet_status.py
+	$(BUILD_PYTHON) tests/bench/bench_fleet_status.py
 
 # A benchmark, not in CI: a release that fails real requests under load, caught by the watch window against the
 # seed's flow (switch, then a manual redeploy of v1 after a 60 s detection delay); K runs each (3 here).
 bench-watch: deps build
-	$(PYTHON) tests/bench/bench_watch.py --runs $(if $(filter file,$(origin K)),3,$(K))
+	$(BUILD_PYTHON) tests/bench/bench_watch.py --runs $(if $(filter file,$(origin K)),3,$(K))
 
 # A benchmark, not in CI: rollback wall time through the retained container (instant) against the pull path, paired.
 # RTT=MS puts the registry that many milliseconds away (a delaying proxy).
 RTT ?= 0
 bench-instant: deps build
-	$(PYTHON) tests/bench/bench_instant_rollback.py --rtt $(RTT)
+	$(BUILD_PYTHON) tests/bench/bench_instant_rollback.py --rtt $(RTT)
+
+# A benchmark, not in CI: `--version`, `--help`, `status` and a `--dry-run` deploy against `python -c pass`, paired
+# runs on Python 3.9 and the newest here, each with its own bytecode, another Python's and none (it builds them).
+bench-startup: deps
+	$(PYTHON) tests/bench/bench_startup.py
 
 # The env template and docs/env-reference.md, generated from the table in bluegreen/settings.py.
 settings-docs:

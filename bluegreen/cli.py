@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import signal
 import sys
-import traceback
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence, TextIO
 
-from bluegreen.host import invocation
-from bluegreen import __version__, attempt, journal, safefs
-from bluegreen import docker as dk
-from bluegreen.config import COLOURS, Settings, load_project, load_settings, validate_project
-from bluegreen.deploy import os_problem, read_current, say
+from bluegreen import __version__
+from bluegreen.colours import COLOURS
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, ConfigError, Interrupted, UsageError
-from bluegreen.lock import Freeze, freeze_json, read_freeze
-from bluegreen.runner import RecordingRunner, SubprocessRunner
-from bluegreen.state import atomic_write
+
+# Start-up: `--version` loads only the modules above, `--help` argparse besides; each command imports what it
+# runs inside its own function, so no command loads another's modules and neither loads the deploy machinery
+# (tests/test_startup.py). Not even typing: annotations are strings here.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Collection, Sequence, TextIO
+
+    from bluegreen.config import Settings
 
 EPILOG = """\
 exit codes:
@@ -46,14 +43,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="show tracebacks on errors")
 
 
-@dataclass(frozen=True)
 class Context:
-    """What every command adapter gets besides its parsed arguments."""
+    """What every command adapter gets besides its parsed arguments (a plain class: no dataclasses at start-up)."""
 
-    settings: Settings
-    environ: dict
-    stdout: TextIO
-    stderr: TextIO
+    __slots__ = ("settings", "environ", "stdout", "stderr")
+
+    def __init__(self, *, settings: Settings, environ: dict, stdout: TextIO, stderr: TextIO) -> None:
+        self.settings = settings
+        self.environ = environ
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 def _fleet_options(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -112,8 +111,14 @@ def _ssh(args: argparse.Namespace):
     return opts, rollout.Remote(pyz=args.remote_pyz, root=args.remote_root)
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
-    """The parser and the names of its commands (for the `bluegreen PROJECT TAG` shorthand)."""
+def build_parser(only: Collection[str] | None = None) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser and the names of its commands (for the `bluegreen PROJECT TAG` shorthand). With `only`, just
+    the commands named in it get their options: argparse enters no other, and adding them all costs start-up."""
+    import argparse
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
     parser = argparse.ArgumentParser(
         prog="bluegreen",
         description="Zero-downtime blue/green deploys of a Docker container behind nginx. "
@@ -130,145 +135,161 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("tag", metavar="TAG", nargs="?", default="latest", help="image tag or sha256:digest (default: latest)")
-    p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long instead of exiting 3")
-    p.add_argument("--dry-run", action="store_true", help="print the plan with its exact commands; change nothing")
-    p.set_defaults(func=cmd_deploy)
+    if want("deploy"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("tag", metavar="TAG", nargs="?", default="latest", help="image tag or sha256:digest (default: latest)")
+        p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long instead of exiting 3")
+        p.add_argument("--dry-run", action="store_true", help="print the plan with its exact commands; change nothing")
+        p.set_defaults(func=cmd_deploy)
 
     # -- day-2 commands (status, history, rollback, prune, lock, unlock, logs) --
     p = sub.add_parser("status", help="what serves, container states and health, lock, drift (with fixes)")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT", nargs="?", help="one project in detail (default: every project, one line each)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _fleet_options(p)
-    p.set_defaults(func=cmd_status)
+    if want("status"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT", nargs="?", help="one project in detail (default: every project, one line each)")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        _fleet_options(p)
+        p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("history", help="the deploy journal, newest first")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("-n", metavar="N", type=int, default=20, help="how many entries (default 20; 0 for all)")
-    p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
-    _fleet_options(p)
-    p.set_defaults(func=cmd_history)
+    if want("history"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("-n", metavar="N", type=int, default=20, help="how many entries (default 20; 0 for all)")
+        p.add_argument("--json", action="store_true", help="machine-readable output (JSON lines as stored)")
+        _fleet_options(p)
+        p.set_defaults(func=cmd_history)
 
     p = sub.add_parser("rollout", help="deploy PROJECT TAG to several hosts over ssh: preflight and pull everywhere, then host by host")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("tag", metavar="TAG")
-    _fleet_options(p, required=True)
-    _switch_options(p)
-    p.add_argument("--dry-run", action="store_true", help="preflight, then print each host's plan; change nothing")
-    p.add_argument("--json", action="store_true", help="print the final table as JSON")
-    p.set_defaults(func=cmd_rollout)
+    if want("rollout"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("tag", metavar="TAG")
+        _fleet_options(p, required=True)
+        _switch_options(p)
+        p.add_argument("--dry-run", action="store_true", help="preflight, then print each host's plan; change nothing")
+        p.add_argument("--json", action="store_true", help="print the final table as JSON")
+        p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("pull", help="fetch the image of PROJECT TAG as a deploy would (PULL policy), changing nothing that serves")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("tag", metavar="TAG")
-    p.add_argument("--rollback", action="store_true",
-                   help="the image `rollback --to TAG` would deploy: the digest the journal recorded for TAG")
-    p.set_defaults(func=cmd_pull)
+    if want("pull"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("tag", metavar="TAG")
+        p.add_argument("--rollback", action="store_true",
+                       help="the image `rollback --to TAG` would deploy: the digest the journal recorded for TAG")
+        p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("rollback", help="deploy the previous successful tag (or --to TAG) through the full checks")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("--to", metavar="TAG", help="the tag to go back to (default: the previous successful deploy's)")
-    p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long")
-    p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
-    _fleet_options(p)
-    _switch_options(p)
-    p.add_argument("--json", action="store_true", help="with --hosts: print the final table as JSON")
-    p.set_defaults(func=cmd_rollback)
+    if want("rollback"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("--to", metavar="TAG", help="the tag to go back to (default: the previous successful deploy's)")
+        p.add_argument("--wait", metavar="SECONDS", type=float, default=0.0, help="queue behind a running deploy this long")
+        p.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+        _fleet_options(p)
+        _switch_options(p)
+        p.add_argument("--json", action="store_true", help="with --hosts: print the final table as JSON")
+        p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("prune", help="remove stopped containers and old images, keeping rollback targets")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("--keep", metavar="N", type=int, default=3, help="successful tags to keep besides the serving one (default 3)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
-    _fleet_options(p)
-    p.set_defaults(func=cmd_prune)
+    if want("prune"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("--keep", metavar="N", type=int, default=3, help="successful tags to keep besides the serving one (default 3)")
+        p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+        _fleet_options(p)
+        p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("lock", help="freeze deploys of a project (incident, migration) until unlock")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("-m", "--message", required=True, help="why; shown to everyone whose deploy is refused")
-    p.add_argument("--dry-run", action="store_true", help="say what would be written; change nothing")
-    _fleet_options(p)
-    p.set_defaults(func=cmd_lock)
+    if want("lock"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("-m", "--message", required=True, help="why; shown to everyone whose deploy is refused")
+        p.add_argument("--dry-run", action="store_true", help="say what would be written; change nothing")
+        _fleet_options(p)
+        p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("unlock", help="lift a freeze set with lock")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
-    _fleet_options(p)
-    p.set_defaults(func=cmd_unlock)
+    if want("unlock"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("--dry-run", action="store_true", help="say what would be removed; change nothing")
+        _fleet_options(p)
+        p.set_defaults(func=cmd_unlock)
 
     for name, text in (("promote", "end a running watch now: the new version stays, the old container is retired"),
                        ("abort", "end a running watch now: switch back to the old container, remove the new one")):
         p = sub.add_parser(name, help=text)
-        _common(p)
-        p.add_argument("project", metavar="PROJECT")
-        p.set_defaults(func=cmd_watch_request)
+        if want(name):
+            _common(p)
+            p.add_argument("project", metavar="PROJECT")
+            p.set_defaults(func=cmd_watch_request)
 
     p = sub.add_parser("logs", help="the serving (or named) container's logs")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    p.add_argument("--tail", metavar="N", type=int, default=100, help="lines from the end (default 100)")
-    p.add_argument("--color", choices=COLOURS, help="this colour's container instead of the serving one")
-    p.set_defaults(func=cmd_logs)
+    if want("logs"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+        p.add_argument("--tail", metavar="N", type=int, default=100, help="lines from the end (default 100)")
+        p.add_argument("--color", choices=COLOURS, help="this colour's container instead of the serving one")
+        p.set_defaults(func=cmd_logs)
 
     # -- host set-up commands (init, setup, doctor, backup-logs) --
     p = sub.add_parser("init", help="write a project's env file, upstream and nginx server block (or, with --ci github, its CI files)")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("--image", metavar="IMAGE", help="image repository without tag, e.g. ghcr.io/acme/user-api (required without --ci)")
-    p.add_argument("--server-name", metavar="NAME", default="_", help="nginx server_name (default _: the catch-all)")
-    p.add_argument("--ports", metavar="BLUE,GREEN", default="8081,8082", help="host ports of the two colours (default 8081,8082)")
-    p.add_argument("--listen", metavar="[ADDR:]PORT", default="80", help="nginx listen of the server block (default 80)")
-    p.add_argument("--ci", choices=("github",), help="write the GitHub Actions workflows, the Dockerfile and a copy of this pyz instead")
-    p.add_argument("--repo", metavar="DIR", default=".", help="with --ci: the repository to write into (default: here)")
-    p.add_argument("--force", action="store_true", help="replace existing files (the previous content is kept as FILE.bak)")
-    p.set_defaults(func=cmd_init)
+    if want("init"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("--image", metavar="IMAGE", help="image repository without tag, e.g. ghcr.io/acme/user-api (required without --ci)")
+        p.add_argument("--server-name", metavar="NAME", default="_", help="nginx server_name (default _: the catch-all)")
+        p.add_argument("--ports", metavar="BLUE,GREEN", default="8081,8082", help="host ports of the two colours (default 8081,8082)")
+        p.add_argument("--listen", metavar="[ADDR:]PORT", default="80", help="nginx listen of the server block (default 80)")
+        p.add_argument("--ci", choices=("github",), help="write the GitHub Actions workflows, the Dockerfile and a copy of this pyz instead")
+        p.add_argument("--repo", metavar="DIR", default=".", help="with --ci: the repository to write into (default: here)")
+        p.add_argument("--force", action="store_true", help="replace existing files (the previous content is kept as FILE.bak)")
+        p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("adopt", help="take over a project the guide's deploy.sh runs, in place, without moving traffic")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT")
-    p.add_argument("--force", action="store_true",
-                   help="also add bluegreen's route line and keep-alive lines to the server block (nothing else in it changes)")
-    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
-    p.set_defaults(func=cmd_adopt)
+    if want("adopt"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT")
+        p.add_argument("--force", action="store_true",
+                       help="also add bluegreen's route line and keep-alive lines to the server block (nothing else in it changes)")
+        p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+        p.set_defaults(func=cmd_adopt)
 
     p = sub.add_parser("setup", help="idempotent host set-up: directories, the nginx include, the daily log backup")
-    _common(p)
-    p.add_argument("--owner", metavar="USER", help="owner of the directories and user of the backup job (default: the sudo user, else you)")
-    p.add_argument("--logs", metavar="DIR", default="/app/logs", help="application log directory (default /app/logs)")
-    p.add_argument("--backup", metavar="DIR", default="/app/backup", help="log backup directory (default /app/backup)")
-    p.add_argument("--schedule", choices=("auto", "cron", "systemd", "none"), default="auto",
-                   help="how to run the daily backup (default auto: cron if the host has it, else a systemd timer)")
-    p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="backup job: compress rolled logs older than this (default 1)")
-    p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="backup job: delete backups older than this (default 90)")
-    p.add_argument("--pyz", metavar="PATH", help="bluegreen.pyz the backup job runs (default: this one, else ROOT/bluegreen.pyz)")
-    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
-    p.set_defaults(func=cmd_setup)
+    if want("setup"):
+        _common(p)
+        p.add_argument("--owner", metavar="USER", help="owner of the directories and user of the backup job (default: the sudo user, else you)")
+        p.add_argument("--logs", metavar="DIR", default="/app/logs", help="application log directory (default /app/logs)")
+        p.add_argument("--backup", metavar="DIR", default="/app/backup", help="log backup directory (default /app/backup)")
+        p.add_argument("--schedule", choices=("auto", "cron", "systemd", "none"), default="auto",
+                       help="how to run the daily backup (default auto: cron if the host has it, else a systemd timer)")
+        p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="backup job: compress rolled logs older than this (default 1)")
+        p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="backup job: delete backups older than this (default 90)")
+        p.add_argument("--pyz", metavar="PATH", help="bluegreen.pyz the backup job runs (default: this one, else ROOT/bluegreen.pyz)")
+        p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+        p.set_defaults(func=cmd_setup)
 
     p = sub.add_parser("doctor", help="check everything a deploy needs, with a fix for each problem")
-    _common(p)
-    p.add_argument("project", metavar="PROJECT", nargs="?", help="check this project (default: every project)")
-    p.add_argument("--min-free-mb", metavar="MB", type=int, default=1024, help="free disk below this fails (default 1024)")
-    p.add_argument("--json", action="store_true", help="every check as JSON, with whether the project is frozen or locked")
-    p.set_defaults(func=cmd_doctor)
+    if want("doctor"):
+        _common(p)
+        p.add_argument("project", metavar="PROJECT", nargs="?", help="check this project (default: every project)")
+        p.add_argument("--min-free-mb", metavar="MB", type=int, default=1024, help="free disk below this fails (default 1024)")
+        p.add_argument("--json", action="store_true", help="every check as JSON, with whether the project is frozen or locked")
+        p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("backup-logs", help="compress rolled logs into the backup directory and delete old backups")
-    _common(p)
-    p.add_argument("--logs", metavar="DIR", default="/app/logs", help="where the rolled logs are (default /app/logs)")
-    p.add_argument("--backup", metavar="DIR", default="/app/backup", help="where compressed copies go (default /app/backup)")
-    p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="compress logs last written more than DAYS ago (default 1)")
-    p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="delete backups older than DAYS (default 90)")
-    p.add_argument("--pattern", metavar="GLOB", default="app-*.log", help="names of rolled logs (default app-*.log; never app.log)")
-    p.set_defaults(func=cmd_backup_logs)
+    if want("backup-logs"):
+        _common(p)
+        p.add_argument("--logs", metavar="DIR", default="/app/logs", help="where the rolled logs are (default /app/logs)")
+        p.add_argument("--backup", metavar="DIR", default="/app/backup", help="where compressed copies go (default /app/backup)")
+        p.add_argument("--older-than", metavar="DAYS", type=float, default=1.0, help="compress logs last written more than DAYS ago (default 1)")
+        p.add_argument("--keep-days", metavar="DAYS", type=float, default=90.0, help="delete backups older than DAYS (default 90)")
+        p.add_argument("--pattern", metavar="GLOB", default="app-*.log", help="names of rolled logs (default app-*.log; never app.log)")
+        p.set_defaults(func=cmd_backup_logs)
 
     return parser, list(sub.choices)
 
@@ -293,6 +314,8 @@ def _with_default_command(argv: list[str], commands: Sequence[str]) -> list[str]
 
 
 def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import attempt
+
     return attempt.deploy_project(
         settings=ctx.settings,
         project=args.project,
@@ -307,6 +330,7 @@ def cmd_deploy(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_init(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import init  # the set-up commands' modules stay off every deploy's start-up path
+    from bluegreen.runner import SubprocessRunner
 
     if args.ci:
         return init.init_ci(project=args.project, repo=args.repo, force=args.force, stdout=ctx.stdout)
@@ -356,6 +380,7 @@ def cmd_pull(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_adopt(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import adopt
+    from bluegreen.runner import SubprocessRunner
 
     return adopt.adopt_project(settings=ctx.settings, runner=SubprocessRunner(), project=args.project, force=args.force,
                                dry_run=args.dry_run, environ=ctx.environ, stdout=ctx.stdout, stderr=ctx.stderr)
@@ -363,6 +388,7 @@ def cmd_adopt(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import setup
+    from bluegreen.runner import RecordingRunner, SubprocessRunner
 
     # A dry run reads the host for real but records, instead of running, anything that changes it.
     runner = RecordingRunner(passthrough=SubprocessRunner()) if args.dry_run else SubprocessRunner()
@@ -385,6 +411,7 @@ def cmd_setup(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_doctor(args: argparse.Namespace, ctx: Context) -> int:
     from bluegreen import doctor
+    from bluegreen.runner import RecordingRunner, SubprocessRunner
 
     return doctor.run_doctor(
         settings=ctx.settings,
@@ -422,6 +449,9 @@ def cmd_status(args: argparse.Namespace, ctx: Context) -> int:
         return fleetcmd.run_fleet_status(settings=ctx.settings, project=args.project, hosts=args.hosts,
                                          hosts_file=args.hosts_file, ssh=opts, remote=remote, json_out=args.json,
                                          stdout=ctx.stdout, stderr=ctx.stderr, environ=ctx.environ)
+    from bluegreen.config import validate_project
+    from bluegreen.runner import SubprocessRunner
+
     if args.project:
         validate_project(args.project)
     projects = [args.project] if args.project else ctx.settings.projects()
@@ -450,6 +480,9 @@ def cmd_history(args: argparse.Namespace, ctx: Context) -> int:
         return fleetcmd.run_fleet_history(settings=ctx.settings, project=args.project, hosts=args.hosts,
                                           hosts_file=args.hosts_file, ssh=opts, remote=remote, n=args.n,
                                           json_out=args.json, stdout=ctx.stdout, stderr=ctx.stderr, environ=ctx.environ)
+    from bluegreen import journal
+    from bluegreen.config import validate_project
+
     validate_project(args.project)
     entries = journal.read(ctx.settings.journal_file(args.project))
     if args.n > 0:
@@ -468,6 +501,8 @@ def cmd_rollback(args: argparse.Namespace, ctx: Context) -> int:
     if _fleet_mode(args):
         # One tag for the whole fleet, host by host with the rollout's preflight, hooks and table.
         return cmd_rollout(args, ctx, action="rollback", tag=args.to or "")
+    from bluegreen import attempt
+
     return attempt.rollback_project(
         settings=ctx.settings,
         project=args.project,
@@ -494,6 +529,12 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
         if not args.message.strip():
             raise UsageError("lock needs a message (-m) saying why deploys are frozen.")
         return _fleet_command(args, ctx, ["lock", args.project, "-m", args.message.strip()] + (["--dry-run"] if args.dry_run else []))
+    from bluegreen import attempt
+    from bluegreen.config import load_project, validate_project
+    from bluegreen.host import invocation
+    from bluegreen.lock import Freeze, freeze_json, read_freeze
+    from bluegreen.state import atomic_write
+
     validate_project(args.project)
     load_project(ctx.settings, args.project)
     path = ctx.settings.freeze_file(args.project)
@@ -514,6 +555,10 @@ def cmd_lock(args: argparse.Namespace, ctx: Context) -> int:
 def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
     if _fleet_mode(args):
         return _fleet_command(args, ctx, ["unlock", args.project] + (["--dry-run"] if args.dry_run else []))
+    from bluegreen import safefs
+    from bluegreen.config import validate_project
+    from bluegreen.lock import read_freeze
+
     validate_project(args.project)
     path = ctx.settings.freeze_file(args.project)
     existing = read_freeze(path)
@@ -530,7 +575,10 @@ def cmd_unlock(args: argparse.Namespace, ctx: Context) -> int:
 
 def cmd_watch_request(args: argparse.Namespace, ctx: Context) -> int:
     """`promote` / `abort`: a word for the deploy watching PROJECT, which reads it within a quarter second."""
-    from bluegreen import watch
+    import json
+
+    from bluegreen import safefs, watch
+    from bluegreen.config import validate_project
 
     validate_project(args.project)
     control = ctx.settings.watch_file(args.project)
@@ -563,6 +611,11 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
+    from bluegreen import docker as dk
+    from bluegreen.config import load_project, validate_project
+    from bluegreen.deploy import read_current
+    from bluegreen.runner import SubprocessRunner
+
     validate_project(args.project)
     cfg = load_project(ctx.settings, args.project)
     colour = args.color
@@ -580,12 +633,11 @@ def cmd_logs(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK if code == 0 else EXIT_FAILED
 
 
-@contextmanager
-def _signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM/SIGHUP (CI cancelled, SSH dropped) and Ctrl-C raise Interrupted once, so undos run.
+def _signals_as_interrupts() -> dict:
+    """SIGTERM/SIGHUP (CI cancelled, SSH dropped) and Ctrl-C raise Interrupted once, so undos run; returns the
+    previous handlers for _restore_signals. Later signals are ignored: the deploy is then busy putting things back."""
+    import signal
 
-    Later signals are ignored: the deploy is then busy putting things back.
-    """
     fired = [False]
 
     def handler(signum: int, frame: object) -> None:
@@ -600,11 +652,20 @@ def _signals_as_interrupts() -> Iterator[None]:
             previous[sig] = signal.signal(sig, handler)
         except (ValueError, OSError):  # not the main thread (embedded use): leave signals alone
             pass
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    import signal
+
+    for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def _print_traceback(stream: TextIO) -> None:
+    import traceback
+
+    traceback.print_exc(file=stream)
 
 
 def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
@@ -613,7 +674,17 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
     environ = dict(os.environ if environ is None else environ)
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    parser, commands = build_parser()
+    if argv == ["--version"] and sys.stdout is not None:
+        # What argparse's version action prints (the top parser's raw formatter never wraps it), without
+        # loading argparse: scripts and fleet preflights ask this on every host. A stdout that fails to
+        # write is left to argparse below, whose handling of it differs between Pythons.
+        try:
+            sys.stdout.write(f"bluegreen {__version__}\n")
+            return EXIT_OK
+        except (AttributeError, OSError):
+            pass
+    # Only the command argv names gets its options (deploy too: `bluegreen PROJECT TAG` is short for it).
+    parser, commands = build_parser(only={*argv, "deploy"})
     try:
         args = parser.parse_args(_with_default_command(argv, commands))
     except SystemExit as exc:  # argparse prints usage itself; --help and --version exit 0
@@ -623,31 +694,46 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
         return EXIT_USAGE
     verbose = getattr(args, "verbose", False)
     try:
-        with _signals_as_interrupts():
+        # Not a `with` block: contextlib stays off the start-up path; the handlers are back before any message.
+        previous = _signals_as_interrupts()
+        try:
+            from bluegreen.config import load_settings
+
             settings = load_settings(getattr(args, "root", None), environ)
             return args.func(args, Context(settings=settings, environ=environ, stdout=stdout, stderr=stderr))
+        finally:
+            _restore_signals(previous)
     except BluegreenError as exc:
+        from bluegreen.deploy import say  # error paths load what their message needs, once, at the end
+
         if verbose:
-            traceback.print_exc(file=stderr)
+            _print_traceback(stderr)
         say(stderr, f"bluegreen: {exc.message}" + (f"\n{exc.details}" if exc.details else ""))
         return exc.exit_code
     except Interrupted as exc:
+        from bluegreen.deploy import say
+
         if verbose:
-            traceback.print_exc(file=stderr)
+            _print_traceback(stderr)
         # Deploys turn an interrupt into their own message; this is any other command, stopped.
         say(stderr, f"bluegreen: interrupted by {exc.signame}; the lines above say what was done before it.")
         return EXIT_FAILED
     except OSError as exc:
+        from bluegreen.deploy import os_problem, say
+
         if verbose:
-            traceback.print_exc(file=stderr)
+            _print_traceback(stderr)
         # Deploys turn OSErrors into their own messages (what serves, what was undone); this is any other
         # command, stopped by the file system: say which file and why, and claim nothing else.
         say(stderr, f"bluegreen: {os_problem(exc)} The lines above say what was done before it. Fix the "
                     f"cause (free disk space, the file's permissions or owner), then run the command again.")
         return EXIT_FAILED
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --verbose
+        from bluegreen.deploy import say
+        from bluegreen.host import invocation
+
         if verbose:
-            traceback.print_exc(file=stderr)
+            _print_traceback(stderr)
         say(stderr, f"bluegreen: internal error ({type(exc).__name__}: {exc}). Steps in progress were undone where "
                     f"possible; check `{invocation()} status` and `nginx -t`, and rerun with --verbose to report it.")
         return EXIT_ATTENTION

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from bluegreen import dockerargs, safefs
+from bluegreen.colours import COLOURS  # noqa: F401  (defined in a leaf for the parser; importers of config read it here)
 from bluegreen import settings as table
 from bluegreen.errors import ConfigError, UsageError
 
 DEFAULT_ROOT = "/opt/deploy"
-COLOURS = ("blue", "green")
 
 # Names end up in file paths, container names, nginx config and docker argv: allow only
 # what is safe in all four (no path separators, no leading dot or dash, no whitespace).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,8 @@ def route_port(value: str) -> int | None:
 
 
 def new_token() -> str:
+    import secrets  # here, not at the top: read-only commands (status) never load it, nor its random and hmac
+
     return secrets.token_hex(16)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 from contextlib import contextmanager
 from pathlib import Path
@@ -367,6 +366,8 @@ def atomic_write(path: PathLike, data: str | bytes, *, root: PathLike | None = N
     with _parent(path, root, create=make_dirs, check_owner=check_owner) as (dfd, name, _trusted, _puid):
         if dfd is None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", os.path.dirname(os.path.abspath(str(path))))
+        import secrets  # here, not at the top: read-only commands (status) never write, nor load it
+
         tmp = f".{name[:200]}.{secrets.token_hex(6)}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
         try:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from bluegreen import attempt, cli
+from bluegreen import attempt, cli, state
 from bluegreen.config import load_settings
 from bluegreen.deploy import Deployer
 from bluegreen.errors import NeedsAttention, UsageError
@@ -79,7 +79,7 @@ def test_cli_os_error_no_longer_claims_an_undo_or_blames_permissions(root, monke
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "projects" / "api.freeze"))
 
-    monkeypatch.setattr(cli, "atomic_write", full)
+    monkeypatch.setattr(state, "atomic_write", full)  # cli imports it when lock runs
     code = cli.main(["lock", "api", "-m", "db migration", "--root", str(root)], environ={})
     err = capsys.readouterr().err
     assert code == 1

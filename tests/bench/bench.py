@@ -20,7 +20,7 @@ Everything is private and on 127.0.0.1: a local docker-registry, a private nginx
 root; all of it is removed at the end, also on Ctrl-C. Exits non-zero only when the bench itself
 broke (the stack did not come up, a warm-up deploy failed, hey misbehaved), never on the numbers.
 
-    python3 tests/bench/bench.py [--deploys K] [--modes graceful,drops-in-flight,broken] [--slow S] [--json PATH]
+    python3 tests/bench/bench.py [--deploys K] [--modes graceful,drops-in-flight,broken] [--slow S] [--json PATH] [--pyz PATH]
 """
 
 from __future__ import annotations
@@ -272,7 +272,7 @@ def parse_steps(stderr: str) -> Dict[str, float]:
 
 
 class Bench:
-    def __init__(self, deploys: int, modes: List[str], slow_path: str) -> None:
+    def __init__(self, deploys: int, modes: List[str], slow_path: str, pyz: Path = PYZ) -> None:
         self.deploys = deploys
         self.modes = modes
         self.slow_path = slow_path
@@ -281,7 +281,7 @@ class Bench:
         self.root = self.work / "root"
         # A snapshot: a `make build` while the bench runs must not change what is measured.
         self.pyz = self.work / "bluegreen.pyz"
-        shutil.copyfile(PYZ, self.pyz)
+        shutil.copyfile(pyz, self.pyz)
         self.registry: Optional[stack.Registry] = None
         self.nginx: Optional[stack.Nginx] = None
         self.images: List[str] = []
@@ -368,7 +368,10 @@ class Bench:
             err = (exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")) + \
                 f"\n(bench: killed after {DEPLOY_TIMEOUT}s)"
         wall = time.monotonic() - start
-        return {"tag": tag, "rc": rc, "ok": rc == 0, "wall": round(wall, 3), "steps": parse_steps(err),
+        steps = parse_steps(err)
+        # What the deploy spends outside the steps it times: interpreter start-up, imports, config, lock, checks.
+        return {"tag": tag, "rc": rc, "ok": rc == 0, "wall": round(wall, 3), "steps": steps,
+                "outside_steps": round(wall - sum(steps.values()), 3),
                 "stderr": err.strip().splitlines()[-30:], "stdout": out.strip().splitlines()[-3:]}
 
     def serving(self, proj: Project) -> str:
@@ -513,12 +516,13 @@ def summarise(mode: str, tool: str, res: dict) -> dict:
         "wall_p90": percentile(walls, 90),
         "failed_wall_median": median([d["wall"] for d in failed]),
         "step_median": steps,
+        "outside_steps_median": median([d["outside_steps"] for d in ok if "outside_steps" in d]),
     }
 
 
 def table(rows: List[dict]) -> str:
     head = ["mode", "tool", "deploys ok/failed", "requests hey+slow", "failed requests (hey non-2xx+hey err+slow)",
-            "nginx non-2xx", "deploy s median", "mean", "p90", "bg/base median", "bg/base mean", *STEPS]
+            "nginx non-2xx", "deploy s median", "mean", "p90", "bg/base median", "bg/base mean", *STEPS, "outside steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     base = {r["mode"]: r for r in rows if r["tool"] == "baseline"}
     for r in rows:
@@ -534,7 +538,7 @@ def table(rows: List[dict]) -> str:
             r["mode"], r["tool"], deploys, f"{r['requests_hey']}+{r['requests_slow']}",
             f"{r['failed_requests']} ({r['failed_hey_non_2xx']}+{r['failed_hey_errors']}+{r['failed_slow']})",
             str(r["nginx_non_2xx"]), fmt(r["wall_median"]), fmt(r["wall_mean"]), fmt(r["wall_p90"]), *ratios,
-            *(fmt(r["step_median"][s]) for s in STEPS),
+            *(fmt(r["step_median"][s]) for s in STEPS), fmt(r["outside_steps_median"], 3),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -594,6 +598,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help=f"comma-separated, from {', '.join(MODES)} (default: all)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH",
                         help="where to write the table and raw numbers (default dist/bench.json)")
+    parser.add_argument("--pyz", type=Path, default=PYZ, metavar="PATH",
+                        help="the bluegreen.pyz to measure (default dist/bluegreen.pyz; another build to compare)")
     parser.add_argument("--slow", type=float, default=SLOW_SECONDS, metavar="SECONDS",
                         help=f"how long the request kept in flight across every switch takes (default {SLOW_SECONDS:g})")
     args = parser.parse_args(argv)
@@ -610,8 +616,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
     if not os.path.exists(stack.BUSYBOX):
         missing.append(stack.BUSYBOX)
-    if not PYZ.exists():
-        missing.append(f"{PYZ} (run `make build`)")
+    if not args.pyz.exists():
+        missing.append(f"{args.pyz} (run `make build`)")
     if missing:
         log(f"bench: missing {', '.join(missing)}; `make bench` installs and builds them")
         return 2
@@ -620,8 +626,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.monotonic()
     load_before = os.getloadavg()
-    bench = Bench(args.deploys, modes, slow_path)
+    bench = Bench(args.deploys, modes, slow_path, args.pyz)
     measured = measured_build(bench.pyz)  # before anything runs: the snapshot and the commit it came from
+    if args.pyz.resolve() != PYZ.resolve():
+        measured["pyz"] = str(args.pyz)  # another build: the commit is the bench's, not necessarily the pyz's
     rc = 0
     try:
         log(f"bench: {args.deploys} deploys per series, modes {', '.join(modes)}; work dir {bench.work}")
@@ -656,6 +664,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log("")
     for line in extra:
         log(f"- {line}")
+    log("- outside steps (median of the successful deploys: wall time minus the sum of the step times the tool prints): "
+        + ", ".join(f"{r['mode']}/{r['tool']} {fmt(r['outside_steps_median'], 3)}s" for r in rows))
     log(f"- wall time {wall:.0f}s; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
