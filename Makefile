@@ -4,15 +4,16 @@ PYTHON ?= python3
 # So the build uses the hosts' Python, 3.9 (Amazon Linux 2023's) where this machine has it, unless PYTHON or
 # BUILD_PYTHON is given; docs/bench.md (bench-startup) has the numbers. The benches that run the built pyz run on
 # that Python too, as a host would.
-BUILD_PYTHON ?= $(if $(filter file,$(origin PYTHON)),$(shell command -v python3.9 2>/dev/null || echo $(PYTHON)),$(PYTHON))
+# `command -v` is not enough: a pyenv shim for python3.9 exists even where pyenv will not run it (exit 127).
+BUILD_PYTHON ?= $(if $(filter file,$(origin PYTHON)),$(shell python3.9 -c 'import sys; print(sys.executable)' 2>/dev/null || echo $(PYTHON)),$(PYTHON))
 
 .PHONY: all build deps test demo bench bench-fleet bench-fleet-status bench-watch bench-instant bench-startup clean settings-docs
 
 all: build
 
-build: dist/bluegreen.pyz
-
-dist/bluegreen.pyz: build.py $(shell find bluegreen -name '*.py')
+# Always run (half a second): the archive depends on which Python builds it, not only on the sources, and
+# `make build BUILD_PYTHON=...` after another build must not keep the other Python's bytecode.
+build:
 	$(BUILD_PYTHON) build.py
 
 deps:

@@ -8,6 +8,7 @@ import sys
 from bluegreen import __version__
 from bluegreen.colours import COLOURS
 from bluegreen.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, BluegreenError, ConfigError, Interrupted, UsageError
+from bluegreen.errors import os_problem, say
 
 # Start-up: `--version` loads only the modules above, `--help` argparse besides; each command imports what it
 # runs inside its own function, so no command loads another's modules and neither loads the deploy machinery
@@ -704,23 +705,17 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
         finally:
             _restore_signals(previous)
     except BluegreenError as exc:
-        from bluegreen.deploy import say  # error paths load what their message needs, once, at the end
-
         if verbose:
             _print_traceback(stderr)
         say(stderr, f"bluegreen: {exc.message}" + (f"\n{exc.details}" if exc.details else ""))
         return exc.exit_code
     except Interrupted as exc:
-        from bluegreen.deploy import say
-
         if verbose:
             _print_traceback(stderr)
         # Deploys turn an interrupt into their own message; this is any other command, stopped.
         say(stderr, f"bluegreen: interrupted by {exc.signame}; the lines above say what was done before it.")
         return EXIT_FAILED
     except OSError as exc:
-        from bluegreen.deploy import os_problem, say
-
         if verbose:
             _print_traceback(stderr)
         # Deploys turn OSErrors into their own messages (what serves, what was undone); this is any other
@@ -729,13 +724,16 @@ def main(argv: Sequence[str] | None = None, *, environ: dict | None = None, stdo
                     f"cause (free disk space, the file's permissions or owner), then run the command again.")
         return EXIT_FAILED
     except Exception as exc:  # a bug: say so plainly, keep the traceback for --verbose
-        from bluegreen.deploy import say
-        from bluegreen.host import invocation
-
         if verbose:
             _print_traceback(stderr)
+        try:  # the one import on an error path: a bug's message must come out even if it fails
+            from bluegreen.host import invocation
+
+            command = invocation()
+        except Exception:
+            command = "bluegreen"
         say(stderr, f"bluegreen: internal error ({type(exc).__name__}: {exc}). Steps in progress were undone where "
-                    f"possible; check `{invocation()} status` and `nginx -t`, and rerun with --verbose to report it.")
+                    f"possible; check `{command} status` and `nginx -t`, and rerun with --verbose to report it.")
         return EXIT_ATTENTION
 
 

@@ -24,6 +24,7 @@ from bluegreen import health, instant, ports, safefs, state
 from bluegreen import watch as wt
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
+from bluegreen.errors import os_problem, say  # noqa: F401  (attempt and adopt import them from here too)
 from bluegreen.judge import Judge
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream
@@ -1099,22 +1100,8 @@ class Deployer:
                 ) from exc
 
 
-def os_problem(exc: OSError) -> str:
-    """`No space left on device: /opt/deploy/projects/x.journal.`, for a message."""
-    what = exc.strerror or str(exc) or type(exc).__name__
-    return f"{what}: {exc.filename}." if exc.filename else f"{what}."
-
-
 def _header(probe: health.Probe, name: str) -> str:
     """The one value of header `name`; "" when absent or when several differ only in case (the app behind
     nginx may send its own: nginx's comes last among same-case duplicates, but case variants are ambiguous)."""
     found = [value.strip() for key, value in (probe.headers or {}).items() if key.lower() == name.lower()]
     return found[0] if len(found) == 1 else ""
-
-
-def say(stream: TextIO, text: str) -> None:
-    """Print a line; a closed stderr (CI cancelled, SSH gone) must never break a deploy or its undo."""
-    try:
-        print(text, file=stream, flush=True)
-    except (OSError, ValueError):
-        pass

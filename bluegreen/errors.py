@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+TYPE_CHECKING = False  # not typing's: cli imports this module on every start, typing costs start-up
+if TYPE_CHECKING:
+    from typing import TextIO
+
 # Exit codes (documented in README.md and docs/exit-codes.md).
 EXIT_OK = 0
 EXIT_FAILED = 1  # the deploy failed; the previous version still serves
@@ -85,3 +89,19 @@ class Interrupted(BaseException):
     def __init__(self, signame: str) -> None:
         super().__init__(signame)
         self.signame = signame
+
+
+def os_problem(exc: OSError) -> str:
+    """`No space left on device: /opt/deploy/projects/x.journal.`, for a message."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    return f"{what}: {exc.filename}." if exc.filename else f"{what}."
+
+
+def say(stream: TextIO, text: str) -> None:
+    """Print a line; a closed stderr (CI cancelled, SSH gone) must never break a deploy or its undo. Here, not
+    in deploy: cli's error paths print with it, and must not import anything once a command has failed (the
+    pyz may have been replaced on disk meanwhile, and an import from it would fail)."""
+    try:
+        print(text, file=stream, flush=True)
+    except (OSError, ValueError):
+        pass

@@ -73,6 +73,20 @@ def test_status_loads_no_setup_or_fleet_command(tmp_path):
     assert sorted({"urllib.request", "http.client", "ssl", "email", "secrets"} & set(found["loaded"])) == []
 
 
+def test_an_error_message_imports_nothing_after_the_command_failed(tmp_path):
+    """The pyz may be replaced on disk while a command runs (a rollout renames a new one into place); an import
+    from it after that fails, so the error paths print with what cli loaded at start-up."""
+    import io
+
+    from bluegreen import cli
+
+    err = io.StringIO()
+    code = cli.main(["history", "Bad/Name"], environ={"BLUEGREEN_ROOT": str(tmp_path)}, stderr=err)
+    assert code == 2 and err.getvalue().startswith("bluegreen: ") and "Traceback" not in err.getvalue()
+    found = loaded(["history", "Bad/Name"], root=tmp_path)  # a fresh interpreter: what that error loaded
+    assert found["codes"] == [2] and "bluegreen.deploy" not in found["loaded"], found["loaded"]
+
+
 def test_the_parser_of_one_command_is_the_full_parsers(capsys):
     from bluegreen.cli import build_parser
 

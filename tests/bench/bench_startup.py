@@ -227,7 +227,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--compare: {args.compare} is not a file")
     if args.runs < 20:
         parser.error("--runs must be at least 20 (a median of fewer says little on a shared machine)")
-    pythons = [p for p in args.pythons.split(",") if p] or find_pythons()
+    try:
+        pythons = [p for p in args.pythons.split(",") if p] or find_pythons()
+    except BenchError as exc:  # no Python 3.9 on this machine (a fresh Debian 12): say so, no traceback
+        print(f"bench-startup: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     started = time.monotonic()
