@@ -21,9 +21,8 @@ from bluegreen import health, host, nginxconf, safefs, state
 from bluegreen import nginx as ngx
 from bluegreen import settings as table
 from bluegreen.config import COLOURS, ProjectConfig, Settings, load_project, parse_env, validate_project
-from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
+from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError, os_problem
 from bluegreen.lock import Holder, project_lock
-from bluegreen.deploy import os_problem
 from bluegreen.runner import Runner, indent, proc_stat
 
 BACKUP_DIR = "adopt-backup"  # ROOT/adopt-backup/PROJECT/: the upstream file and server block before the first adoption

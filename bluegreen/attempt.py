@@ -14,7 +14,7 @@ from bluegreen.host import invocation
 from bluegreen import health, hooks, instant, journal, notify
 from bluegreen import docker as dk
 from bluegreen.config import ProjectConfig, Settings, load_project, validate_project, validate_tag
-from bluegreen.deploy import Deployer, Plan, Progress, os_problem, read_current, read_plan, say
+from bluegreen.deploy import Deployer, Plan, Progress, read_current, read_plan
 from bluegreen.errors import (
     EXIT_ATTENTION,
     EXIT_FAILED,
@@ -27,6 +27,8 @@ from bluegreen.errors import (
     LockedError,
     NeedsAttention,
     UsageError,
+    os_problem,
+    say,
 )
 from bluegreen.journal import recorded_digest
 from bluegreen.lock import Holder, project_lock, read_freeze

@@ -24,7 +24,7 @@ from bluegreen import health, instant, ports, safefs, state
 from bluegreen import watch as wt
 from bluegreen.config import ProjectConfig, Settings, image_ref, registry_host
 from bluegreen.errors import BluegreenError, CommandError, DeployFailed, Interrupted, NeedsAttention, UsageError
-from bluegreen.errors import os_problem, say  # noqa: F401  (attempt and adopt import them from here too)
+from bluegreen.errors import os_problem, say
 from bluegreen.judge import Judge
 from bluegreen import nginx as ngx
 from bluegreen.nginx import Nginx, Upstream, new_token, parse_upstream, render_upstream

@@ -69,7 +69,7 @@ def test_a_full_disk_names_the_file_and_is_journaled(root, monkeypatch):
 
 
 def test_os_error_message_in_the_deployer_names_file_and_what_serves():
-    from bluegreen.deploy import os_problem
+    from bluegreen.errors import os_problem
 
     exc = OSError(errno.ENOSPC, "No space left on device", "/opt/deploy/projects/api.active")
     assert os_problem(exc) == "No space left on device: /opt/deploy/projects/api.active."
