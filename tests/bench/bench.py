@@ -45,7 +45,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -291,15 +291,7 @@ class Bench:
 
     # -- set-up ------------------------------------------------------------
     def setup(self) -> None:
-        stack.ensure_dockerd()
-        (self.root / "projects").mkdir(parents=True)
-        (self.root / "nginx" / "conf.d").mkdir(parents=True)
-        (self.work / "registry").mkdir()
-        (self.work / "nginx").mkdir()
-        self.registry = stack.Registry(str(self.work / "registry"))
-        self.nginx = stack.Nginx(str(self.work / "nginx"), includes=[str(self.root / "nginx" / "conf.d" / "*.conf")])
-        self.registry.start()
-        self.nginx.start()
+        start_private_stack(self)
         t0 = time.monotonic()
         repos = self.build_images()
         log(f"bench: images built and pushed to {self.registry.open_addr} in {time.monotonic() - t0:.1f}s")
@@ -576,6 +568,45 @@ def notes(rows: List[dict], results: dict) -> List[str]:
 # main
 # --------------------------------------------------------------------------
 
+def start_private_stack(bench) -> None:
+    """dockerd, then a local registry and a private nginx that includes ROOT/nginx/conf.d, under `bench.work`:
+    the stack every bench deploys on. Each is set on `bench` before it starts, so its close() stops what did."""
+    stack.ensure_dockerd()
+    (bench.root / "projects").mkdir(parents=True)
+    (bench.root / "nginx" / "conf.d").mkdir(parents=True)
+    (bench.work / "registry").mkdir()
+    (bench.work / "nginx").mkdir()
+    bench.registry = stack.Registry(str(bench.work / "registry"))
+    bench.nginx = stack.Nginx(str(bench.work / "nginx"), includes=[str(bench.root / "nginx" / "conf.d" / "*.conf")])
+    bench.registry.start()
+    bench.nginx.start()
+
+
+def guarded(name: str, body: Callable[[], None], close: Callable[[], None]) -> int:
+    """Run a bench's measuring part: 0; 130 on Ctrl-C or SIGTERM; 1 when the bench itself broke (one line, and
+    the traceback of an unexpected error). The clean-up always runs, and a second Ctrl-C cannot cut it short
+    (each of its steps is bounded)."""
+    rc = 0
+    try:
+        body()
+    except KeyboardInterrupt:
+        log(f"\n{name}: interrupted; cleaning up")
+        rc = 130
+    except BenchError as exc:
+        log(f"\n{name}: broke: {exc}")
+        rc = 1
+    except Exception as exc:  # the stack did not come up, docker failed, ...
+        log(f"\n{name}: broke: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        rc = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return rc
+
+
 def measured_build(pyz: Path) -> dict:
     """Which bluegreen was measured: the pyz's sha256 and the commit (dirty if bluegreen/ has local edits)."""
     def git(*args: str) -> str:
@@ -630,26 +661,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     measured = measured_build(bench.pyz)  # before anything runs: the snapshot and the commit it came from
     if args.pyz.resolve() != PYZ.resolve():
         measured["pyz"] = str(args.pyz)  # another build: the commit is the bench's, not necessarily the pyz's
-    rc = 0
-    try:
+    def body() -> None:
         log(f"bench: {args.deploys} deploys per series, modes {', '.join(modes)}; work dir {bench.work}")
         bench.setup()
         bench.run()
-    except KeyboardInterrupt:
-        log("\nbench: interrupted; cleaning up")
-        rc = 130
-    except BenchError as exc:
-        log(f"\nbench: broke: {exc}")
-        rc = 1
-    except Exception as exc:  # the stack did not come up, docker failed, ...
-        log(f"\nbench: broke: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        rc = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish (every step is bounded)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    rc = guarded("bench", body, bench.close)
     if rc:
         return rc
 

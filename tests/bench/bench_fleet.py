@@ -48,7 +48,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -60,7 +59,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402  (tests/stack.py: image builder, docker, http_get)
-from bench import BenchError, Hey, HEY_QPS, HEY_WORKERS, measured_build  # noqa: E402  (tests/bench/bench.py)
+from bench import BenchError, Hey, HEY_QPS, HEY_WORKERS, guarded, measured_build  # noqa: E402  (tests/bench/bench.py)
 from fleet import Fleet  # noqa: E402  (tests/fleet.py: the hosts, haproxy, the registry)
 
 sys.path.insert(0, str(REPO))
@@ -680,29 +679,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_before = os.getloadavg()
     bench = FleetBench(args.rollouts, args.layer_mb, tools, args.pull_mbit)
     measured = measured_build(bench.pyz)
-    rc = 0
-    try:
+    def body() -> None:
         log(f"bench-fleet: {args.rollouts} rollouts per tool ({', '.join(tools)}), {HOSTS} hosts, "
             f"{args.layer_mb} MiB layer per tag, pulls at {args.pull_mbit or 'unlimited'} Mbit/s per host; work dir {bench.work}")
         bench.setup()
         bench.run()
-    except KeyboardInterrupt:
-        log("\nbench-fleet: interrupted; cleaning up")
-        rc = 130
-    except BenchError as exc:
-        log(f"\nbench-fleet: broke: {exc}")
-        rc = 1
-    except Exception as exc:  # the fleet did not come up, docker failed, ...
-        log(f"\nbench-fleet: broke: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        rc = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish (every step is bounded)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def close() -> None:
         t0 = time.monotonic()
         bench.close()
         bench.timings["cleanup"] = round(time.monotonic() - t0, 1)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    rc = guarded("bench-fleet", body, close)
     if rc:
         return rc
 

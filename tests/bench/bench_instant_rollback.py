@@ -49,7 +49,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402
-from bench import BenchError, measured_build  # noqa: E402
+from bench import BenchError, guarded, measured_build, start_private_stack  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from bluegreen.init import render_placeholder_upstream  # noqa: E402
@@ -136,15 +136,7 @@ class Bench:
         self.colour = ""  # and its colour
 
     def setup(self) -> None:
-        stack.ensure_dockerd()
-        (self.root / "projects").mkdir(parents=True)
-        (self.root / "nginx" / "conf.d").mkdir(parents=True)
-        (self.work / "registry").mkdir()
-        (self.work / "nginx").mkdir()
-        self.registry = stack.Registry(str(self.work / "registry"))
-        self.nginx = stack.Nginx(str(self.work / "nginx"), includes=[str(self.root / "nginx" / "conf.d" / "*.conf")])
-        self.registry.start()
-        self.nginx.start()
+        start_private_stack(self)
         registry = self.registry.open_addr
         if self.rtt:
             self.proxy = DelayProxy(self.registry.open_port, self.rtt)
@@ -239,26 +231,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
     bench = Bench(args.boot_delay, args.rtt / 1000)
     measured = measured_build(bench.pyz)
-    try:
+    runs: Dict[str, List[dict]] = {path: [] for path in PATHS}
+
+    def body() -> None:
         bench.setup()
         bench.deploy("v1")
         bench.deploy("v2")
         for path in PATHS:  # warm-up, unmeasured
             bench.rollback(path)
-        runs: Dict[str, List[dict]] = {path: [] for path in PATHS}
         for i in range(args.runs):
             for path in (PATHS if i % 2 == 0 else tuple(reversed(PATHS))):
                 runs[path].append(bench.rollback(path))
-    except BenchError as exc:
-        log(f"bench-instant: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("bench-instant: interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish
-        bench.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    rc = guarded("bench-instant", body, bench.close)
+    if rc:
+        return rc
 
     wall = {p: [r["wall"] for r in runs[p]] for p in PATHS}
     step = {p: {s: [r["steps"].get(s, 0.0) for r in runs[p]] for s in ("pull", "start", "health")} for p in PATHS}

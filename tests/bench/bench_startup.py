@@ -46,7 +46,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402
-from bench import BenchError, measured_build  # noqa: E402
+from bench import BenchError, guarded, measured_build, start_private_stack  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from bluegreen.init import render_placeholder_upstream  # noqa: E402
@@ -135,15 +135,7 @@ class Bench:
         return list(BUILDS) + ([self.label()] if self.compare else [])
 
     def setup(self) -> None:
-        stack.ensure_dockerd()
-        (self.root / "projects").mkdir(parents=True)
-        (self.root / "nginx" / "conf.d").mkdir(parents=True)
-        (self.work / "registry").mkdir()
-        (self.work / "nginx").mkdir()
-        self.registry = stack.Registry(str(self.work / "registry"))
-        self.nginx = stack.Nginx(str(self.work / "nginx"), includes=[str(self.root / "nginx" / "conf.d" / "*.conf")])
-        self.registry.start()
-        self.nginx.start()
+        start_private_stack(self)
         repo = f"{self.registry.open_addr}/bluegreen-bench/startup"
         for tag in ("v1", "v2"):
             self.images.append(stack.build_app_image(f"{repo}:{tag}", tag))
@@ -238,9 +230,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     load_before = os.getloadavg()
     bench = Bench(pythons, args.compare)
     results: Dict[str, Dict[str, Dict[str, dict]]] = {}
-    try:
+    measured: dict = {}
+
+    def body() -> None:
         bench.build()
-        measured = measured_build(bench.pyz[(pythons[0], "own bytecode")])
+        measured.update(measured_build(bench.pyz[(pythons[0], "own bytecode")]))
         bench.setup()
         for py in pythons:
             results[bench.name(py)] = {}
@@ -253,17 +247,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                     results[bench.name(py)][build][command] = res
                     log(f"  {bench.name(py):>5} {build:<18} {command:<17} {res['command_median']:.3f}s against "
                         f"{res['bare_median']:.3f}s: {res['ratio']:.2f}x")
-    except BenchError as exc:
-        log(f"bench-startup: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("bench-startup: interrupted; cleaning up")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish (every step is bounded)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    rc = guarded("bench-startup", body, bench.close)
+    if rc:
+        return rc
 
     load_after = os.getloadavg()
     print(f"\n== bench-startup: {args.runs} paired runs each, medians in seconds, ratio = median of the paired "

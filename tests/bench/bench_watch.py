@@ -41,7 +41,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -52,7 +51,7 @@ sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(HERE))
 
 import stack  # noqa: E402  (tests/stack.py)
-from bench import BenchError, measured_build  # noqa: E402
+from bench import BenchError, guarded, measured_build, start_private_stack  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from bluegreen.nginx import add_header_line, new_token, render_upstream  # noqa: E402
@@ -317,14 +316,7 @@ class Bench:
         return f"http://127.0.0.1:{self.listen}{path}"
 
     def setup(self) -> None:
-        stack.ensure_dockerd()
-        (self.root / "projects").mkdir(parents=True)
-        (self.root / "nginx" / "conf.d").mkdir(parents=True)
-        (self.work / "registry").mkdir()
-        (self.work / "nginx").mkdir()
-        self.registry = stack.Registry(str(self.work / "registry")).start()
-        self.nginx = stack.Nginx(str(self.work / "nginx"),
-                                 includes=[str(self.root / "nginx" / "conf.d" / "*.conf")]).start()
+        start_private_stack(self)
         t0 = time.monotonic()
         self.image = f"{self.registry.open_addr}/bluegreen-bench/watch"
         for tag, behaviour in ((GOOD, "graceful"), (BAD, "failing")):
@@ -756,8 +748,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench = Bench(args)
     measured = measured_build(bench.pyz)
     runs: List[dict] = []
-    rc = 0
-    try:
+
+    def body() -> None:
         log(f"bench-watch: {args.runs} runs per release and tool; releases FAIL_EVERY={releases}; tools "
             f"{', '.join(tools)}; work dir {bench.work}")
         bench.setup()
@@ -778,21 +770,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"{fmt(r['threshold_to_stop'])} s; recovery action {fmt(r['recovery_action'])} s"
                         + ("" if r["caught"] is not False else "  <-- the watch did not switch back"))
         bench.load.close()
-    except KeyboardInterrupt:
-        log("\nbench-watch: interrupted; cleaning up")
-        rc = 130
-    except BenchError as exc:
-        log(f"\nbench-watch: broke: {exc}")
-        rc = 1
-    except Exception as exc:  # the stack did not come up, docker failed, ...
-        log(f"\nbench-watch: broke: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        rc = 1
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the clean-up finish (every step is bounded)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        bench.close()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    rc = guarded("bench-watch", body, bench.close)
     if rc:
         return rc
 
