@@ -344,7 +344,10 @@ class Container:
         """
         if self.status == "running" and self.restart_count == 0:
             return None
-        if self.status in ("running", "restarting"):
+        if self.status == "running":
+            # Running again after a restart: State.ExitCode is this run's (0), the code it exited with is gone.
+            return f"the container exited and docker restarted it {self.restart_count} time(s)"
+        if self.status == "restarting":
             return f"the container exited with code {self.exit_code} and docker restarted it {self.restart_count} time(s)"
         return f"the container stopped ({self.status}, exit code {self.exit_code})"
 

@@ -203,7 +203,7 @@ def test_a_canary_step_that_fails_at_ten_percent_spares_most_clients(project, tm
     assert serving(project) == "v1" and project.containers(all=True) == [f"{project.name}-blue"]
     statuses = [status for _, status, _ in traffic.answers]
     bad, good = statuses.count(500), statuses.count(200)
-    assert bad >= 5 and bad < 0.25 * (bad + good), (bad, good)  # about 10% while the step ran, then none
+    assert bad >= 3 and bad < 0.25 * (bad + good), (bad, good)  # the step judged from 3; about 10% of answers, then none
 
 
 def test_a_good_release_goes_through_the_canary_steps_then_the_full_switch(project, tmp_path):
